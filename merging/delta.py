@@ -1,0 +1,136 @@
+"""Merge results: per-module deltas, low-rank or dense, and the MergedDelta that holds them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class LowRankDelta:
+    """``dW = B @ A`` with ``A: [r, in]``, ``B: [out, r]`` (any scale already folded in)."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.B.shape[0], self.A.shape[1])
+
+    @property
+    def nbytes(self) -> int:
+        return self.A.numel() * self.A.element_size() + self.B.numel() * self.B.element_size()
+
+    def dense(self) -> torch.Tensor:
+        return self.B @ self.A
+
+
+@dataclass(frozen=True)
+class DenseDelta:
+    """An exact dense ``dW: [out, in]`` (the result of a ``dense``-space merge)."""
+
+    W: torch.Tensor
+    # The rank the node would be served at if it must become low-rank (sum of its children's ranks).
+    rank_hint: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.W.shape[0], self.W.shape[1])
+
+    @property
+    def nbytes(self) -> int:
+        return self.W.numel() * self.W.element_size()
+
+    def dense(self) -> torch.Tensor:
+        return self.W
+
+
+ModuleDelta = LowRankDelta | DenseDelta
+
+
+@dataclass(frozen=True)
+class Refactored:
+    """A dense delta re-factored to low rank, with the fraction of its energy the factors keep."""
+
+    delta: LowRankDelta
+    energy_kept: float  # ||B @ A||_F^2 / ||dW||_F^2, in [0, 1]
+
+
+def refactor_lowrank(W: torch.Tensor, rank: int, *, oversample: int = 8, niter: int = 4, seed: int = 0) -> Refactored:
+    """Truncated SVD ``W ~ U_k S_k V_k^T`` returned as ``B = U_k S_k``, ``A = V_k^T``.
+
+    Uses a randomized SVD (Halko et al. 2011, ``torch.svd_lowrank``) when ``rank`` is small against
+    the matrix, a full SVD otherwise. ``energy_kept = sum(S_k^2) / ||W||_F^2`` says how much of the
+    delta survives; it is 1 up to rounding when ``rank`` >= the rank of ``W``.
+    """
+    if rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank}")
+    out_dim, in_dim = W.shape
+    total = float(W.float().pow(2).sum())
+    if total == 0.0:
+        zero_A = W.new_zeros((0, in_dim))
+        return Refactored(LowRankDelta(A=zero_A, B=W.new_zeros((out_dim, 0))), 1.0)
+    k = min(rank, out_dim, in_dim)
+    q = min(k + oversample, out_dim, in_dim)
+    if q < min(out_dim, in_dim) // 2:
+        # svd_lowrank draws its test matrix from the global RNG: fork it so merges stay deterministic.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            U, S, V = torch.svd_lowrank(W, q=q, niter=niter)
+        Vh = V.mT
+    else:
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    U, S, Vh = U[:, :k], S[:k], Vh[:k]
+    kept = float(S.pow(2).sum()) / total
+    return Refactored(LowRankDelta(A=Vh.contiguous(), B=(U * S).contiguous()), min(kept, 1.0))
+
+
+@dataclass
+class MergedDelta:
+    """The result of merging a mix: a delta per adapted module, plus provenance.
+
+    ``modules`` maps a module name (as in the base model, e.g. ``model.layers.0.self_attn.q_proj``)
+    to its delta. Modules every child leaves untouched are absent.
+    """
+
+    modules: dict[str, ModuleDelta]
+    spec_hash: str
+    method: str
+    space: str
+    seconds: float = 0.0
+    energy_kept: dict[str, float] = field(default_factory=dict)  # filled by to_lowrank()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(d.nbytes for d in self.modules.values())
+
+    @property
+    def ranks(self) -> dict[str, int]:
+        return {m: (d.rank if isinstance(d, LowRankDelta) else d.rank_hint) for m, d in self.modules.items()}
+
+    def to_lowrank(self, rank: int | None = None) -> MergedDelta:
+        """All modules as low-rank factors; dense ones are re-factored (to ``rank`` or their hint)."""
+        modules: dict[str, ModuleDelta] = {}
+        energy: dict[str, float] = dict(self.energy_kept)
+        for name, d in self.modules.items():
+            if isinstance(d, DenseDelta):
+                r = rank if rank is not None else d.rank_hint
+                ref = refactor_lowrank(d.W, r)
+                modules[name], energy[name] = ref.delta, ref.energy_kept
+            else:
+                modules[name] = d
+        return MergedDelta(modules, self.spec_hash, self.method, self.space, self.seconds, energy)
+
+    def lowrank_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``{module: (A, B)}``; raises if a module is still dense (call :meth:`to_lowrank` first)."""
+        out = {}
+        for name, d in self.modules.items():
+            if not isinstance(d, LowRankDelta):
+                raise ValueError(f"module {name!r} is dense; call to_lowrank() first")
+            out[name] = (d.A, d.B)
+        return out

@@ -1,0 +1,193 @@
+"""Evaluate a mix tree into a MergedDelta, module by module, in the dense or the low-rank space.
+
+``dense``: form each child's ``dW_i`` and merge the full matrices (exact reference semantics; the
+differential tests hold it to ``peft.utils.merge_utils``).
+
+``lowrank``: stack the children's factors ``B = [B_1 .. B_n]`` (out x R) and ``A = [A_1; ..; A_n]``
+(R x in), orthonormalise both (``B = Q_B R_B``, ``A^T = Q_A R_A``), so that every child is
+``dW_i = Q_B M_i Q_A^T`` with a small core ``M_i = R_B[:, i] R_A[:, i]^T`` (R x R). The method runs
+on the cores and the result is ``B_m = Q_B``, ``A_m = M Q_A^T``, of rank <= R = sum of child ranks.
+This is the shared-basis idea of Core Space merging (Panariello et al. 2025) and KnOTS (Stoica et al.
+2024). Linear / task arithmetic commute with the change of basis, so they are exact; TIES and DARE
+trim or drop *core* entries, which is a different (basis-dependent) operator whose distance to the
+dense result is measured in ``bench/``, not assumed.
+
+Modules are merged one at a time, so peak memory is one module's dense tensors, not the model's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from merging.adapters import LoraAdapter
+from merging.delta import DenseDelta, LowRankDelta, MergedDelta, ModuleDelta, refactor_lowrank
+from merging.methods import get_method, merge_tensors
+from merging.spec import AdapterLeaf, MixNode, leaves, mix_hash
+
+ProgressFn = Callable[[int, int, str], None]  # (done, total, module name)
+
+
+class MergeError(ValueError):
+    """A mix that cannot be merged with the given adapters (unknown name, incompatible shapes)."""
+
+
+def mix_key(mix: AdapterLeaf | MixNode, adapters: Mapping[str, LoraAdapter]) -> str:
+    """Cache key: the canonical mix plus the content fingerprint of every adapter it uses.
+
+    Two adapters registered under one name at different times must not share merged results.
+    """
+    h = hashlib.sha256(mix_hash(mix).encode())
+    for name in sorted({leaf.adapter for leaf in leaves(mix)}):
+        h.update(f"\0{name}\0{adapters[name].fingerprint}".encode())
+    return h.hexdigest()
+
+
+def _generator(seed: int, path: str, module: str) -> torch.Generator:
+    # One stream per (seed, node, module): masks do not depend on module order or on other nodes.
+    digest = hashlib.sha256(f"{seed}/{path}/{module}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+@dataclass
+class _ModuleContext:
+    module: str
+    shape: tuple[int, int]
+    energy_kept: float = 1.0  # fraction kept by SVD truncations inside the tree (multiplied if several)
+    refactored: bool = False
+
+
+@dataclass
+class _Evaluator:
+    adapters: Mapping[str, LoraAdapter]
+    dtype: torch.dtype = torch.float32
+    keep_masks: dict[tuple[str, str], list[torch.Tensor]] = field(default_factory=dict)
+
+    def eval(self, node: AdapterLeaf | MixNode, ctx: _ModuleContext, path: str) -> ModuleDelta | None:
+        """The node's delta for ``ctx.module`` before its own weight; ``None`` when it is zero."""
+        if isinstance(node, AdapterLeaf):
+            f = self.adapters[node.adapter].modules.get(ctx.module)
+            if f is None:
+                return None
+            return LowRankDelta(A=f.A.to(self.dtype), B=f.B.to(self.dtype) * f.scale)
+        children = [self.eval(c, ctx, f"{path}.{i}") for i, c in enumerate(node.children)]
+        if all(c is None for c in children):
+            return None
+        weights = [c.weight for c in node.children]
+        method, params = get_method(node.method), node.params()
+        gen = _generator(node.seed or 0, path, ctx.module) if method.sparsify == "random" else None
+        masks = self.keep_masks.get((path, ctx.module))
+        if node.space == "dense":
+            tensors = [c.dense() if c is not None else torch.zeros(ctx.shape, dtype=self.dtype) for c in children]
+            merged = merge_tensors(method, tensors, weights, params, generator=gen, keep_masks=masks)
+            hint = node.rank or sum(_rank(c) for c in children)
+            return DenseDelta(W=merged, rank_hint=max(1, hint))
+        factors = [self._as_lowrank(c, ctx) for c in children]
+        return self._merge_lowrank(factors, weights, node, ctx, gen, masks)
+
+    def _as_lowrank(self, d: ModuleDelta | None, ctx: _ModuleContext) -> LowRankDelta:
+        if d is None:  # an untouched module contributes zero: a rank-0 block
+            return LowRankDelta(
+                A=torch.zeros((0, ctx.shape[1]), dtype=self.dtype), B=torch.zeros((ctx.shape[0], 0), dtype=self.dtype)
+            )
+        if isinstance(d, LowRankDelta):
+            return d
+        ref = refactor_lowrank(d.W, d.rank_hint)
+        ctx.energy_kept *= ref.energy_kept
+        ctx.refactored = True
+        return ref.delta
+
+    def _merge_lowrank(self, factors, weights, node: MixNode, ctx: _ModuleContext, gen, masks) -> LowRankDelta:
+        B_cat = torch.cat([f.B for f in factors], dim=1)  # [out, R]
+        A_cat = torch.cat([f.A for f in factors], dim=0)  # [R, in]
+        Q_B, R_B = torch.linalg.qr(B_cat)  # Q_B: [out, rb], R_B: [rb, R]
+        Q_A, R_A = torch.linalg.qr(A_cat.mT)  # Q_A: [in, ra], R_A: [ra, R]
+        cores, start = [], 0
+        for f in factors:
+            stop = start + f.rank
+            cores.append(R_B[:, start:stop] @ R_A[:, start:stop].mT)  # M_i: [rb, ra]
+            start = stop
+        M = merge_tensors(get_method(node.method), cores, weights, node.params(), generator=gen, keep_masks=masks)
+        if node.rank is not None and node.rank < min(M.shape):
+            # Truncate in the small core: SVD of [rb, ra] instead of [out, in].
+            U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+            total = float(S.pow(2).sum())
+            if total > 0:
+                ctx.energy_kept *= float(S[: node.rank].pow(2).sum()) / total
+                ctx.refactored = True
+            return LowRankDelta(A=Vh[: node.rank] @ Q_A.mT, B=Q_B @ (U[:, : node.rank] * S[: node.rank]))
+        return LowRankDelta(A=M @ Q_A.mT, B=Q_B)
+
+
+def _rank(d: ModuleDelta | None) -> int:
+    if d is None:
+        return 0
+    return d.rank if isinstance(d, LowRankDelta) else d.rank_hint
+
+
+def _module_shapes(mix: AdapterLeaf | MixNode, adapters: Mapping[str, LoraAdapter]) -> dict[str, tuple[int, int]]:
+    names = sorted({leaf.adapter for leaf in leaves(mix)})
+    unknown = [n for n in names if n not in adapters]
+    if unknown:
+        known = ", ".join(sorted(adapters)) or "none"
+        raise MergeError(f"unknown adapter(s) {', '.join(map(repr, unknown))}; registered: {known}")
+    shapes: dict[str, tuple[int, int]] = {}
+    owner: dict[str, str] = {}
+    for n in names:
+        for module, f in adapters[n].modules.items():
+            if module in shapes and shapes[module] != f.shape:
+                raise MergeError(
+                    f"module {module!r}: adapter {owner[module]!r} adapts a {shapes[module]} weight but "
+                    f"{n!r} a {f.shape} one (were they trained on different base models?)"
+                )
+            shapes.setdefault(module, f.shape)
+            owner.setdefault(module, n)
+    return shapes
+
+
+def merge_mix(
+    mix: AdapterLeaf | MixNode,
+    adapters: Mapping[str, LoraAdapter],
+    *,
+    progress: ProgressFn | None = None,
+    dtype: torch.dtype = torch.float32,
+    keep_masks: dict[tuple[str, str], list[torch.Tensor]] | None = None,
+) -> MergedDelta:
+    """Merge ``mix`` over every module any of its adapters touches.
+
+    ``keep_masks`` (tests only) overrides the DARE masks of node ``path`` ("0" is the root, "0.1" its
+    second child) at ``module``. Raises :class:`MergeError` for unknown adapters, incompatible
+    shapes and non-finite results; the result tensors are fresh, never views of adapter weights.
+    """
+    t0 = time.perf_counter()
+    shapes = _module_shapes(mix, adapters)
+    evaluator = _Evaluator(adapters, dtype, keep_masks or {})
+    modules: dict[str, ModuleDelta] = {}
+    energy: dict[str, float] = {}
+    for i, (module, shape) in enumerate(sorted(shapes.items())):
+        ctx = _ModuleContext(module, shape)
+        d = evaluator.eval(mix, ctx, "0")
+        if d is not None:
+            d = _scaled(d, mix.weight)
+            for t in (d.A, d.B) if isinstance(d, LowRankDelta) else (d.W,):
+                if not torch.isfinite(t).all():
+                    raise MergeError(f"module {module!r}: the merge produced NaN or Inf")
+            modules[module] = d
+            if ctx.refactored:
+                energy[module] = ctx.energy_kept
+        if progress is not None:
+            progress(i + 1, len(shapes), module)
+    method = mix.method if isinstance(mix, MixNode) else "adapter"
+    space = mix.space if isinstance(mix, MixNode) else "lowrank"
+    return MergedDelta(modules, mix_hash(mix), method, space, time.perf_counter() - t0, energy)
+
+
+def _scaled(d: ModuleDelta, weight: float) -> ModuleDelta:
+    if isinstance(d, LowRankDelta):
+        # A leaf at the root hands back the adapter's own A: copy so results never alias adapters.
+        return LowRankDelta(A=d.A.clone(), B=d.B * weight)
+    return d if weight == 1.0 else DenseDelta(W=d.W * weight, rank_hint=d.rank_hint)

@@ -1,0 +1,213 @@
+"""The ``mixserve`` command. Subcommands import their modules lazily so ``--help`` stays fast."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+EPILOG_MERGE = """\
+examples:
+  mixserve merge --base BASE --adapter sql=adapters/sql --adapter code=adapters/code \\
+      --weights 1.0,0.8 --method ties --density 0.2 --out merged --format peft
+  mixserve merge --base BASE --adapter sql=adapters/sql --adapter code=adapters/code \\
+      --mix mix.json --out merged-model --format full
+
+A --mix file is a MixSpec tree, e.g.
+  {"method": "ties", "density": 0.2, "children": [
+     {"method": "dare_linear", "drop_rate": 0.5, "children": [
+        {"adapter": "python"}, {"adapter": "java"}]},
+     {"adapter": "sql", "weight": 0.8}]}
+whose adapter names refer to the --adapter NAME=PATH options.
+
+--space: 'dense' merges the full dW = scale * B @ A (reference semantics, matches PEFT's
+merge_utils); 'lowrank' merges in the shared basis of the adapters' factors (fast; exact for
+linear/task_arithmetic). The default 'auto' is lowrank for linear/task_arithmetic and dense
+for the rest. A dense merge written as --format peft is re-factored by truncated SVD to --rank
+(default: sum of the adapters' ranks) and the energy kept is printed.
+"""
+
+
+class Progress:
+    """A one-line progress bar on stderr (plain lines when stderr is not a terminal)."""
+
+    def __init__(self, label: str, stream=sys.stderr) -> None:
+        self.label, self.stream = label, stream
+        self.tty = stream.isatty()
+        self.t0 = time.perf_counter()
+        self._last_pct = -1
+
+    def __call__(self, done: int, total: int, item: str) -> None:
+        pct = 100 * done // max(total, 1)
+        elapsed = time.perf_counter() - self.t0
+        if self.tty:
+            bar = "#" * (pct // 4) + "." * (25 - pct // 4)
+            end = "\n" if done == total else ""
+            self.stream.write(f"\r{self.label} [{bar}] {done}/{total} {elapsed:6.1f}s {item[-40:]:<40}{end}")
+        elif pct // 10 != self._last_pct // 10 or done == total:
+            self.stream.write(f"{self.label}: {done}/{total} modules, {elapsed:.1f}s\n")
+        self._last_pct = pct
+        self.stream.flush()
+
+
+def _parse_adapter_args(values: list[str]) -> dict[str, Path]:
+    out: dict[str, Path] = {}
+    for v in values:
+        name, sep, path = v.partition("=")
+        if not sep:
+            name, path = Path(v).name, v
+        if name in out:
+            raise SystemExit(f"mixserve merge: adapter name {name!r} given twice")
+        out[name] = Path(path)
+    return out
+
+
+def _build_mix(args: argparse.Namespace, names: list[str]):
+    from merging.spec import MixNode, parse_mix
+
+    if args.mix:
+        text = Path(args.mix).read_text()
+        return parse_mix(json.loads(text))
+    if args.weights:
+        try:
+            weights = [float(w) for w in args.weights.split(",")]
+        except ValueError:
+            raise SystemExit(
+                f"mixserve merge: --weights must be comma-separated numbers, got {args.weights!r}"
+            ) from None
+        if len(weights) != len(names):
+            raise SystemExit(f"mixserve merge: {len(weights)} weights for {len(names)} adapters")
+    else:
+        weights = [1.0] * len(names)
+    space = args.space
+    if space == "auto":
+        space = "lowrank" if args.method in ("linear", "task_arithmetic") else "dense"
+    node = {
+        "method": args.method,
+        "space": space,
+        "children": [{"adapter": n, "weight": w} for n, w in zip(names, weights, strict=True)],
+    }
+    for key in ("density", "drop_rate", "majority_sign", "seed"):
+        value = getattr(args, key)
+        if value is not None:
+            node[key] = value
+    return MixNode.model_validate(node)
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from merging.adapters import AdapterError, load_adapter
+    from merging.basemodel import BaseModelError
+    from merging.export import merge_to_disk
+    from merging.merge import MergeError
+    from merging.spec import leaves
+
+    paths = _parse_adapter_args(args.adapter)
+    if not paths:
+        raise SystemExit("mixserve merge: give at least one --adapter NAME=PATH")
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.force:
+        raise SystemExit(f"mixserve merge: {out} exists and is not empty (use --force to write into it)")
+    try:
+        mix = _build_mix(args, list(paths))
+        needed = {leaf.adapter for leaf in leaves(mix)}
+        missing = sorted(needed - set(paths))
+        if missing:
+            raise SystemExit(f"mixserve merge: the mix names adapters with no --adapter option: {missing}")
+        adapters = {n: load_adapter(p, n) for n, p in paths.items() if n in needed}
+        for a in adapters.values():
+            print(
+                f"loaded {a.name}: {len(a.modules)} modules, rank {sorted(set(a.ranks.values()))}, {a.path}",
+                file=sys.stderr,
+            )
+        report = merge_to_disk(
+            mix, adapters, out, fmt=args.format, base=args.base, rank=args.rank, progress=Progress("merging")
+        )
+    except (ValidationError, AdapterError, BaseModelError, MergeError, ValueError, OSError) as e:
+        print(f"mixserve merge: error: {e}", file=sys.stderr)
+        return 2
+    ranks = sorted(set(report.ranks.values()))
+    rank_txt = f"{ranks[0]}" if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}"
+    energy = report.min_energy_kept
+    print(
+        f"merged {report.method} ({report.space}) -> {report.out} [{report.format}]: {report.modules} modules, "
+        f"rank {rank_txt}, merge {report.merge_seconds:.2f}s, write {report.write_seconds:.2f}s, "
+        f"{report.bytes_written / 1e6:.1f} MB" + (f", SVD energy kept >= {energy:.4f}" if energy is not None else "")
+    )
+    return 0
+
+
+def cmd_example(args: argparse.Namespace) -> int:
+    from merging.synthetic import write_example
+
+    paths = write_example(args.out)
+    a = paths
+    print(
+        f"wrote a tiny random Llama base to {a['base']} and adapters sql, code, json under {Path(args.out) / 'adapters'}"
+    )
+    print("merge them with, e.g.:")
+    print(
+        f"  mixserve merge --base {a['base']} --adapter sql={a['sql']} --adapter code={a['code']} "
+        f"--adapter json={a['json']} --method ties --density 0.2 --out {Path(args.out) / 'merged'} --format peft"
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mixserve", description="Merge and serve LoRA adapter mixes.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    m = sub.add_parser(
+        "merge",
+        help="merge adapters offline into a PEFT adapter or a full model",
+        description="Merge LoRA adapters offline and write a PEFT adapter (--format peft) or a full model (--format full).",
+        epilog=EPILOG_MERGE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    m.add_argument("--base", help="base model directory (HF layout, safetensors); required for --format full")
+    m.add_argument(
+        "--adapter", action="append", default=[], metavar="NAME=PATH", help="a PEFT LoRA adapter directory (repeat)"
+    )
+    m.add_argument("--weights", help="comma-separated weights, one per --adapter, in order (default: all 1.0)")
+    m.add_argument(
+        "--method",
+        default="linear",
+        help="linear | task_arithmetic | magnitude_prune | ties | dare_linear | dare_ties (default: linear)",
+    )
+    m.add_argument("--density", type=float, help="fraction kept by magnitude (ties, magnitude_prune; default 0.2)")
+    m.add_argument("--drop-rate", dest="drop_rate", type=float, help="fraction dropped at random (dare_*; default 0.5)")
+    m.add_argument(
+        "--majority-sign",
+        dest="majority_sign",
+        choices=["total", "frequency"],
+        help="TIES sign election (default: total)",
+    )
+    m.add_argument("--seed", type=int, help="seed of the DARE drop masks (default 0)")
+    m.add_argument(
+        "--space", choices=["auto", "dense", "lowrank"], default="auto", help="merge space (default: auto, see below)"
+    )
+    m.add_argument("--mix", help="a MixSpec JSON file (hierarchical mixes); replaces --method/--weights/...")
+    m.add_argument("--rank", type=int, help="rank of a dense merge written as --format peft (default: sum of ranks)")
+    m.add_argument("--out", required=True, help="output directory")
+    m.add_argument(
+        "--format", choices=["peft", "full"], default="peft", help="peft adapter (default) or full merged model"
+    )
+    m.add_argument("--force", action="store_true", help="write into a non-empty --out")
+    m.set_defaults(func=cmd_merge)
+
+    e = sub.add_parser("example", help="write a tiny random base model and three example adapters")
+    e.add_argument("--out", default="mixserve-example", help="output directory (default: ./mixserve-example)")
+    e.set_defaults(func=cmd_example)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
