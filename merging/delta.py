@@ -9,10 +9,16 @@ import torch
 
 @dataclass(frozen=True)
 class LowRankDelta:
-    """``dW = B @ A`` with ``A: [r, in]``, ``B: [out, r]`` (any scale already folded in)."""
+    """``dW = scale * B @ A`` with ``A: [r, in]``, ``B: [out, r]``.
+
+    ``scale`` stays separate (rather than folded into ``B``) so that the dense task vector is formed
+    in the same order as PEFT forms it, ``(B @ A) * scale``: TIES trimming compares magnitudes, and an
+    entry at the threshold must not move across it because of rounding.
+    """
 
     A: torch.Tensor
     B: torch.Tensor
+    scale: float = 1.0
 
     @property
     def rank(self) -> int:
@@ -27,7 +33,12 @@ class LowRankDelta:
         return self.A.numel() * self.A.element_size() + self.B.numel() * self.B.element_size()
 
     def dense(self) -> torch.Tensor:
-        return self.B @ self.A
+        out = self.B @ self.A
+        return out if self.scale == 1.0 else out.mul_(self.scale)
+
+    def scaled_B(self) -> torch.Tensor:
+        """``scale * B``: the factor to stack when the scale must live inside the factors."""
+        return self.B if self.scale == 1.0 else self.B * self.scale
 
 
 @dataclass(frozen=True)
@@ -79,7 +90,8 @@ def refactor_lowrank(W: torch.Tensor, rank: int, *, oversample: int = 8, niter: 
     q = min(k + oversample, out_dim, in_dim)
     if q < min(out_dim, in_dim) // 2:
         # svd_lowrank draws its test matrix from the global RNG: fork it so merges stay deterministic.
-        with torch.random.fork_rng(devices=[]):
+        cuda_ids = [W.device.index if W.device.index is not None else torch.cuda.current_device()] if W.is_cuda else []
+        with torch.random.fork_rng(devices=cuda_ids):
             torch.manual_seed(seed)
             U, S, V = torch.svd_lowrank(W, q=q, niter=niter)
         Vh = V.mT
@@ -132,5 +144,5 @@ class MergedDelta:
         for name, d in self.modules.items():
             if not isinstance(d, LowRankDelta):
                 raise ValueError(f"module {name!r} is dense; call to_lowrank() first")
-            out[name] = (d.A, d.B)
+            out[name] = (d.A, d.scaled_B())
         return out

@@ -47,10 +47,11 @@ def mix_key(mix: AdapterLeaf | MixNode, adapters: Mapping[str, LoraAdapter]) -> 
     return h.hexdigest()
 
 
-def _generator(seed: int, path: str, module: str) -> torch.Generator:
+def _generator(seed: int, path: str, module: str, device: torch.device) -> torch.Generator:
     # One stream per (seed, node, module): masks do not depend on module order or on other nodes.
+    # Drawn on the tensors' device (CPU and CUDA streams differ, as do their roundings).
     digest = hashlib.sha256(f"{seed}/{path}/{module}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+    return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
 @dataclass
@@ -65,6 +66,7 @@ class _ModuleContext:
 class _Evaluator:
     adapters: Mapping[str, LoraAdapter]
     dtype: torch.dtype = torch.float32
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     keep_masks: dict[tuple[str, str], list[torch.Tensor]] = field(default_factory=dict)
 
     def eval(self, node: AdapterLeaf | MixNode, ctx: _ModuleContext, path: str) -> ModuleDelta | None:
@@ -73,27 +75,28 @@ class _Evaluator:
             f = self.adapters[node.adapter].modules.get(ctx.module)
             if f is None:
                 return None
-            return LowRankDelta(A=f.A.to(self.dtype), B=f.B.to(self.dtype) * f.scale)
+            return LowRankDelta(A=f.A.to(self.dtype), B=f.B.to(self.dtype), scale=f.scale)
         children = [self.eval(c, ctx, f"{path}.{i}") for i, c in enumerate(node.children)]
         if all(c is None for c in children):
             return None
         weights = [c.weight for c in node.children]
         method, params = get_method(node.method), node.params()
-        gen = _generator(node.seed or 0, path, ctx.module) if method.sparsify == "random" else None
+        gen = _generator(node.seed or 0, path, ctx.module, self.device) if method.sparsify == "random" else None
         masks = self.keep_masks.get((path, ctx.module))
         if node.space == "dense":
-            tensors = [c.dense() if c is not None else torch.zeros(ctx.shape, dtype=self.dtype) for c in children]
+            tensors = [c.dense() if c is not None else self._zeros(ctx.shape) for c in children]
             merged = merge_tensors(method, tensors, weights, params, generator=gen, keep_masks=masks)
             hint = node.rank or sum(_rank(c) for c in children)
             return DenseDelta(W=merged, rank_hint=max(1, hint))
         factors = [self._as_lowrank(c, ctx) for c in children]
         return self._merge_lowrank(factors, weights, node, ctx, gen, masks)
 
+    def _zeros(self, shape: tuple[int, int]) -> torch.Tensor:
+        return torch.zeros(shape, dtype=self.dtype, device=self.device)
+
     def _as_lowrank(self, d: ModuleDelta | None, ctx: _ModuleContext) -> LowRankDelta:
         if d is None:  # an untouched module contributes zero: a rank-0 block
-            return LowRankDelta(
-                A=torch.zeros((0, ctx.shape[1]), dtype=self.dtype), B=torch.zeros((ctx.shape[0], 0), dtype=self.dtype)
-            )
+            return LowRankDelta(A=self._zeros((0, ctx.shape[1])), B=self._zeros((ctx.shape[0], 0)))
         if isinstance(d, LowRankDelta):
             return d
         ref = refactor_lowrank(d.W, d.rank_hint)
@@ -102,7 +105,7 @@ class _Evaluator:
         return ref.delta
 
     def _merge_lowrank(self, factors, weights, node: MixNode, ctx: _ModuleContext, gen, masks) -> LowRankDelta:
-        B_cat = torch.cat([f.B for f in factors], dim=1)  # [out, R]
+        B_cat = torch.cat([f.scaled_B() for f in factors], dim=1)  # [out, R]
         A_cat = torch.cat([f.A for f in factors], dim=0)  # [R, in]
         Q_B, R_B = torch.linalg.qr(B_cat)  # Q_B: [out, rb], R_B: [rb, R]
         Q_A, R_A = torch.linalg.qr(A_cat.mT)  # Q_A: [in, ra], R_A: [ra, R]
@@ -165,7 +168,9 @@ def merge_mix(
     """
     t0 = time.perf_counter()
     shapes = _module_shapes(mix, adapters)
-    evaluator = _Evaluator(adapters, dtype, keep_masks or {})
+    used = {leaf.adapter for leaf in leaves(mix)}
+    device = next((f.A.device for n in sorted(used) for f in adapters[n].modules.values()), torch.device("cpu"))
+    evaluator = _Evaluator(adapters, dtype, device, keep_masks or {})
     modules: dict[str, ModuleDelta] = {}
     energy: dict[str, float] = {}
     for i, (module, shape) in enumerate(sorted(shapes.items())):
@@ -189,5 +194,5 @@ def merge_mix(
 def _scaled(d: ModuleDelta, weight: float) -> ModuleDelta:
     if isinstance(d, LowRankDelta):
         # A leaf at the root hands back the adapter's own A: copy so results never alias adapters.
-        return LowRankDelta(A=d.A.clone(), B=d.B * weight)
+        return LowRankDelta(A=d.A.clone(), B=d.B * (d.scale * weight))
     return d if weight == 1.0 else DenseDelta(W=d.W * weight, rank_hint=d.rank_hint)

@@ -23,10 +23,12 @@ import torch
 from merging.steps import (
     MajoritySign,
     bernoulli_keep_mask,
+    blocks,
     disjoint_mean,
     drop_and_rescale,
     elect_sign,
-    magnitude_trim,
+    magnitude_threshold,
+    trim_below,
     weighted_sum,
 )
 
@@ -139,21 +141,36 @@ def merge_tensors(
     """Merge same-shaped task vectors with ``method``; the result is a fresh tensor.
 
     For DARE methods the drop masks come from ``keep_masks`` if given (one per tensor, True = keep),
-    otherwise they are drawn from ``generator`` in child order.
+    otherwise they are drawn from ``generator``. Only the trim threshold needs a whole tensor; every
+    other step is elementwise and runs block by block (see ``steps.blocks``).
     """
-    if method.sparsify == "magnitude":
-        tensors = [magnitude_trim(t, params.density) for t in tensors]
-    elif method.sparsify == "random":
-        if keep_masks is None:
-            if generator is None:
-                raise ValueError(f"{method.name} needs a seeded generator or explicit keep masks")
-            keep_masks = [bernoulli_keep_mask(t.shape, params.drop_rate, generator) for t in tensors]
-        tensors = [drop_and_rescale(t, params.drop_rate, m) for t, m in zip(tensors, keep_masks, strict=True)]
-
-    if method.sign_consensus:
-        positive = elect_sign(tensors, params.majority_sign)
-        return disjoint_mean(tensors, weights, positive)
-    out = weighted_sum(tensors, weights)
+    if not tensors:
+        raise ValueError("a merge needs at least one tensor")
+    if len(tensors) != len(weights):
+        raise ValueError(f"{len(tensors)} tensors but {len(weights)} weights")
+    if method.sparsify == "random" and keep_masks is None and generator is None:
+        raise ValueError(f"{method.name} needs a seeded generator or explicit keep masks")
+    taus = [magnitude_threshold(t, params.density) for t in tensors] if method.sparsify == "magnitude" else None
+    flats = [t.reshape(-1) for t in tensors]
+    masks = [m.reshape(-1) for m in keep_masks] if keep_masks is not None else None
+    out = torch.empty_like(tensors[0])
+    out_flat = out.view(-1)
+    for blk in blocks(out_flat.numel(), out.device):
+        parts = [f[blk] for f in flats]
+        if taus is not None:
+            parts = [trim_below(t, tau) for t, tau in zip(parts, taus, strict=True)]
+        elif method.sparsify == "random":
+            # Masks are drawn block by block, child after child: deterministic for a given generator.
+            part_masks = (
+                [m[blk] for m in masks]
+                if masks is not None
+                else [bernoulli_keep_mask(t.shape, params.drop_rate, generator) for t in parts]
+            )
+            parts = [drop_and_rescale(t, params.drop_rate, m) for t, m in zip(parts, part_masks, strict=True)]
+        if method.sign_consensus:
+            out_flat[blk] = disjoint_mean(parts, weights, elect_sign(parts, params.majority_sign))
+        else:
+            out_flat[blk] = weighted_sum(parts, weights)
     if params.normalize:
         total = float(sum(weights))
         if total == 0.0:

@@ -13,7 +13,8 @@ Semantics follow the papers and ``peft.utils.merge_utils`` (the differential tes
 
 The functions avoid stacking the task tensors into one ``[n, *shape]`` tensor (what PEFT does):
 for a 14336 x 4096 projection that copy alone is ~700 MB for three adapters, and every extra pass over
-it costs more than the arithmetic. They accumulate in place into fresh output tensors instead.
+it costs more than the arithmetic. ``methods.merge_tensors`` runs them block by block on the CPU
+(:func:`blocks`), which is valid because every step after the trim threshold is elementwise.
 """
 
 from __future__ import annotations
@@ -26,62 +27,87 @@ import torch
 MajoritySign = Literal["total", "frequency"]
 
 # Below this many entries torch.kthvalue on the whole tensor is cheap enough; above it, the
-# sampled bracket in kth_largest saves most of the selection time.
+# sampled bracket in kth_largest_magnitude saves most of the selection time.
 _EXACT_SELECT_BELOW = 1 << 20
 _SAMPLE_SIZE = 1 << 16
+# Elementwise work on CPU runs over blocks of this many entries, so that the handful of temporaries
+# a step needs stay in cache instead of streaming 235 MB tensors through memory once per operation.
+CPU_BLOCK = 1 << 18
 
 
-def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
-    """Return the k-th largest entry of ``values`` (1-based), exactly.
+def blocks(numel: int, device: torch.device) -> list[slice]:
+    """Slices of a flat index range to process in turn (one slice on accelerators)."""
+    if device.type != "cpu" or numel <= CPU_BLOCK:
+        return [slice(0, numel)]
+    return [slice(i, min(i + CPU_BLOCK, numel)) for i in range(0, numel, CPU_BLOCK)]
+
+
+def kth_largest_magnitude(tensor: torch.Tensor, k: int) -> torch.Tensor:
+    """Return the k-th largest ``|t|`` (1-based, a 0-d tensor), exactly.
 
     Exact selection over tens of millions of entries is the slow part of TIES (``torch.topk`` on a
     14336 x 4096 matrix takes seconds on a CPU). For large tensors we first bracket the answer
     between two order statistics of a small random sample, count the entries above the bracket, and
     run the exact selection only on the few entries inside it. If the bracket misses (unlikely, it
-    is a few standard deviations wide) we fall back to selecting over the whole tensor, so the
-    result is always exact; the sample only decides how fast.
+    is 12 standard deviations wide) we fall back to selecting over the whole tensor, so the result is
+    always exact; the sample only decides how fast.
     """
-    flat = values.reshape(-1)
+    flat = tensor.reshape(-1)
     n = flat.numel()
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, {n}], got {k}")
     if n < _EXACT_SELECT_BELOW:
-        return torch.kthvalue(flat, n - k + 1).values
+        return torch.kthvalue(flat.abs(), n - k + 1).values
     gen = torch.Generator(device=flat.device).manual_seed(n ^ k)
     idx = torch.randint(0, n, (_SAMPLE_SIZE,), generator=gen, device=flat.device)
-    sample, _ = torch.sort(flat[idx])
+    sample, _ = torch.sort(flat[idx].abs())
     # Position of the k-th largest in the sorted sample, +- 6 standard deviations of a binomial.
     p = 1.0 - k / n
     sd = (_SAMPLE_SIZE * p * (1 - p)) ** 0.5
-    lo_pos = max(0, int(p * _SAMPLE_SIZE - 6 * sd - 2))
-    hi_pos = min(_SAMPLE_SIZE - 1, int(p * _SAMPLE_SIZE + 6 * sd + 2))
-    lo, hi = sample[lo_pos], sample[hi_pos]
-    n_above = int((flat > hi).sum())
-    inside = flat[(flat >= lo) & (flat <= hi)]
-    need = k - n_above  # rank of the answer, counted from the top, among the entries inside
-    if 1 <= need <= inside.numel():
-        return torch.kthvalue(inside, inside.numel() - need + 1).values
-    return torch.kthvalue(flat, n - k + 1).values
+    lo = sample[max(0, int(p * _SAMPLE_SIZE - 6 * sd - 2))]
+    hi = sample[min(_SAMPLE_SIZE - 1, int(p * _SAMPLE_SIZE + 6 * sd + 2))]
+    n_above = torch.zeros((), dtype=torch.int64, device=flat.device)
+    inside = []
+    for blk in blocks(n, flat.device):
+        a = flat[blk].abs()
+        n_above += (a > hi).sum()
+        inside.append(a[(a >= lo) & (a <= hi)])
+    within = torch.cat(inside)
+    need = k - int(n_above)  # rank of the answer, counted from the top, among the entries inside
+    if 1 <= need <= within.numel():
+        return torch.kthvalue(within, within.numel() - need + 1).values
+    return torch.kthvalue(flat.abs(), n - k + 1).values
+
+
+def magnitude_threshold(tensor: torch.Tensor, density: float) -> float | None:
+    """TIES' cut-off: the ``k = int(density * numel)``-th largest magnitude (``None``: keep all).
+
+    As in PEFT, ``density >= 1`` keeps everything and ``k == 0`` keeps nothing (``inf``).
+    """
+    if density < 0:
+        raise ValueError(f"density must be >= 0, got {density}")
+    if density >= 1:
+        return None
+    k = int(density * tensor.numel())
+    return float("inf") if k == 0 else float(kth_largest_magnitude(tensor, k))
+
+
+def trim_below(tensor: torch.Tensor, tau: float | None) -> torch.Tensor:
+    """Zero the entries with ``|t| < tau`` (a copy; ``tau=None`` keeps everything)."""
+    if tau is None:
+        return tensor.clone()
+    return tensor.masked_fill(tensor.abs() < tau, 0)
 
 
 def magnitude_trim(tensor: torch.Tensor, density: float) -> torch.Tensor:
     """TIES "trim": keep the ``k = int(density * numel)`` entries of largest magnitude, zero the rest.
 
-    ``trim(t)_j = t_j if |t_j| >= tau else 0`` with ``tau`` the k-th largest ``|t|``. As in PEFT,
-    ``density >= 1`` keeps everything and ``k == 0`` keeps nothing. Unlike ``torch.topk``, entries
-    that tie with the k-th magnitude are all kept (topk keeps an arbitrary subset of them); the two
-    agree whenever magnitudes are distinct, and zeros kept or dropped change nothing.
+    ``trim(t)_j = t_j if |t_j| >= tau else 0`` with ``tau`` the k-th largest ``|t|``. Unlike
+    ``torch.topk``, entries that tie with the k-th magnitude are all kept (topk keeps an arbitrary
+    subset of them); the two agree whenever magnitudes are distinct, and zeros kept or dropped
+    change nothing.
     """
-    if density < 0:
-        raise ValueError(f"density must be >= 0, got {density}")
-    if density >= 1:
-        return tensor.clone()
-    k = int(density * tensor.numel())
-    if k == 0:
-        return torch.zeros_like(tensor)
-    magnitude = tensor.abs()
-    tau = kth_largest(magnitude, k)
-    return tensor.masked_fill(magnitude < tau, 0)
+    return trim_below(tensor, magnitude_threshold(tensor, density))
 
 
 def drop_and_rescale(tensor: torch.Tensor, drop_rate: float, keep_mask: torch.Tensor) -> torch.Tensor:
@@ -102,7 +128,7 @@ def bernoulli_keep_mask(
     shape: torch.Size | Sequence[int], drop_rate: float, generator: torch.Generator
 ) -> torch.Tensor:
     """A boolean mask whose entries are kept (True) with probability ``1 - drop_rate``."""
-    return torch.rand(tuple(shape), generator=generator) >= drop_rate
+    return torch.rand(tuple(shape), generator=generator, device=generator.device) >= drop_rate
 
 
 def elect_sign(tensors: Sequence[torch.Tensor], method: MajoritySign = "total") -> torch.Tensor:
@@ -123,8 +149,8 @@ def elect_sign(tensors: Sequence[torch.Tensor], method: MajoritySign = "total") 
 def weighted_sum(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
     """Task arithmetic: ``sum_i w_i * t_i`` (Ilharco et al. 2023, https://arxiv.org/abs/2212.04089)."""
     _check_pairs(tensors, weights)
-    out = torch.zeros_like(tensors[0])
-    for t, w in zip(tensors, weights, strict=True):
+    out = tensors[0] * weights[0]
+    for t, w in zip(tensors[1:], weights[1:], strict=True):
         out.add_(t, alpha=w)
     return out
 
@@ -138,11 +164,14 @@ def disjoint_mean(tensors: Sequence[torch.Tensor], weights: Sequence[float], pos
     ``normalize=True`` divides by the weights instead).
     """
     _check_pairs(tensors, weights)
+    elected = torch.where(positive, 1.0, -1.0).to(tensors[0].dtype)
     out = torch.zeros_like(tensors[0])
     count = torch.zeros_like(tensors[0])
+    agree = torch.empty_like(tensors[0])
     for t, w in zip(tensors, weights, strict=True):
-        agree = torch.where(positive, t > 0, t < 0)
-        out.add_(t * agree, alpha=w)
+        # t * s > 0 exactly when t is non-zero and has the elected sign s.
+        torch.gt(t * elected, 0, out=agree)
+        out.addcmul_(t, agree, value=w)
         count += agree
     return out.div_(count.clamp_(min=1.0))
 

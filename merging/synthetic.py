@@ -105,23 +105,37 @@ def write_tiny_llama(path: str | Path, shape: LlamaShape = LlamaShape(), seed: i
 
 
 def random_factors(
-    shapes: dict[str, tuple[int, int]], rank: int, alpha: float, seed: int, *, b_std: float = 0.02
+    shapes: dict[str, tuple[int, int]],
+    rank: int,
+    alpha: float,
+    seed: int,
+    *,
+    b_std: float = 0.02,
+    device: str | torch.device = "cpu",
 ) -> dict[str, LoraFactors]:
-    """Random factors per module. B is non-zero (unlike a fresh LoRA), so every delta is non-trivial."""
+    """Random factors per module. B is non-zero (unlike a fresh LoRA), so every delta is non-trivial.
+
+    Drawn on the CPU from ``seed`` (the same factors on every device), then moved to ``device``.
+    """
     g = torch.Generator().manual_seed(seed)
     out = {}
     for module, (o, n) in shapes.items():
         A = torch.randn(rank, n, generator=g) / n**0.5
         B = torch.randn(o, rank, generator=g) * b_std
-        out[module] = LoraFactors(A=A, B=B, scale=alpha / rank)
+        out[module] = LoraFactors(A=A.to(device), B=B.to(device), scale=alpha / rank)
     return out
 
 
 def random_adapter(
-    name: str, shapes: dict[str, tuple[int, int]], rank: int = 8, alpha: float = 16.0, seed: int = 0
+    name: str,
+    shapes: dict[str, tuple[int, int]],
+    rank: int = 8,
+    alpha: float = 16.0,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
 ) -> LoraAdapter:
     """An in-memory adapter with random factors (no files); fingerprint derived from the seed."""
-    modules = random_factors(shapes, rank, alpha, seed)
+    modules = random_factors(shapes, rank, alpha, seed, device=device)
     return LoraAdapter(name=name, modules=modules, fingerprint=f"random:{name}:{rank}:{alpha}:{seed}")
 
 

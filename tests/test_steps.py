@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from merging import steps
-from merging.steps import disjoint_mean, drop_and_rescale, elect_sign, kth_largest, magnitude_trim
+from merging.steps import disjoint_mean, drop_and_rescale, elect_sign, kth_largest_magnitude, magnitude_trim
 
 
 @pytest.mark.parametrize("n,k", [(2_000_003, 1), (2_000_003, 200_000), (2_000_003, 1_999_000), (3_000_000, 3_000_000)])
 def test_kth_largest_is_exact_on_large_tensors(n, k):
     x = torch.randn(n, generator=torch.Generator().manual_seed(n + k)).abs()
     expected = torch.topk(x, k).values[-1]
-    assert kth_largest(x, k) == expected
+    assert kth_largest_magnitude(x, k) == expected
 
 
 def test_kth_largest_with_heavy_ties_and_zeros():
@@ -22,7 +22,7 @@ def test_kth_largest_with_heavy_ties_and_zeros():
     x = torch.randint(0, 5, (1_500_000,), generator=g).float()
     x[:900_000] = 0
     for k in (1, 10, 300_000, 700_000, 1_500_000):
-        assert kth_largest(x, k) == torch.sort(x, descending=True).values[k - 1]
+        assert kth_largest_magnitude(x, k) == torch.sort(x, descending=True).values[k - 1]
 
 
 def test_kth_largest_falls_back_when_the_sample_bracket_misses(monkeypatch):
@@ -30,12 +30,12 @@ def test_kth_largest_falls_back_when_the_sample_bracket_misses(monkeypatch):
     x = torch.randn(1_200_000, generator=torch.Generator().manual_seed(1)).abs()
     monkeypatch.setattr(steps, "_SAMPLE_SIZE", 4)  # a 4-entry sample brackets almost nothing
     for k in (1, 500, 600_000):
-        assert kth_largest(x, k) == torch.topk(x, k).values[-1]
+        assert kth_largest_magnitude(x, k) == torch.topk(x, k).values[-1]
 
 
 def test_kth_largest_rejects_bad_k():
     with pytest.raises(ValueError, match="k must be"):
-        kth_largest(torch.ones(3), 0)
+        kth_largest_magnitude(torch.ones(3), 0)
 
 
 def test_magnitude_trim_keeps_top_density_fraction():

@@ -1,0 +1,214 @@
+"""Merge benchmark: PEFT merge_utils (baseline) vs mixserve dense vs mixserve lowrank, one run.
+
+Mistral-7B shapes (hidden 4096, intermediate 14336, kv 1024, the 7 linear modules per layer), N random
+rank-16 adapters, methods linear / ties / dare_ties. Every implementation starts from the adapters'
+factors, so forming ``dW_i = scale * B @ A`` is inside every timing. ``--layers N`` merges N layers
+and extrapolates linearly to the model's 32 (each layer is the same work); on a GPU use
+``--layers 32 --device cuda`` to run the whole model.
+
+    python -m bench.merge --layers 1 --out bench/results/merge-cpu
+
+Writes ``<out>.json`` and ``<out>.md``. Timings are ratios against the PEFT baseline measured in the
+same run; errors are relative Frobenius distances summed over all merged modules.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from merging.adapters import LoraAdapter
+from merging.merge import merge_mix
+from merging.spec import parse_mix
+from merging.synthetic import MISTRAL_7B, random_adapter
+
+METHODS = {
+    "linear": {},
+    "ties": {"density": 0.1},
+    "dare_ties": {"drop_rate": 0.5},
+}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], object], device: torch.device, repeats: int) -> tuple[float, object]:
+    times, result = [], None
+    for _ in range(repeats):
+        result = None  # free the previous result before the next run
+        _sync(device)
+        t0 = time.perf_counter()
+        result = fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), result
+
+
+def peft_merge(method: str, params: dict, adapters: list[LoraAdapter], weights: list[float]) -> dict[str, torch.Tensor]:
+    """The baseline: PEFT's merge_utils on the dense task vectors, module by module."""
+    from peft.utils import merge_utils
+
+    w = torch.tensor(weights, device=next(iter(adapters[0].modules.values())).A.device)
+    out = {}
+    for module in adapters[0].modules:
+        tensors = [a.modules[module].delta() for a in adapters]
+        if method == "linear":
+            out[module] = merge_utils.task_arithmetic(tensors, w / w.sum())
+        elif method == "ties":
+            out[module] = merge_utils.ties(tensors, w, params["density"], "total")
+        elif method == "dare_ties":
+            out[module] = merge_utils.dare_ties(tensors, w, 1.0 - params["drop_rate"], "total")
+        else:
+            raise ValueError(method)
+    return out
+
+
+def entries_differing(actual: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> int:
+    """Entries that differ by more than rounding (1e-6 of the module's largest entry)."""
+    return sum(int(((actual[m] - reference[m]).abs() > 1e-6 * reference[m].abs().max()).sum()) for m in reference)
+
+
+def rel_error(actual: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> float:
+    num = sum(float((actual[m].float() - reference[m].float()).pow(2).sum()) for m in reference)
+    den = sum(float(reference[m].float().pow(2).sum()) for m in reference)
+    return (num / den) ** 0.5 if den > 0 else 0.0
+
+
+def _warm_up(device: torch.device, methods: list[str]) -> None:
+    """Run every path once on tiny shapes so lazy library set-up is not timed."""
+    tiny = [random_adapter(f"w{i}", {"m": (64, 48)}, rank=4, seed=i, device=device) for i in range(2)]
+    for method in methods:
+        peft_merge(method, METHODS[method], tiny, [1.0, 1.0])
+        for space in ("dense", "lowrank"):
+            spec = parse_mix(
+                {
+                    "method": method,
+                    "space": space,
+                    **METHODS[method],
+                    "children": [{"adapter": "w0"}, {"adapter": "w1"}],
+                }
+            )
+            merge_mix(spec, {a.name: a for a in tiny})
+
+
+def run(layers: int, n_adapters: int, rank: int, device: torch.device, repeats: int, methods: list[str]) -> dict:
+    shapes = MISTRAL_7B.module_shapes(layers=layers)
+    adapters = [
+        random_adapter(f"a{i}", shapes, rank=rank, alpha=2 * rank, seed=i, device=device) for i in range(n_adapters)
+    ]
+    by_name = {a.name: a for a in adapters}
+    _warm_up(device, methods)
+    weights = [1.0 + 0.25 * i for i in range(n_adapters)]
+    scale = MISTRAL_7B.layers / layers
+    rows = []
+    for method in methods:
+        params = METHODS[method]
+        children = [{"adapter": a.name, "weight": w} for a, w in zip(adapters, weights, strict=True)]
+        specs = {
+            space: parse_mix({"method": method, "space": space, **params, "children": children})
+            for space in ("dense", "lowrank")
+        }
+        t_peft, ref = _timed(lambda m=method, p=params: peft_merge(m, p, adapters, weights), device, repeats)
+        t_dense, dense = _timed(lambda s=specs["dense"]: merge_mix(s, by_name), device, repeats)
+        dense_w = {m: d.dense() for m, d in dense.modules.items()}
+        t_low, low = _timed(lambda s=specs["lowrank"]: merge_mix(s, by_name), device, repeats)
+        low_w = {m: d.dense() for m, d in low.modules.items()}
+        row = {
+            "method": method,
+            "params": params,
+            "peft_s": t_peft * scale,
+            "dense_s": t_dense * scale,
+            "lowrank_s": t_low * scale,
+            "dense_speedup": t_peft / t_dense,
+            "lowrank_speedup": t_peft / t_low,
+            # DARE draws its own masks in each implementation: only the deterministic methods compare.
+            "dense_vs_peft_rel_err": None if method.startswith("dare") else rel_error(dense_w, ref),
+            "dense_vs_peft_entries_differing": None if method.startswith("dare") else entries_differing(dense_w, ref),
+            "entries": sum(t.numel() for t in ref.values()),
+            "lowrank_vs_dense_rel_err": rel_error(low_w, dense_w),
+            "lowrank_rank": max(d.rank for d in low.modules.values()),
+            "lowrank_mb": low.nbytes / 1e6 * scale,
+        }
+        rows.append(row)
+        print(
+            f"{method:10s} peft {row['peft_s']:8.2f}s  dense {row['dense_s']:8.2f}s ({row['dense_speedup']:.1f}x)  "
+            f"lowrank {row['lowrank_s'] * 1e3:8.1f}ms ({row['lowrank_speedup']:.0f}x)  "
+            f"err lowrank/dense {row['lowrank_vs_dense_rel_err']:.3g}",
+            flush=True,
+        )
+        del ref, dense, dense_w, low, low_w
+    return {
+        "shape": "Mistral-7B (hidden 4096, intermediate 14336, kv 1024, 7 linear modules/layer)",
+        "layers_run": layers,
+        "extrapolated_to_layers": MISTRAL_7B.layers,
+        "adapters": n_adapters,
+        "rank": rank,
+        "weights": weights,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "repeats": repeats,
+        "torch": torch.__version__,
+        "rows": rows,
+    }
+
+
+def to_markdown(result: dict) -> str:
+    lines = [
+        f"Mistral-7B shapes, {result['adapters']} random rank-{result['rank']} adapters, all 7 linear modules; "
+        f"{result['layers_run']} layer(s) run on {result['device']} ({result['device_name']}, {result['threads']} threads), "
+        f"times extrapolated to {result['extrapolated_to_layers']} layers; median of {result['repeats']}.",
+        "",
+        "| method | PEFT merge_utils (baseline) | mixserve dense | dense speed-up | mixserve lowrank | lowrank speed-up "
+        "| dense vs PEFT rel. err (entries differing) | lowrank vs dense rel. err | lowrank rank |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        p = ", ".join(f"{k} {v}" for k, v in r["params"].items())
+        name = f"{r['method']} ({p})" if p else r["method"]
+        err = (
+            "n/a (own masks)"
+            if r["dense_vs_peft_rel_err"] is None
+            else f"{r['dense_vs_peft_rel_err']:.1e} ({r['dense_vs_peft_entries_differing']} of {r['entries'] / 1e6:.0f}M entries)"
+        )
+        lines.append(
+            f"| {name} | {r['peft_s']:.2f} s | {r['dense_s']:.2f} s | {r['dense_speedup']:.1f}x | "
+            f"{r['lowrank_s'] * 1e3:.1f} ms | {r['lowrank_speedup']:.0f}x | {err} | {r['lowrank_vs_dense_rel_err']:.3f} | {r['lowrank_rank']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=1, help="layers to merge (extrapolated to 32); default 1")
+    parser.add_argument("--adapters", type=int, default=3)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per measurement (median)")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--out", default="bench/results/merge", help="output path without extension")
+    args = parser.parse_args(argv)
+    result = run(
+        args.layers, args.adapters, args.rank, torch.device(args.device), args.repeats, args.methods.split(",")
+    )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    out.with_suffix(".md").write_text(to_markdown(result))
+    print(to_markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
