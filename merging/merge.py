@@ -3,14 +3,10 @@
 ``dense``: form each child's ``dW_i`` and merge the full matrices (exact reference semantics; the
 differential tests hold it to ``peft.utils.merge_utils``).
 
-``lowrank``: stack the children's factors ``B = [B_1 .. B_n]`` (out x R) and ``A = [A_1; ..; A_n]``
-(R x in), orthonormalise both (``B = Q_B R_B``, ``A^T = Q_A R_A``), so that every child is
-``dW_i = Q_B M_i Q_A^T`` with a small core ``M_i = R_B[:, i] R_A[:, i]^T`` (R x R). The method runs
-on the cores and the result is ``B_m = Q_B``, ``A_m = M Q_A^T``, of rank <= R = sum of child ranks.
-This is the shared-basis idea of Core Space merging (Panariello et al. 2025) and KnOTS (Stoica et al.
-2024). Linear / task arithmetic commute with the change of basis, so they are exact; TIES and DARE
-trim or drop *core* entries, which is a different (basis-dependent) operator whose distance to the
-dense result is measured in ``bench/``, not assumed.
+``lowrank``: merge the children's cores in a shared basis of their factors (``lowrank.py``); the
+result has rank <= the sum of the children's ranks. Linear methods are exact there; TIES and DARE
+trim or drop *core* entries, a different (basis-dependent) operator whose distance to the dense
+result is measured in ``bench/``, not assumed.
 
 Modules are merged one at a time, so peak memory is one module's dense tensors, not the model's.
 """
@@ -26,6 +22,7 @@ import torch
 
 from merging.adapters import LoraAdapter
 from merging.delta import DenseDelta, LowRankDelta, MergedDelta, ModuleDelta, refactor_lowrank
+from merging.lowrank import concat_weighted, from_core, shared_basis
 from merging.methods import get_method, merge_tensors
 from merging.spec import AdapterLeaf, MixNode, leaves, mix_hash
 
@@ -89,7 +86,17 @@ class _Evaluator:
             hint = node.rank or sum(_rank(c) for c in children)
             return DenseDelta(W=merged, rank_hint=max(1, hint))
         factors = [self._as_lowrank(c, ctx) for c in children]
-        return self._merge_lowrank(factors, weights, node, ctx, gen, masks)
+        if method.sparsify == "none" and not method.sign_consensus and node.rank is None:
+            # Linear in the factors: concatenation is exact and needs no basis.
+            divisor = float(sum(weights)) if params.normalize else 1.0
+            return concat_weighted(factors, weights, divisor)
+        basis = shared_basis(factors)
+        core = merge_tensors(method, basis.cores, weights, params, generator=gen, keep_masks=masks)
+        delta, kept = from_core(basis, core, node.rank)
+        if kept < 1.0:
+            ctx.energy_kept *= kept
+            ctx.refactored = True
+        return delta
 
     def _zeros(self, shape: tuple[int, int]) -> torch.Tensor:
         return torch.zeros(shape, dtype=self.dtype, device=self.device)
@@ -103,27 +110,6 @@ class _Evaluator:
         ctx.energy_kept *= ref.energy_kept
         ctx.refactored = True
         return ref.delta
-
-    def _merge_lowrank(self, factors, weights, node: MixNode, ctx: _ModuleContext, gen, masks) -> LowRankDelta:
-        B_cat = torch.cat([f.scaled_B() for f in factors], dim=1)  # [out, R]
-        A_cat = torch.cat([f.A for f in factors], dim=0)  # [R, in]
-        Q_B, R_B = torch.linalg.qr(B_cat)  # Q_B: [out, rb], R_B: [rb, R]
-        Q_A, R_A = torch.linalg.qr(A_cat.mT)  # Q_A: [in, ra], R_A: [ra, R]
-        cores, start = [], 0
-        for f in factors:
-            stop = start + f.rank
-            cores.append(R_B[:, start:stop] @ R_A[:, start:stop].mT)  # M_i: [rb, ra]
-            start = stop
-        M = merge_tensors(get_method(node.method), cores, weights, node.params(), generator=gen, keep_masks=masks)
-        if node.rank is not None and node.rank < min(M.shape):
-            # Truncate in the small core: SVD of [rb, ra] instead of [out, in].
-            U, S, Vh = torch.linalg.svd(M, full_matrices=False)
-            total = float(S.pow(2).sum())
-            if total > 0:
-                ctx.energy_kept *= float(S[: node.rank].pow(2).sum()) / total
-                ctx.refactored = True
-            return LowRankDelta(A=Vh[: node.rank] @ Q_A.mT, B=Q_B @ (U[:, : node.rank] * S[: node.rank]))
-        return LowRankDelta(A=M @ Q_A.mT, B=Q_B)
 
 
 def _rank(d: ModuleDelta | None) -> int:

@@ -188,3 +188,21 @@ def test_progress_reports_every_module():
         progress=lambda d, t, m: seen.append((d, t, m)),
     )
     assert [s[0] for s in seen] == [1, 2, 3] and all(s[1] == 3 for s in seen)
+
+
+def test_shared_basis_reconstructs_every_child_exactly():
+    from merging.lowrank import from_core, shared_basis
+
+    adapters = _adapters()
+    factors = [
+        LowRankDelta(A=a.modules["l.up"].A, B=a.modules["l.up"].B, scale=a.modules["l.up"].scale)
+        for a in adapters.values()
+        if "l.up" in a.modules
+    ]
+    basis = shared_basis(factors)
+    assert basis.Q_B.shape[1] == sum(f.rank for f in factors)
+    torch.testing.assert_close(basis.Q_B.mT @ basis.Q_B, torch.eye(basis.Q_B.shape[1]), atol=1e-5, rtol=0)
+    for f, core in zip(factors, basis.cores, strict=True):
+        _close(basis.Q_B @ core @ basis.Q_A.mT, f.dense())
+    delta, kept = from_core(basis, basis.cores[0], rank=2)
+    assert delta.rank == 2 and 0 < kept < 1
