@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-
-from merging.delta import MergedDelta
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -64,26 +62,29 @@ def read_shapes(base_dir: str | Path) -> dict[str, tuple[int, ...]]:
 
 def write_merged_model(
     base_dir: str | Path,
-    merged: MergedDelta,
+    shapes: Mapping[str, tuple[int, int]],
+    delta_for: Callable[[str], torch.Tensor | None],
     out_dir: str | Path,
     *,
     progress: Callable[[int, int, str], None] | None = None,
 ) -> Path:
-    """Write ``base + dW`` for every merged module to ``out_dir``, shard by shard, same layout.
+    """Write ``base + dW`` for every module in ``shapes`` to ``out_dir``, shard by shard, same layout.
 
-    Arithmetic is in fp32 and the result is cast back to each weight's dtype. Non-weight files
-    (config, tokenizer, generation config) are copied; pickled files are not.
+    ``delta_for(module)`` is called once per module, when its shard is written, so a caller can merge
+    lazily and only one module's dense delta is alive at a time. Arithmetic is in fp32 and the
+    result is cast back to each weight's dtype. Non-weight files (config, tokenizer, generation
+    config) are copied; pickled files are not.
     """
     base, out = Path(base_dir), Path(out_dir)
     files = weight_files(base)
-    shapes = read_shapes(base)
-    targets = {f"{m}.weight": m for m in merged.modules}
-    missing = sorted(k for k in targets if k not in shapes)
+    base_shapes = read_shapes(base)
+    targets = {f"{m}.weight": m for m in shapes}
+    missing = sorted(k for k in targets if k not in base_shapes)
     if missing:
         raise BaseModelError(f"{base}: the merge adapts weights the base model does not have: {missing[:5]}")
     for key, module in targets.items():
-        if tuple(shapes[key]) != merged.modules[module].shape:
-            raise BaseModelError(f"{key}: base shape {shapes[key]} != delta shape {merged.modules[module].shape}")
+        if tuple(base_shapes[key]) != tuple(shapes[module]):
+            raise BaseModelError(f"{key}: base shape {base_shapes[key]} != delta shape {shapes[module]}")
     if out.resolve() == base.resolve():
         raise BaseModelError("refusing to overwrite the base model in place; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
@@ -98,8 +99,9 @@ def write_merged_model(
             for key in sf.keys():
                 t = sf.get_tensor(key)
                 if key in targets:
-                    delta = merged.modules[targets[key]].dense()
-                    t = (t.float() + delta.float()).to(t.dtype)
+                    delta = delta_for(targets[key])
+                    if delta is not None:
+                        t = (t.float() + delta.float()).to(t.dtype)
                     done += 1
                     if progress is not None:
                         progress(done, len(targets), targets[key])

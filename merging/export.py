@@ -1,4 +1,8 @@
-"""Offline merge: adapters on disk -> a merged PEFT adapter or a full merged model on disk."""
+"""Offline merge: adapters on disk -> a merged PEFT adapter or a full merged model on disk.
+
+Both formats merge module by module and keep only what they write: a dense delta lives just long
+enough to be folded into its weight (``full``) or re-factored to low rank (``peft``).
+"""
 
 from __future__ import annotations
 
@@ -8,9 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import torch
+
 from merging.adapters import LoraAdapter, save_adapter
 from merging.basemodel import read_shapes, write_merged_model
-from merging.merge import ProgressFn, merge_mix
+from merging.delta import DenseDelta, LowRankDelta, refactor_lowrank
+from merging.lowrank import from_core, shared_basis
+from merging.merge import MixMerger, ProgressFn
 from merging.spec import AdapterLeaf, MixNode, canonical_json
 
 ExportFormat = Literal["peft", "full"]
@@ -26,8 +34,7 @@ class ExportReport:
     space: str
     modules: int
     ranks: dict[str, int]
-    merge_seconds: float
-    write_seconds: float
+    seconds: float
     bytes_written: int
     energy_kept: dict[str, float] = field(default_factory=dict)
 
@@ -52,38 +59,68 @@ def merge_to_disk(
     shapes first. A dense result written as ``peft`` is re-factored by truncated SVD to ``rank``
     (default: the sum of the children's ranks) and the energy kept is reported.
     """
-    out = Path(out)
+    if fmt not in ("peft", "full"):
+        raise ValueError(f"unknown format {fmt!r}; use 'peft' or 'full'")
     if fmt == "full" and base is None:
         raise ValueError("--format full needs --base (the model to fold the merged delta into)")
     if base is not None:
         shapes = read_shapes(base)
         for adapter in adapters.values():
             adapter.check_base_shapes(shapes)
-    merged = merge_mix(mix, adapters, progress=progress)
     t0 = time.perf_counter()
-    if fmt == "peft":
-        merged = merged.to_lowrank(rank)
+    out = Path(out)
+    merger = MixMerger(mix, adapters)
+    names = sorted(merger.shapes)
+    ranks: dict[str, int] = {}
+    energy: dict[str, float] = {}
+
+    def merged_module(module: str) -> LowRankDelta | DenseDelta | None:
+        d, kept = merger.merge_module(module)
+        if kept is not None:
+            energy[module] = kept
+        if d is not None:
+            ranks[module] = d.rank if isinstance(d, LowRankDelta) else d.rank_hint
+        return d
+
+    if fmt == "full":
+
+        def dense_for(module: str) -> torch.Tensor | None:
+            d = merged_module(module)
+            return None if d is None else d.dense()
+
+        write_merged_model(base, merger.shapes, dense_for, out, progress=progress)
+    else:
+        factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for i, module in enumerate(names):
+            d = merged_module(module)
+            if isinstance(d, DenseDelta):
+                ref = refactor_lowrank(d.W, rank if rank is not None else d.rank_hint)
+                d, energy[module] = ref.delta, energy.get(module, 1.0) * ref.energy_kept
+            elif isinstance(d, LowRankDelta) and rank is not None and rank < d.rank:
+                basis = shared_basis([d])  # SVD of the small core, not of the dense matrix
+                d, kept = from_core(basis, basis.cores[0], rank)
+                energy[module] = energy.get(module, 1.0) * kept
+            if d is not None:
+                factors[module] = (d.A, d.scaled_B())
+                ranks[module] = d.rank
+            if progress is not None:
+                progress(i + 1, len(names), module)
         base_name = next((a.base_model for a in adapters.values() if a.base_model), None)
         save_adapter(
             out,
-            merged.lowrank_factors(),
+            factors,
             base_model=str(base) if base is not None else base_name,
             metadata={"mixserve_mix": canonical_json(mix)},
         )
-    elif fmt == "full":
-        write_merged_model(base, merged, out)
-    else:
-        raise ValueError(f"unknown format {fmt!r}; use 'peft' or 'full'")
     written = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     return ExportReport(
         out=out,
         format=fmt,
-        method=merged.method,
-        space=merged.space,
-        modules=len(merged.modules),
-        ranks=merged.ranks,
-        merge_seconds=merged.seconds,
-        write_seconds=time.perf_counter() - t0,
+        method=merger.method,
+        space=merger.space,
+        modules=len(ranks),
+        ranks=ranks,
+        seconds=time.perf_counter() - t0,
         bytes_written=written,
-        energy_kept=merged.energy_kept,
+        energy_kept=energy,
     )

@@ -80,15 +80,20 @@ class _Evaluator:
         method, params = get_method(node.method), node.params()
         gen = _generator(node.seed or 0, path, ctx.module, self.device) if method.sparsify == "random" else None
         masks = self.keep_masks.get((path, ctx.module))
+        linear = method.sparsify == "none" and not method.sign_consensus
+        divisor = float(sum(weights)) if params.normalize else 1.0
+        hint = max(1, node.rank or sum(_rank(c) for c in children))
         if node.space == "dense":
+            if linear and not any(isinstance(c, DenseDelta) for c in children):
+                # sum_i w_i s_i B_i A_i is one [out, R] @ [R, in] product: no per-child dW needed.
+                factors = [self._as_lowrank(c, ctx) for c in children]
+                return DenseDelta(W=concat_weighted(factors, weights, divisor).dense(), rank_hint=hint)
             tensors = [c.dense() if c is not None else self._zeros(ctx.shape) for c in children]
             merged = merge_tensors(method, tensors, weights, params, generator=gen, keep_masks=masks)
-            hint = node.rank or sum(_rank(c) for c in children)
-            return DenseDelta(W=merged, rank_hint=max(1, hint))
+            return DenseDelta(W=merged, rank_hint=hint)
         factors = [self._as_lowrank(c, ctx) for c in children]
-        if method.sparsify == "none" and not method.sign_consensus and node.rank is None:
+        if linear and node.rank is None:
             # Linear in the factors: concatenation is exact and needs no basis.
-            divisor = float(sum(weights)) if params.normalize else 1.0
             return concat_weighted(factors, weights, divisor)
         basis = shared_basis(factors)
         core = merge_tensors(method, basis.cores, weights, params, generator=gen, keep_masks=masks)
@@ -138,6 +143,49 @@ def _module_shapes(mix: AdapterLeaf | MixNode, adapters: Mapping[str, LoraAdapte
     return shapes
 
 
+class MixMerger:
+    """Merges one mix module by module: all at once (:func:`merge_mix`) or on demand.
+
+    On-demand merging lets an export hold one module's dense tensors at a time: a 7B model's dense
+    deltas in fp32 would not fit in memory together. Construction validates the mix against the
+    adapters (unknown names, incompatible shapes) before any arithmetic.
+    """
+
+    def __init__(
+        self,
+        mix: AdapterLeaf | MixNode,
+        adapters: Mapping[str, LoraAdapter],
+        *,
+        dtype: torch.dtype = torch.float32,
+        keep_masks: dict[tuple[str, str], list[torch.Tensor]] | None = None,
+    ) -> None:
+        self.mix = mix
+        self.shapes = _module_shapes(mix, adapters)
+        used = sorted({leaf.adapter for leaf in leaves(mix)})
+        device = next((f.A.device for n in used for f in adapters[n].modules.values()), torch.device("cpu"))
+        self._evaluator = _Evaluator(adapters, dtype, device, keep_masks or {})
+
+    @property
+    def method(self) -> str:
+        return self.mix.method if isinstance(self.mix, MixNode) else "adapter"
+
+    @property
+    def space(self) -> str:
+        return self.mix.space if isinstance(self.mix, MixNode) else "lowrank"
+
+    def merge_module(self, module: str) -> tuple[ModuleDelta | None, float | None]:
+        """The merged delta of one module (``None`` if zero) and the SVD energy kept inside the tree."""
+        ctx = _ModuleContext(module, self.shapes[module])
+        d = self._evaluator.eval(self.mix, ctx, "0")
+        if d is None:
+            return None, None
+        d = _scaled(d, self.mix.weight)
+        for t in (d.A, d.B) if isinstance(d, LowRankDelta) else (d.W,):
+            if not torch.isfinite(t).all():
+                raise MergeError(f"module {module!r}: the merge produced NaN or Inf")
+        return d, (ctx.energy_kept if ctx.refactored else None)
+
+
 def merge_mix(
     mix: AdapterLeaf | MixNode,
     adapters: Mapping[str, LoraAdapter],
@@ -153,28 +201,19 @@ def merge_mix(
     shapes and non-finite results; the result tensors are fresh, never views of adapter weights.
     """
     t0 = time.perf_counter()
-    shapes = _module_shapes(mix, adapters)
-    used = {leaf.adapter for leaf in leaves(mix)}
-    device = next((f.A.device for n in sorted(used) for f in adapters[n].modules.values()), torch.device("cpu"))
-    evaluator = _Evaluator(adapters, dtype, device, keep_masks or {})
+    merger = MixMerger(mix, adapters, dtype=dtype, keep_masks=keep_masks)
     modules: dict[str, ModuleDelta] = {}
     energy: dict[str, float] = {}
-    for i, (module, shape) in enumerate(sorted(shapes.items())):
-        ctx = _ModuleContext(module, shape)
-        d = evaluator.eval(mix, ctx, "0")
+    names = sorted(merger.shapes)
+    for i, module in enumerate(names):
+        d, kept = merger.merge_module(module)
         if d is not None:
-            d = _scaled(d, mix.weight)
-            for t in (d.A, d.B) if isinstance(d, LowRankDelta) else (d.W,):
-                if not torch.isfinite(t).all():
-                    raise MergeError(f"module {module!r}: the merge produced NaN or Inf")
             modules[module] = d
-            if ctx.refactored:
-                energy[module] = ctx.energy_kept
+        if kept is not None:
+            energy[module] = kept
         if progress is not None:
-            progress(i + 1, len(shapes), module)
-    method = mix.method if isinstance(mix, MixNode) else "adapter"
-    space = mix.space if isinstance(mix, MixNode) else "lowrank"
-    return MergedDelta(modules, mix_hash(mix), method, space, time.perf_counter() - t0, energy)
+            progress(i + 1, len(names), module)
+    return MergedDelta(modules, mix_hash(mix), merger.method, merger.space, time.perf_counter() - t0, energy)
 
 
 def _scaled(d: ModuleDelta, weight: float) -> ModuleDelta:

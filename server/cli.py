@@ -68,8 +68,15 @@ def _build_mix(args: argparse.Namespace, names: list[str]):
     from merging.spec import MixNode, parse_mix
 
     if args.mix:
-        text = Path(args.mix).read_text()
-        return parse_mix(json.loads(text))
+        given = ("method", "weights", "density", "drop_rate", "majority_sign", "seed")
+        clash = ["--" + k.replace("_", "-") for k in given if getattr(args, k) is not None]
+        if clash:
+            raise SystemExit(f"mixserve merge: --mix already defines the merge; drop {', '.join(clash)}")
+        try:
+            return parse_mix(json.loads(Path(args.mix).read_text()))
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"mixserve merge: {args.mix} is not valid JSON ({e})") from None
+    args.method = args.method or "linear"
     if args.weights:
         try:
             weights = [float(w) for w in args.weights.split(",")]
@@ -123,19 +130,20 @@ def cmd_merge(args: argparse.Namespace) -> int:
                 f"loaded {a.name}: {len(a.modules)} modules, rank {sorted(set(a.ranks.values()))}, {a.path}",
                 file=sys.stderr,
             )
+        label = "merging + folding" if args.format == "full" else "merging"
         report = merge_to_disk(
-            mix, adapters, out, fmt=args.format, base=args.base, rank=args.rank, progress=Progress("merging")
+            mix, adapters, out, fmt=args.format, base=args.base, rank=args.rank, progress=Progress(label)
         )
     except (ValidationError, AdapterError, BaseModelError, MergeError, ValueError, OSError) as e:
         print(f"mixserve merge: error: {e}", file=sys.stderr)
         return 2
     ranks = sorted(set(report.ranks.values()))
-    rank_txt = f"{ranks[0]}" if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}"
+    rank_txt = "-" if not ranks else f"{ranks[0]}" if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}"
     energy = report.min_energy_kept
     print(
         f"merged {report.method} ({report.space}) -> {report.out} [{report.format}]: {report.modules} modules, "
-        f"rank {rank_txt}, merge {report.merge_seconds:.2f}s, write {report.write_seconds:.2f}s, "
-        f"{report.bytes_written / 1e6:.1f} MB" + (f", SVD energy kept >= {energy:.4f}" if energy is not None else "")
+        f"rank {rank_txt}, {report.seconds:.2f}s, {report.bytes_written / 1e6:.1f} MB written"
+        + (f", SVD energy kept >= {energy:.4f}" if energy is not None else "")
     )
     return 0
 
@@ -174,7 +182,6 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--weights", help="comma-separated weights, one per --adapter, in order (default: all 1.0)")
     m.add_argument(
         "--method",
-        default="linear",
         help="linear | task_arithmetic | magnitude_prune | ties | dare_linear | dare_ties (default: linear)",
     )
     m.add_argument("--density", type=float, help="fraction kept by magnitude (ties, magnitude_prune; default 0.2)")

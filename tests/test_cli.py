@@ -177,6 +177,7 @@ def test_hierarchical_mix_file(tiny_base, peft_adapters, tmp_path):
         (["--method", "nope"], "unknown merge method"),
         (["--weights", "1,2"], "2 weights for 3 adapters"),
         (["--format", "full", "--base", "/nonexistent"], "not a directory"),
+        (["--mix", "mix.json", "--method", "ties"], "--mix already defines the merge; drop --method"),
     ],
 )
 def test_bad_arguments_fail_with_a_message_not_a_traceback(peft_adapters, tmp_path, extra, message):
@@ -194,6 +195,31 @@ def test_bad_arguments_fail_with_a_message_not_a_traceback(peft_adapters, tmp_pa
     assert proc.returncode != 0
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_rank_option_truncates_a_lowrank_merge(tiny_base, peft_adapters, tmp_path, capsys):
+    out = tmp_path / "r2"
+    args = [
+        "merge",
+        "--base",
+        str(tiny_base),
+        *_adapter_args(peft_adapters),
+        "--method",
+        "linear",
+        "--rank",
+        "2",
+        "--out",
+        str(out),
+    ]
+    assert main(args) == 0
+    assert "SVD energy kept >=" in capsys.readouterr().out
+    saved = load_adapter(out)
+    assert set(saved.ranks.values()) == {2}
+    full = _reference(peft_adapters, {"method": "linear", "children": [{"adapter": n} for n in peft_adapters]})
+    for m, f in saved.modules.items():
+        U, S, Vh = torch.linalg.svd(full[m])
+        best = (U[:, :2] * S[:2]) @ Vh[:2]  # Eckart-Young: the best rank-2 approximation
+        torch.testing.assert_close(f.delta(), best, rtol=1e-4, atol=1e-5)
 
 
 def test_refuses_to_write_into_a_non_empty_directory(peft_adapters, tmp_path):
