@@ -2,8 +2,8 @@
 
 Stack the children's factors ``B = [s_1 B_1 .. s_n B_n]`` (out x R) and ``A = [A_1; ..; A_n]``
 (R x in) and take their thin SVDs, ``B = U_B (S_B V_B^T) = Q_B R_B`` and likewise ``A^T = Q_A R_A``
-(the reference bases of Core Space merging; a QR spans the same space, but the SVD orders the
-basis by energy, which is what makes magnitude trimming of the cores meaningful). Then every child is
+(the reference bases of Core Space merging; a QR would span the same space, but its basis, and so
+what TIES trims in the cores, would depend on the order of the children). Then every child is
 ``dW_i = Q_B M_i Q_A^T`` with a small core ``M_i = R_B[:, i] R_A[:, i]^T`` (at most R x R). A merge
 method runs on the cores and the result is ``Q_B M Q_A^T``, of rank <= R = sum of the children's ranks.
 This is the shared-basis idea of Core Space merging (Panariello et al. 2025,

@@ -23,6 +23,8 @@ from merging.methods import METHODS, PARAM_DEFAULTS, MergeParams
 
 ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 Space = Literal["dense", "lowrank"]
+# Derived from the registry, so the JSON schema (and the server's OpenAPI) lists exactly the methods.
+MethodName = Literal[tuple(METHODS)]
 DEFAULT_SPACE: Space = "lowrank"
 
 
@@ -48,7 +50,7 @@ class MixNode(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    method: str = Field(description=f"one of: {', '.join(METHODS)}")
+    method: MethodName = Field(description="; ".join(f"{m.name}: {m.summary}" for m in METHODS.values()))
     children: list[MixTree] = Field(min_length=1)
     weight: float = 1.0
     space: Space = Field(DEFAULT_SPACE, description="'lowrank' (shared factor basis) or 'dense' (exact dW)")
@@ -63,9 +65,7 @@ class MixNode(BaseModel):
 
     @model_validator(mode="after")
     def _fill_declared_params(self) -> MixNode:
-        method = METHODS.get(self.method)
-        if method is None:
-            raise ValueError(f"unknown merge method {self.method!r}; known: {', '.join(METHODS)}")
+        method = METHODS[self.method]
         for param in PARAM_DEFAULTS:
             given = getattr(self, param)
             if param not in method.params:

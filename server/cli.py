@@ -116,6 +116,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if not paths:
         raise SystemExit("mixserve merge: give at least one --adapter NAME=PATH")
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"mixserve merge: --out {out} is a file, not a directory")
     if out.exists() and any(out.iterdir()) and not args.force:
         raise SystemExit(f"mixserve merge: {out} exists and is not empty (use --force to write into it)")
     try:

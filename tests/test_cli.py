@@ -174,7 +174,7 @@ def test_hierarchical_mix_file(tiny_base, peft_adapters, tmp_path):
     "extra,message",
     [
         (["--method", "ties", "--drop-rate", "0.5"], "does not take 'drop_rate'"),
-        (["--method", "nope"], "unknown merge method"),
+        (["--method", "nope"], "Input should be 'linear'"),
         (["--weights", "1,2"], "2 weights for 3 adapters"),
         (["--format", "full", "--base", "/nonexistent"], "not a directory"),
         (["--mix", "mix.json", "--method", "ties"], "--mix already defines the merge; drop --method"),

@@ -45,7 +45,7 @@ def test_defaults_are_filled_only_for_declared_params():
 @pytest.mark.parametrize(
     "mix,message",
     [
-        ({"method": "slerp", "children": [{"adapter": "a"}]}, "unknown merge method 'slerp'"),
+        ({"method": "slerp", "children": [{"adapter": "a"}]}, "Input should be 'linear', 'task_arithmetic'"),
         ({"method": "ties", "density": 0, "children": [{"adapter": "a"}]}, r"density must be in \(0, 1\]"),
         ({"method": "ties", "density": 1.5, "children": [{"adapter": "a"}]}, "density must be"),
         ({"method": "dare_linear", "drop_rate": 1.0, "children": [{"adapter": "a"}]}, r"drop_rate must be in \[0, 1\)"),
