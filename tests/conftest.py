@@ -5,12 +5,20 @@ Everything is built from seeds; no test downloads anything.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
 
 from merging.synthetic import LlamaShape, write_tiny_llama
+
+# Deterministic by default (the same examples every run, CI included); HYPOTHESIS_PROFILE=explore
+# draws new ones when hunting for bugs.
+settings.register_profile("default", derandomize=True, deadline=None)
+settings.register_profile("explore", derandomize=False, deadline=None, max_examples=500)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 TINY = LlamaShape(hidden=32, intermediate=64, layers=2, heads=4, kv_heads=2, vocab=128)
 

@@ -73,13 +73,16 @@ def test_task_arithmetic_and_linear_match_peft(c):
     adapters = _adapters(c["seed"], c["n"], c["ranks"], c["out_dim"], c["in_dim"], c["skip"])
     w = torch.tensor(c["weights"][: c["n"]])
     ta = merge_mix(_node("task_arithmetic", c), adapters)
-    lin = merge_mix(_node("linear", c), adapters)
+    lin = merge_mix(_node("linear", c), adapters) if sum(c["weights"][: c["n"]]) != 0 else None
     for m in MODULES:
         if m not in ta.modules:
             continue
         expected = merge_utils.task_arithmetic(_task_tensors(adapters, m, (c["out_dim"], c["in_dim"])), w)
         _assert_close(ta.modules[m].dense(), expected)
-        _assert_close(lin.modules[m].dense(), expected / w.sum())
+        # Normalising by a weight sum near zero amplifies rounding without bound: compare only when
+        # the sum is well away from zero (hypothesis found [1.34375, -1.34375]).
+        if lin is not None and abs(w.sum()) > 0.1 * w.abs().sum():
+            _assert_close(lin.modules[m].dense(), expected / w.sum())
 
 
 @settings(max_examples=60, deadline=None)
