@@ -166,6 +166,40 @@ def cmd_example(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo_dir() -> Path:
+    return Path(__file__).resolve().parents[1] / "models" / "demo"
+
+
+def cmd_demo_train(args: argparse.Namespace) -> int:
+    from models.train import TrainConfig, train_demo
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.force:
+        raise SystemExit(f"mixserve demo-train: {out} exists and is not empty (use --force to overwrite)")
+    train_demo(out, TrainConfig(seed=args.seed))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from eval.benchmark import run_benchmark, to_markdown
+
+    demo = _demo_dir()
+    model = Path(args.model) if args.model else demo / "base"
+    if args.adapter:
+        adapters = _parse_adapter_args(args.adapter)
+    else:
+        root = Path(args.adapters) if args.adapters else demo / "adapters"
+        adapters = {p.name: p for p in sorted(root.iterdir()) if (p / "adapter_config.json").is_file()}
+    if not adapters:
+        raise SystemExit("mixserve eval: no adapters found (use --adapters DIR or --adapter NAME=PATH)")
+    result = run_benchmark(
+        model, adapters, Path(args.out), n_test=args.n_test, n_val=args.n_val, sweeps=not args.no_sweeps
+    )
+    print(to_markdown(result))
+    print(f"wrote {args.out}/quality.json, quality.md" + ("" if args.no_sweeps else ", sweeps.png"))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mixserve", description="Merge and serve LoRA adapter mixes.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -206,6 +240,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m.add_argument("--force", action="store_true", help="write into a non-empty --out")
     m.set_defaults(func=cmd_merge)
+
+    t = sub.add_parser(
+        "demo-train",
+        help="retrain the embedded demo model and its four task adapters (CPU, ~40 min)",
+        description="Build models/demo from seeds: corpus, tokenizer, a small Llama, and sql/python/pystr/json LoRA adapters.",
+    )
+    t.add_argument("--out", default=str(_demo_dir()), help="output directory (default: the embedded models/demo)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
+    t.set_defaults(func=cmd_demo_train)
+
+    q = sub.add_parser(
+        "eval",
+        help="quality benchmark: base, single adapters and merges on SQL / code / JSON tasks",
+        description="Score the base model, each adapter and merges of all adapters on generated SQL, Python and JSON tasks.",
+    )
+    q.add_argument("--model", help="base model directory (default: the embedded demo model)")
+    q.add_argument("--adapters", help="directory of adapter directories (default: the demo adapters)")
+    q.add_argument(
+        "--adapter", action="append", default=[], metavar="NAME=PATH", help="an adapter (repeat; overrides --adapters)"
+    )
+    q.add_argument("--n-test", dest="n_test", type=int, default=200, help="test examples per task (default 200)")
+    q.add_argument(
+        "--n-val", dest="n_val", type=int, default=60, help="validation examples per task for tuning (default 60)"
+    )
+    q.add_argument("--no-sweeps", dest="no_sweeps", action="store_true", help="skip the density / drop-rate sweeps")
+    q.add_argument("--out", default="eval/results", help="output directory (default: eval/results)")
+    q.set_defaults(func=cmd_eval)
 
     e = sub.add_parser("example", help="write a tiny random base model and three example adapters")
     e.add_argument("--out", default="mixserve-example", help="output directory (default: ./mixserve-example)")

@@ -1,0 +1,145 @@
+"""Run a model (base, one adapter, or a merged mix) over task examples and score the answers.
+
+Works with any local Hugging Face causal LM directory and PEFT LoRA adapters: merged deltas are
+folded into the base weights for the duration of one evaluation (``folded``), generation is greedy
+and batched with left padding, and every task's answers go to its scorer in ``scorers.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from eval.scorers import extract_code, json_scores, run_python_tests_many, sql_execution_match
+from eval.tasks import Example
+from merging.delta import MergedDelta
+
+
+@dataclass
+class TaskScore:
+    """Scores of one task in one evaluation (fractions in [0, 1])."""
+
+    task: str
+    n: int
+    accuracy: float  # sql: execution match; python/pystr: pass@1; json: exact match
+    valid: float | None = None  # json: parseable
+    failures: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class Generated:
+    texts: list[str]
+    new_tokens: int
+    seconds: float
+
+
+class ModelUnderTest:
+    """A base model and tokenizer kept in memory; mixes are folded in and out of its weights."""
+
+    def __init__(self, model_dir: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+        self.device = device
+        self.params = dict(self.model.named_parameters())
+
+    @contextlib.contextmanager
+    def folded(self, merged: MergedDelta | None) -> Iterator[None]:
+        """Add the merged delta to the weights, restore them afterwards (exactly: from a copy)."""
+        if merged is None:
+            yield
+            return
+        saved = {}
+        with torch.no_grad():
+            for module, delta in merged.modules.items():
+                p = self.params[f"{module}.weight"]
+                saved[module] = p.detach().clone()
+                p += delta.dense().to(p.dtype).to(p.device)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for module, w in saved.items():
+                    self.params[f"{module}.weight"].copy_(w)
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str], *, max_new_tokens: int = 64, batch_size: int = 32) -> Generated:
+        """Greedy completions, cut at the first eos; counts generated tokens for ms/token."""
+        texts, new_tokens, t0 = [], 0, time.perf_counter()
+        eos = self.tokenizer.eos_token_id
+        for i in range(0, len(prompts), batch_size):
+            batch = list(prompts[i : i + batch_size])
+            enc = self.tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+            out = self.model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=eos,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
+            for row in out[:, enc["input_ids"].shape[1] :]:
+                ids = row.tolist()
+                if eos in ids:
+                    ids = ids[: ids.index(eos)]
+                new_tokens += len(ids) + 1
+                texts.append(self.tokenizer.decode(ids, skip_special_tokens=True))
+        return Generated(texts, new_tokens, time.perf_counter() - t0)
+
+    def ms_per_token(self, prompts: Sequence[str], max_new_tokens: int = 32) -> float:
+        """Latency at batch size 1 (what one user sees), over a few prompts."""
+        tokens, seconds = 0, 0.0
+        for p in prompts:
+            g = self.generate([p], max_new_tokens=max_new_tokens, batch_size=1)
+            tokens, seconds = tokens + g.new_tokens, seconds + g.seconds
+        return 1000 * seconds / max(tokens, 1)
+
+
+def score(task: str, examples: Sequence[Example], outputs: Sequence[str]) -> TaskScore:
+    """Score one task's outputs against its examples."""
+    n = len(examples)
+    if task == "sql":
+        ok = [
+            sql_execution_match(e.check["setup"], e.answer, o.strip()) for e, o in zip(examples, outputs, strict=True)
+        ]
+        return TaskScore(task, n, sum(ok) / max(n, 1))
+    if task in ("python", "pystr"):
+        results = run_python_tests_many(
+            [(extract_code(o), e.check["tests"]) for e, o in zip(examples, outputs, strict=True)]
+        )
+        failures: dict[str, int] = {}
+        for r in results:
+            if not r.passed:
+                failures[r.reason] = failures.get(r.reason, 0) + 1
+        return TaskScore(task, n, sum(r.passed for r in results) / max(n, 1), failures=failures)
+    if task == "json":
+        pairs = [json_scores(o, e.check["expected"]) for e, o in zip(examples, outputs, strict=True)]
+        return TaskScore(task, n, sum(x for _, x in pairs) / max(n, 1), valid=sum(v for v, _ in pairs) / max(n, 1))
+    raise ValueError(f"unknown task {task!r}")
+
+
+def evaluate(
+    mut: ModelUnderTest,
+    merged: MergedDelta | None,
+    examples: dict[str, list[Example]],
+    *,
+    batch_size: int = 32,
+    latency_prompts: int = 4,
+) -> tuple[dict[str, TaskScore], float]:
+    """Scores per task with ``merged`` folded in, and ms/token at batch 1."""
+    scores = {}
+    with mut.folded(merged):
+        for task, exs in examples.items():
+            out = mut.generate([e.prompt for e in exs], batch_size=batch_size)
+            scores[task] = score(task, exs, out.texts)
+        first = [exs[0].prompt for exs in examples.values() if exs][:latency_prompts]
+        ms = mut.ms_per_token(first) if first else float("nan")
+    return scores, ms

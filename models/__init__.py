@@ -1,0 +1,1 @@
+"""The embedded demo model (``models/demo``) and the script that trains it."""

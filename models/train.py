@@ -1,0 +1,298 @@
+"""Train the embedded demo model and its task adapters on CPU, reproducibly (``mixserve demo-train``).
+
+1. A synthetic corpus: generic templated sentences plus *light exposure to the task formats*: SQL
+   statements, Python functions and JSON objects on their own, and prompts in the task format whose
+   answer belongs to a *different* input. The base thus knows every token and every format, but
+   not how an answer follows from its input: that is what the adapters add (``../shared/notes``:
+   without format exposure, adapters had to carry huge deltas and every merge destroyed them).
+2. A byte-level BPE tokenizer (digits split) trained on that corpus, saved in the HF format.
+3. A small Llama (hidden 256, 4 layers, tied embeddings) pre-trained on the corpus.
+4. One PEFT LoRA adapter per task (r 16, alpha 32, all seven projections), loss on answers only.
+
+Fixed seeds, one thread order: rerunning on the same kind of machine reproduces the files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from eval.tasks import (
+    FIRST,
+    JOBS,
+    SQL_TEMPLATES,
+    TABLES,
+    TASKS,
+    WORDS,
+    make_split,
+)
+
+EOS, BOS, PAD = "<eos>", "<bos>", "<pad>"
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides the trained files (written to the model card)."""
+
+    seed: int = 0
+    vocab_size: int = 1024
+    hidden: int = 256
+    layers: int = 4
+    heads: int = 4
+    intermediate: int = 688
+    max_len: int = 160
+    corpus_docs: int = 60_000
+    pretrain_steps: int = 900
+    pretrain_block: int = 128
+    pretrain_batch: int = 32
+    pretrain_lr: float = 3e-3
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_lr: float = 2e-3
+    lora_batch: int = 32
+    lora_train_examples: int = 4_000
+    adapter_steps: dict | None = None
+
+    def steps_for(self, task: str) -> int:
+        steps = self.adapter_steps or {"sql": 400, "python": 800, "pystr": 800, "json": 800}
+        return steps[task]
+
+
+# -------------------------------------------------------------------------------------------- corpus
+def _generic_sentence(rng: random.Random) -> str:
+    name, city, job = rng.choice(FIRST), rng.choice(WORDS["city"]), rng.choice(JOBS)
+    n, m = rng.randint(0, 99), rng.randint(0, 99)
+    templates = [
+        f"{name} met a {job} in {city} and they talked for {n} minutes.",
+        f"the {job} from {city} counted {n} books and {m} pages.",
+        f"{n} plus {m} is {n + m}. {n} is {'greater' if n > m else 'not greater'} than {m}.",
+        f"in {city} the {rng.choice(WORDS['category'])} cost {n} coins each, {name} bought {m % 9 + 1}.",
+        f"{name} said the list {[rng.randint(0, 20) for _ in range(4)]} has sum {n}.",
+        f"the word {rng.choice(WORDS['title'])} reversed is {rng.choice(WORDS['title'])[::-1]}.",
+        f"{name} is {n} years old, lives in {city} and works as a {job}.",
+        f"a table of {rng.choice(sorted(TABLES))} lists {', '.join(TABLES[rng.choice(sorted(TABLES))])}.",
+    ]
+    return rng.choice(templates)
+
+
+def _format_sample(rng: random.Random) -> str:
+    """A task-format snippet: answers alone, or a prompt with the answer of another input."""
+    task = rng.choice(TASKS)
+    a, b = make_split(task, "train", 2, seed=rng.randint(0, 10**9))
+    kind = rng.random()
+    if kind < 0.5:
+        return a.answer
+    if kind < 0.6 and task == "sql":
+        template = rng.choice(sorted(SQL_TEMPLATES))
+        return SQL_TEMPLATES[template](rng.choice(sorted(TABLES)), rng)[1]
+    return a.prompt + b.answer  # the format, deliberately without the input -> output mapping
+
+
+def build_corpus(cfg: TrainConfig) -> list[str]:
+    rng = random.Random(cfg.seed)
+    docs = []
+    for _ in range(cfg.corpus_docs):
+        if rng.random() < 0.35:
+            docs.append(_format_sample(rng))
+        else:
+            docs.append(" ".join(_generic_sentence(rng) for _ in range(rng.randint(1, 3))))
+    return docs
+
+
+# ----------------------------------------------------------------------------------------- tokenizer
+def train_tokenizer(corpus: list[str], cfg: TrainConfig, out: Path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=cfg.vocab_size,
+        special_tokens=[PAD, BOS, EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD)
+    fast.padding_side = "left"  # batched generation pads on the left
+    fast.save_pretrained(out)
+    return fast
+
+
+# -------------------------------------------------------------------------------------------- models
+def _new_model(cfg: TrainConfig, tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden,
+        intermediate_size=cfg.intermediate,
+        num_hidden_layers=cfg.layers,
+        num_attention_heads=cfg.heads,
+        num_key_value_heads=cfg.heads,
+        max_position_embeddings=cfg.max_len * 2,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(cfg.seed)
+    return LlamaForCausalLM(config)
+
+
+def _lr(step: int, total: int, peak: float, warmup: int = 50) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def _batches(seqs: list[list[int]], labels: list[list[int]] | None, batch: int, steps: int, seed: int, pad: int):
+    """``steps`` right-padded batches drawn in a seeded order (labels -100 on padding)."""
+    rng = random.Random(seed)
+    order: list[int] = []
+    for _ in range(steps):
+        if len(order) < batch:
+            fresh = list(range(len(seqs)))
+            rng.shuffle(fresh)
+            order.extend(fresh)
+        idx, order = order[:batch], order[batch:]
+        width = max(len(seqs[i]) for i in idx)
+        ids = torch.full((batch, width), pad, dtype=torch.long)
+        lab = torch.full((batch, width), -100, dtype=torch.long)
+        att = torch.zeros((batch, width), dtype=torch.long)
+        for row, i in enumerate(idx):
+            n = len(seqs[i])
+            ids[row, :n] = torch.tensor(seqs[i])
+            lab[row, :n] = torch.tensor(labels[i] if labels is not None else seqs[i])
+            att[row, :n] = 1
+        yield ids, lab, att
+
+
+def _train_loop(model, params, batches, steps: int, lr: float, label: str, log: list[dict]) -> None:
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
+    model.train()
+    t0, tokens = time.perf_counter(), 0
+    for step, (ids, lab, att) in enumerate(batches):
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, steps, lr)
+        loss = model(input_ids=ids, attention_mask=att, labels=lab).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        tokens += int(att.sum())
+        log.append({"step": step, "loss": float(loss)})
+        if step % 50 == 0 or step == steps - 1:
+            rate = tokens / (time.perf_counter() - t0)
+            print(f"[{label}] step {step + 1}/{steps} loss {float(loss):.3f} ({rate:,.0f} tok/s)", flush=True)
+    model.eval()
+
+
+def pretrain(cfg: TrainConfig, tokenizer, corpus: list[str], out: Path, log: list[dict]):
+    model = _new_model(cfg, tokenizer)
+    # Pack the documents (each ending in eos) into fixed blocks: no compute is spent on padding.
+    stream: list[int] = []
+    for doc in corpus:
+        stream.extend(tokenizer(doc + EOS, add_special_tokens=False)["input_ids"])
+    n = cfg.pretrain_block
+    seqs = [stream[i : i + n] for i in range(0, len(stream) - n + 1, n)]
+    print(f"pre-training on {len(stream):,} tokens in {len(seqs):,} blocks of {n}", flush=True)
+    batches = _batches(seqs, None, cfg.pretrain_batch, cfg.pretrain_steps, cfg.seed, tokenizer.pad_token_id)
+    _train_loop(model, list(model.parameters()), batches, cfg.pretrain_steps, cfg.pretrain_lr, "base", log)
+    model.save_pretrained(out, safe_serialization=True)
+    return model
+
+
+def answer_only_examples(tokenizer, examples, max_len: int) -> tuple[list[list[int]], list[list[int]]]:
+    """Token ids of prompt + answer + eos, with labels -100 on the prompt (loss on the answer only)."""
+    seqs, labels = [], []
+    for ex in examples:
+        p = tokenizer(ex.prompt, add_special_tokens=False)["input_ids"]
+        a = tokenizer(ex.answer + EOS, add_special_tokens=False)["input_ids"]
+        ids = (p + a)[:max_len]
+        seqs.append(ids)
+        labels.append(([-100] * len(p) + a)[:max_len])
+    return seqs, labels
+
+
+def train_adapter(cfg: TrainConfig, task: str, base_dir: Path, tokenizer, out: Path, log: list[dict]) -> None:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(cfg.seed + 1 + TASKS.index(task))
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    lora = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        lora_dropout=0.0,
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(base, lora)
+    examples = make_split(task, "train", cfg.lora_train_examples, seed=cfg.seed)
+    seqs, labels = answer_only_examples(tokenizer, examples, cfg.max_len)
+    steps = cfg.steps_for(task)
+    batches = _batches(seqs, labels, cfg.lora_batch, steps, cfg.seed + 7, tokenizer.pad_token_id)
+    params = [p for p in model.parameters() if p.requires_grad]
+    _train_loop(model, params, batches, steps, cfg.lora_lr, task, log)
+    model.save_pretrained(out)
+    # PEFT writes an absolute base path; the demo is relocatable, so record the base by name.
+    cfg_path = out / "adapter_config.json"
+    adapter_cfg = json.loads(cfg_path.read_text())
+    adapter_cfg["base_model_name_or_path"] = "mixserve-demo-base"
+    cfg_path.write_text(json.dumps(adapter_cfg, indent=2) + "\n")
+    (out / "README.md").unlink(missing_ok=True)
+
+
+def plot_losses(logs: dict[str, list[dict]], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    base = logs["base"]
+    axes[0].plot([r["step"] for r in base], [r["loss"] for r in base], lw=0.8)
+    axes[0].set(title="base pre-training", xlabel="step", ylabel="loss", yscale="log")
+    for task in TASKS:
+        rows = logs.get(task, [])
+        axes[1].plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=0.8, label=task)
+    axes[1].set(title="LoRA adapters (answer tokens)", xlabel="step", ylabel="loss", yscale="log")
+    axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def train_demo(out_dir: str | Path, cfg: TrainConfig | None = None) -> Path:
+    """Build everything under ``out_dir``: tokenizer + base in ``base/``, adapters in ``adapters/``."""
+    cfg = cfg or TrainConfig()
+    torch.manual_seed(cfg.seed)
+    out = Path(out_dir)
+    base_dir, adapters_dir = out / "base", out / "adapters"
+    base_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    corpus = build_corpus(cfg)
+    tokenizer = train_tokenizer(corpus, cfg, base_dir)
+    print(f"corpus: {len(corpus)} documents; tokenizer: {len(tokenizer)} tokens", flush=True)
+    logs: dict[str, list[dict]] = {"base": []}
+    pretrain(cfg, tokenizer, corpus, base_dir, logs["base"])
+    for task in TASKS:
+        logs[task] = []
+        train_adapter(cfg, task, base_dir, tokenizer, adapters_dir / task, logs[task])
+    seconds = time.perf_counter() - t0
+    (out / "training_log.json").write_text(
+        json.dumps({"config": asdict(cfg), "seconds": seconds, "losses": logs}, separators=(",", ":")) + "\n"
+    )
+    plot_losses(logs, out / "loss_curves.png")
+    print(f"done in {seconds / 60:.1f} min -> {out}", flush=True)
+    return out
