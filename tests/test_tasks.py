@@ -1,0 +1,52 @@
+"""The generated tasks: reproducible, test split disjoint from training, and every gold answer scores."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from eval.scorers import json_scores, run_python_tests_many, sql_execution_match
+from eval.tasks import TASKS, make_split
+
+
+def _combo(ex) -> str:
+    """The combination the split holds out: what makes a test example new."""
+    text = ex.prompt.split("### input: ", 1)[1]
+    if ex.task == "sql":
+        table = re.search(r"CREATE TABLE (\w+)", text)[1]
+        shape = re.sub(r"\b(\d+|'[^']*')", "#", ex.answer)  # the query without its constants
+        return f"{table}|{shape}"
+    if ex.task in ("python", "pystr"):
+        return re.search(r"write (\w+)\(", text)[1]
+    return re.sub(r"[a-z]+|\d+", "w", text)[:25]  # json: the sentence shape
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_splits_are_reproducible_and_test_combinations_never_train(task):
+    assert [e.prompt for e in make_split(task, "test", 20)] == [e.prompt for e in make_split(task, "test", 20)]
+    train = {_combo(e) for e in make_split(task, "train", 2000)}
+    test = [_combo(e) for e in make_split(task, "test", 200)]
+    assert not set(test) & train, f"{task}: test combinations seen in training: {sorted(set(test) & train)[:3]}"
+    val = make_split(task, "val", 50)
+    assert {e.prompt for e in val}.isdisjoint({e.prompt for e in make_split(task, "test", 200)})
+
+
+def test_every_gold_answer_scores():
+    for ex in make_split("sql", "test", 40) + make_split("sql", "train", 40):
+        assert sql_execution_match(ex.check["setup"], ex.answer, ex.answer), ex.answer
+    code = make_split("python", "test", 15) + make_split("pystr", "test", 15) + make_split("pystr", "train", 10)
+    results = run_python_tests_many([(e.answer, e.check["tests"]) for e in code])
+    assert all(r.passed for r in results), [
+        (e.answer, r.reason) for e, r in zip(code, results, strict=True) if not r.passed
+    ]
+    for ex in make_split("json", "test", 20):
+        assert json_scores(ex.answer, ex.check["expected"]) == (True, True)
+
+
+def test_a_wrong_answer_does_not_score():
+    sql = make_split("sql", "test", 1)[0]
+    assert not sql_execution_match(sql.check["setup"], sql.answer, "SELECT 1 WHERE 0")
+    py = make_split("python", "test", 1)[0]
+    wrong = py.answer.split("return")[0] + "return None"
+    assert not run_python_tests_many([(wrong, py.check["tests"])])[0].passed
