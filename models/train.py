@@ -294,5 +294,51 @@ def train_demo(out_dir: str | Path, cfg: TrainConfig | None = None) -> Path:
         json.dumps({"config": asdict(cfg), "seconds": seconds, "losses": logs}, separators=(",", ":")) + "\n"
     )
     plot_losses(logs, out / "loss_curves.png")
+    write_card(out, cfg, seconds, logs)
     print(f"done in {seconds / 60:.1f} min -> {out}", flush=True)
     return out
+
+
+def write_card(out: Path, cfg: TrainConfig, seconds: float, logs: dict[str, list[dict]]) -> None:
+    """``CARD.md``: how the files were made, their sizes, the final losses."""
+    sizes = {p.relative_to(out).as_posix(): p.stat().st_size for p in sorted(out.rglob("*")) if p.is_file()}
+    total = sum(sizes.values())
+    base_cfg = json.loads((out / "base" / "config.json").read_text())
+    n_params = (out / "base" / "model.safetensors").stat().st_size // 4  # fp32
+
+    def last(task: str) -> float:
+        tail = [r["loss"] for r in logs[task][-20:]]
+        return sum(tail) / len(tail)
+
+    lines = [
+        "# mixserve demo model",
+        "",
+        "A small Llama-architecture causal LM and four LoRA adapters, trained from seeds on CPU by",
+        "`mixserve demo-train` (`models/train.py`). Synthetic data only; good for exercising merges and",
+        "the server, not for anything else. Quality: `eval/results/quality.md` (`mixserve eval`).",
+        "",
+        f"- base: hidden {base_cfg['hidden_size']}, {base_cfg['num_hidden_layers']} layers, "
+        f"{base_cfg['num_attention_heads']} heads, intermediate {base_cfg['intermediate_size']}, tied embeddings, "
+        f"vocab {base_cfg['vocab_size']} (byte-level BPE, digits split), ~{n_params / 1e6:.1f}M parameters, fp32",
+        f"- pre-training: {cfg.corpus_docs:,} synthetic documents (generic sentences, plus task formats without "
+        f"their input -> output mapping), packed in blocks of {cfg.pretrain_block}, {cfg.pretrain_steps} steps x "
+        f"{cfg.pretrain_batch}, AdamW lr {cfg.pretrain_lr} cosine; final loss {last('base'):.3f}",
+        f"- adapters: LoRA r {cfg.lora_r}, alpha {cfg.lora_alpha}, all 7 projections, lr {cfg.lora_lr}, batch "
+        f"{cfg.lora_batch}, loss on answer tokens only, {cfg.lora_train_examples:,} generated training examples each:",
+    ]
+    for task in TASKS:
+        lines.append(f"  - `{task}`: {cfg.steps_for(task)} steps, final loss {last(task):.4f}")
+    lines += [
+        f"- wall time: {seconds / 60:.1f} min on {torch.get_num_threads()} CPU threads (torch {torch.__version__})",
+        f"- seed {cfg.seed}; the full configuration and every step's loss are in `training_log.json`",
+        "",
+        "![loss curves](loss_curves.png)",
+        "",
+        f"## Files ({total / 1e6:.1f} MB)",
+        "",
+        "| file | bytes |",
+        "|---|---|",
+        *[f"| `{name}` | {size:,} |" for name, size in sizes.items() if name != "CARD.md"],
+        "",
+    ]
+    (out / "CARD.md").write_text("\n".join(lines))
