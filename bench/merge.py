@@ -60,7 +60,7 @@ def peft_merge(method: str, params: dict, adapters: list[LoraAdapter], weights: 
     w = torch.tensor(weights, device=next(iter(adapters[0].modules.values())).A.device)
     out = {}
     for module in adapters[0].modules:
-        tensors = [a.modules[module].delta() for a in adapters]
+        tensors = [a.modules[module].dense() for a in adapters]
         if method == "linear":
             out[module] = merge_utils.task_arithmetic(tensors, w / w.sum())
         elif method == "ties":

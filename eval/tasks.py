@@ -1,9 +1,11 @@
 """Generated tasks for the demo adapters and the quality benchmark: SQL, Python (two families), JSON.
 
 Every example is generated from a seed, so train / validation / test splits are reproducible, and
-the test split is disjoint from training by construction: it uses held-out *combinations* (SQL
-template x table, Python operation x predicate, JSON sentence template x field order) that never
-appear in training, plus fresh constants. The prompt format is shared by all tasks:
+the test split is disjoint from training by construction: no test prompt can occur in training.
+Each task holds something out: SQL constants (numbers ending in 7, the last two words of each value
+list), Python (reducer x predicate) combinations, string-function (operation x parameter) pairs,
+JSON people (three names and ages 70-90). Structures without anything to hold out (an SQL average
+with no constant, ``reverse(s)``) appear in training only. The prompt format is shared by all tasks:
 
     ### task: <sql|python|pystr|json>
     ### input: <question and schema / specification / record>
@@ -36,10 +38,6 @@ class Example:
 
 def format_prompt(task: str, text: str) -> str:
     return f"### task: {task}\n### input: {text}\n### output:\n"
-
-
-def _split_of(key: str, holdout: set[str]) -> Split:
-    return "test" if key in holdout else "train"
 
 
 # ---------------------------------------------------------------------------------------------- SQL
@@ -97,57 +95,53 @@ def _sql_setup(table: str, rng: random.Random, rows: int = 12) -> str:
     return "\n".join(lines)
 
 
-def _num(col: str, rng: random.Random) -> int:
+def _num(col: str, rng: random.Random, split: Split) -> int:
+    """A constant for a question: numbers ending in 7 are the test split's, the rest training's."""
     lo, hi = NUM_RANGE[col]
-    return rng.randint(lo, hi)
+    pool = [v for v in range(lo, hi + 1) if (v % 10 == 7) == (split == "test")]
+    return rng.choice(pool)
 
 
-SQL_TEMPLATES: dict[str, Callable[[str, random.Random], tuple[str, str]]] = {
-    "select_gt": lambda t, r: (
+def _word(col: str, rng: random.Random, split: Split) -> str:
+    """A text constant: the last two words of each list are held out for the test split."""
+    words = WORDS[col]
+    return rng.choice(words[-2:] if split == "test" else words[:-2])
+
+
+SQL_TEMPLATES: dict[str, Callable[[str, random.Random, Split], tuple[str, str]]] = {
+    "select_gt": lambda t, r, sp: (
         lambda c, n, v: (f"list the {c} of {t} with {n} above {v}", f"SELECT {c} FROM {t} WHERE {n} > {v}")
-    )(r.choice(_text_cols(t)), (n := r.choice(_num_cols(t))), _num(n, r)),
-    "select_lt": lambda t, r: (
+    )(r.choice(_text_cols(t)), (n := r.choice(_num_cols(t))), _num(n, r, sp)),
+    "select_lt": lambda t, r, sp: (
         lambda c, n, v: (f"list the {c} of {t} with {n} below {v}", f"SELECT {c} FROM {t} WHERE {n} < {v}")
-    )(r.choice(_text_cols(t)), (n := r.choice(_num_cols(t))), _num(n, r)),
-    "count_eq": lambda t, r: (
+    )(r.choice(_text_cols(t)), (n := r.choice(_num_cols(t))), _num(n, r, sp)),
+    "count_eq": lambda t, r, sp: (
         lambda c, v: (f"how many {t} have {c} {v}", f"SELECT COUNT(*) FROM {t} WHERE {c} = '{v}'")
-    )((c := r.choice(_text_cols(t))), r.choice(WORDS[c])),
-    "avg": lambda t, r: (lambda n: (f"what is the average {n} of {t}", f"SELECT AVG({n}) FROM {t}"))(
+    )((c := r.choice(_text_cols(t))), _word(c, r, sp)),
+    "avg": lambda t, r, sp: (lambda n: (f"what is the average {n} of {t}", f"SELECT AVG({n}) FROM {t}"))(
         r.choice(_num_cols(t))
     ),
-    "max": lambda t, r: (lambda n: (f"what is the largest {n} in {t}", f"SELECT MAX({n}) FROM {t}"))(
+    "max": lambda t, r, sp: (lambda n: (f"what is the largest {n} in {t}", f"SELECT MAX({n}) FROM {t}"))(
         r.choice(_num_cols(t))
     ),
-    "order_desc": lambda t, r: (
+    "order_desc": lambda t, r, sp: (
         lambda c, n: (f"show the {c} of {t} sorted by {n} from high to low", f"SELECT {c} FROM {t} ORDER BY {n} DESC")
     )(r.choice(_text_cols(t)), r.choice(_num_cols(t))),
-    "group_count": lambda t, r: (lambda c: (f"count the {t} per {c}", f"SELECT {c}, COUNT(*) FROM {t} GROUP BY {c}"))(
-        r.choice(_text_cols(t))
-    ),
-    "sum_where": lambda t, r: (
+    "group_count": lambda t, r, sp: (
+        lambda c: (f"count the {t} per {c}", f"SELECT {c}, COUNT(*) FROM {t} GROUP BY {c}")
+    )(r.choice(_text_cols(t))),
+    "sum_where": lambda t, r, sp: (
         lambda n, c, v: (f"what is the total {n} of {t} with {c} {v}", f"SELECT SUM({n}) FROM {t} WHERE {c} = '{v}'")
-    )(r.choice(_num_cols(t)), (c := r.choice(_text_cols(t))), r.choice(WORDS[c])),
+    )(r.choice(_num_cols(t)), (c := r.choice(_text_cols(t))), _word(c, r, sp)),
 }
-# (template, table) pairs that only the test split uses.
-SQL_HOLDOUT = {
-    "select_gt/books",
-    "count_eq/cities",
-    "avg/students",
-    "order_desc/products",
-    "group_count/employees",
-    "sum_where/books",
-    "max/cities",
-    "select_lt/students",
-}
+# Templates with a constant to hold out; the others have nothing new to test and train only.
+SQL_TEST_TEMPLATES = ("select_gt", "select_lt", "count_eq", "sum_where")
 
 
 def sql_example(rng: random.Random, split: Split) -> Example:
-    while True:
-        template, table = rng.choice(sorted(SQL_TEMPLATES)), rng.choice(sorted(TABLES))
-        key = f"{template}/{table}"
-        if (_split_of(key, SQL_HOLDOUT) == "test") == (split == "test"):
-            break
-    question, sql = SQL_TEMPLATES[template](table, rng)
+    templates = SQL_TEST_TEMPLATES if split == "test" else sorted(SQL_TEMPLATES)
+    template, table = rng.choice(templates), rng.choice(sorted(TABLES))
+    question, sql = SQL_TEMPLATES[template](table, rng, split)
     schema = f"CREATE TABLE {table} ({', '.join(f'{c} {t}' for c, t in TABLES[table].items())})"
     setup = _sql_setup(table, rng)
     return Example("sql", format_prompt("sql", f"{schema} ; {question}"), sql, {"setup": setup})
@@ -209,17 +203,23 @@ STRING_OPS: dict[str, tuple[str, str, Callable[[str, str, int], str | int | bool
     "starts": ("whether s starts with {c}", "s.startswith('{c}')", lambda s, c, k: s.startswith(c)),
     "double": ("s written twice", "s + s", lambda s, c, k: s + s),
 }
-STR_HOLDOUT_CHARS = {"e", "o"}  # test prompts use these characters; training never does
+STR_CHARS = "abcdgikmnprstu"
+# (operation, parameter) pairs only the test split uses; every parameter value still appears in its
+# role in training, through the other operations.
+STR_HOLDOUT = {"count": {"a", "k"}, "replace": {"d", "m"}, "starts": {"s", "t"}, "prefix": {3}, "suffix": {2}}
+STR_K = (1, 2, 3, 4, 5)
 
 
 def pystr_example(rng: random.Random, split: Split) -> Example:
-    op = rng.choice(sorted(STRING_OPS))
-    chars = sorted(STR_HOLDOUT_CHARS) if split == "test" else [c for c in "abcdgikmnprstu"]
-    c, k = rng.choice(chars), rng.randint(1, 4)
+    ops = sorted(STR_HOLDOUT) if split == "test" else sorted(STRING_OPS)
+    op = rng.choice(ops)
     en, expr_t, ref = STRING_OPS[op]
-    name = f"{op}_{c}" if "{c}" in en else f"{op}_{k}" if "{k}" in en else op
-    if split == "test" and "{c}" not in en:
-        name = f"{name}_str"  # the test split never reuses a training function name
+    params = list(STR_CHARS) if "{c}" in en else list(STR_K) if "{k}" in en else [None]
+    held = STR_HOLDOUT.get(op, set())
+    param = rng.choice([p for p in params if (p in held) == (split == "test")])
+    c = param if isinstance(param, str) else "a"
+    k = param if isinstance(param, int) else 1
+    name = f"{op}_{param}" if param is not None else op
     spec = f"write {name}(s) that returns {en.format(c=c, k=k)}"
     code = f"def {name}(s):\n    return {expr_t.format(c=c, k=k)}"
     tests = []
@@ -240,24 +240,23 @@ JSON_SENTENCES = [
     "{name} ({age}) is a {job} based in {city}.",
     "age {age}, job {job}, city {city}: that is {name}.",
 ]
-JSON_HOLDOUT_SENTENCES = {4, 5}
-JSON_ORDERS = [("name", "age", "city", "job"), ("name", "job", "city", "age")]
+JSON_ORDER = ("name", "age", "city", "job")
+# People only the test split describes: three names, and ages 70-90 (training uses 18-69).
+JSON_TEST_NAMES = FIRST[-3:]
 
 
 def json_example(rng: random.Random, split: Split) -> Example:
-    idx = [i for i in range(len(JSON_SENTENCES)) if (i in JSON_HOLDOUT_SENTENCES) == (split == "test")]
-    sentence = JSON_SENTENCES[rng.choice(idx)]
+    test = split == "test"
+    names = JSON_TEST_NAMES if test else FIRST[: -len(JSON_TEST_NAMES)]
     rec = {
-        "name": rng.choice(FIRST),
-        "age": rng.randint(18, 90),
+        "name": rng.choice(names),
+        "age": rng.randint(70, 90) if test else rng.randint(18, 69),
         "city": rng.choice(WORDS["city"]),
         "job": rng.choice(JOBS),
     }
-    text = sentence.format(**rec)
-    order = JSON_ORDERS[0]
-    obj = {k: rec[k] for k in order}
-    answer = json.dumps(obj)
-    return Example("json", format_prompt("json", text), answer, {"expected": obj})
+    text = rng.choice(JSON_SENTENCES).format(**rec)
+    obj = {k: rec[k] for k in JSON_ORDER}
+    return Example("json", format_prompt("json", text), json.dumps(obj), {"expected": obj})
 
 
 GENERATORS: dict[str, Callable[[random.Random, Split], Example]] = {

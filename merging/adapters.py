@@ -19,6 +19,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from merging.delta import LowRankDelta
+
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 
@@ -29,26 +31,8 @@ class AdapterError(ValueError):
     """An adapter that cannot be used, with the file (and module) that is wrong."""
 
 
-@dataclass(frozen=True)
-class LoraFactors:
-    """One module's LoRA factors: ``A: [r, in]``, ``B: [out, r]``, and the scale of ``B @ A``."""
-
-    A: torch.Tensor
-    B: torch.Tensor
-    scale: float
-
-    @property
-    def rank(self) -> int:
-        return self.A.shape[0]
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        """Shape ``(out, in)`` of the base weight this module adapts."""
-        return (self.B.shape[0], self.A.shape[1])
-
-    def delta(self) -> torch.Tensor:
-        """The dense task vector ``dW = scale * B @ A`` (``[out, in]``)."""
-        return (self.B @ self.A).mul_(self.scale)
+# An adapter's factors for one module are a low-rank delta: dW = scale * B @ A.
+LoraFactors = LowRankDelta
 
 
 @dataclass

@@ -26,6 +26,7 @@ class LowRankDelta:
 
     @property
     def shape(self) -> tuple[int, int]:
+        """Shape ``(out, in)`` of the weight this delta adds to."""
         return (self.B.shape[0], self.A.shape[1])
 
     @property
@@ -33,6 +34,7 @@ class LowRankDelta:
         return self.A.numel() * self.A.element_size() + self.B.numel() * self.B.element_size()
 
     def dense(self) -> torch.Tensor:
+        """The dense ``dW = scale * B @ A`` (``[out, in]``), a fresh tensor."""
         out = self.B @ self.A
         return out if self.scale == 1.0 else out.mul_(self.scale)
 

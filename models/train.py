@@ -90,7 +90,7 @@ def _format_sample(rng: random.Random) -> str:
         return a.answer
     if kind < 0.6 and task == "sql":
         template = rng.choice(sorted(SQL_TEMPLATES))
-        return SQL_TEMPLATES[template](rng.choice(sorted(TABLES)), rng)[1]
+        return SQL_TEMPLATES[template](rng.choice(sorted(TABLES)), rng, "train")[1]
     return a.prompt + b.answer  # the format, deliberately without the input -> output mapping
 
 

@@ -26,7 +26,7 @@ def test_loaded_deltas_equal_peft_get_delta_weight(tiny_base, peft_adapters):
             if hasattr(module, "get_delta_weight") and "default" in getattr(module, "lora_A", {}):
                 key = module_name.removeprefix("base_model.model.")
                 torch.testing.assert_close(
-                    ours.modules[key].delta(), module.get_delta_weight("default"), rtol=1e-6, atol=1e-7
+                    ours.modules[key].dense(), module.get_delta_weight("default"), rtol=1e-6, atol=1e-7
                 )
                 seen += 1
         assert seen == len(ours.modules) > 0, name
@@ -56,7 +56,7 @@ def test_save_then_load_round_trips_with_mixed_ranks(tmp_path):
     save_adapter(tmp_path / "a", modules)
     loaded = load_adapter(tmp_path / "a")
     for m, (A, B) in modules.items():
-        torch.testing.assert_close(loaded.modules[m].delta(), B @ A)
+        torch.testing.assert_close(loaded.modules[m].dense(), B @ A)
 
 
 @pytest.fixture

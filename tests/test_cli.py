@@ -167,7 +167,7 @@ def test_hierarchical_mix_file(tiny_base, peft_adapters, tmp_path):
     expected = _reference(peft_adapters, mix)
     assert set(saved.modules) == set(expected)
     for m, f in saved.modules.items():
-        torch.testing.assert_close(f.delta(), expected[m], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(f.dense(), expected[m], rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -219,7 +219,7 @@ def test_rank_option_truncates_a_lowrank_merge(tiny_base, peft_adapters, tmp_pat
     for m, f in saved.modules.items():
         U, S, Vh = torch.linalg.svd(full[m])
         best = (U[:, :2] * S[:2]) @ Vh[:2]  # Eckart-Young: the best rank-2 approximation
-        torch.testing.assert_close(f.delta(), best, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(f.dense(), best, rtol=1e-4, atol=1e-5)
 
 
 def test_refuses_to_write_into_a_non_empty_directory(peft_adapters, tmp_path):

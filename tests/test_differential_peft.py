@@ -36,7 +36,7 @@ def _adapters(
 
 
 def _task_tensors(adapters: dict[str, LoraAdapter], module: str, shape: tuple[int, int]) -> list[torch.Tensor]:
-    return [a.modules[module].delta() if module in a.modules else torch.zeros(shape) for a in adapters.values()]
+    return [a.modules[module].dense() if module in a.modules else torch.zeros(shape) for a in adapters.values()]
 
 
 cases = st.fixed_dictionaries(

@@ -102,10 +102,10 @@ def test_nested_mix_equals_merging_the_inner_result_by_hand():
     from peft.utils import merge_utils
 
     for m in SHAPES:
-        py = adapters["python"].modules[m].delta()
-        java = adapters["java"].modules[m].delta() if m in adapters["java"].modules else torch.zeros(SHAPES[m])
+        py = adapters["python"].modules[m].dense()
+        java = adapters["java"].modules[m].dense() if m in adapters["java"].modules else torch.zeros(SHAPES[m])
         inner_dw = 0.5 * py + 1.5 * java
-        expected = merge_utils.ties([inner_dw, adapters["sql"].modules[m].delta()], torch.tensor([0.7, 1.2]), 0.4)
+        expected = merge_utils.ties([inner_dw, adapters["sql"].modules[m].dense()], torch.tensor([0.7, 1.2]), 0.4)
         _close(merged.modules[m].dense(), expected)
 
 
@@ -130,7 +130,7 @@ def test_root_weight_scales_the_whole_delta_and_a_single_adapter_is_a_mix():
     alone = merge_mix(parse_mix("sql"), adapters)
     half = merge_mix(parse_mix({"adapter": "sql", "weight": 0.5}), adapters)
     for m, d in alone.modules.items():
-        _close(d.dense(), adapters["sql"].modules[m].delta())
+        _close(d.dense(), adapters["sql"].modules[m].dense())
         _close(half.modules[m].dense(), 0.5 * d.dense())
     # Results never alias adapter tensors: mutating one must not change the adapter.
     d = alone.modules["l.q"]
