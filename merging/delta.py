@@ -52,6 +52,11 @@ class DenseDelta:
     rank_hint: int
 
     @property
+    def rank(self) -> int:
+        """The rank this delta is served at when it must become low-rank (not the matrix's true rank)."""
+        return self.rank_hint
+
+    @property
     def shape(self) -> tuple[int, int]:
         return (self.W.shape[0], self.W.shape[1])
 
@@ -125,19 +130,18 @@ class MergedDelta:
 
     @property
     def ranks(self) -> dict[str, int]:
-        return {m: (d.rank if isinstance(d, LowRankDelta) else d.rank_hint) for m, d in self.modules.items()}
+        return {m: d.rank for m, d in self.modules.items()}
 
     def to_lowrank(self, rank: int | None = None) -> MergedDelta:
-        """All modules as low-rank factors; dense ones are re-factored (to ``rank`` or their hint)."""
+        """All modules as factors of rank <= ``rank`` (default: each module's own rank); energy kept multiplies."""
+        from merging.lowrank import as_lowrank  # lowrank builds on this module
+
         modules: dict[str, ModuleDelta] = {}
         energy: dict[str, float] = dict(self.energy_kept)
         for name, d in self.modules.items():
-            if isinstance(d, DenseDelta):
-                r = rank if rank is not None else d.rank_hint
-                ref = refactor_lowrank(d.W, r)
-                modules[name], energy[name] = ref.delta, ref.energy_kept
-            else:
-                modules[name] = d
+            modules[name], kept = as_lowrank(d, rank)
+            if kept < 1.0:
+                energy[name] = energy.get(name, 1.0) * kept
         return MergedDelta(modules, self.spec_hash, self.method, self.space, self.seconds, energy)
 
     def lowrank_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

@@ -16,8 +16,8 @@ import torch
 
 from merging.adapters import LoraAdapter, save_adapter
 from merging.basemodel import read_shapes, write_merged_model
-from merging.delta import DenseDelta, LowRankDelta, refactor_lowrank
-from merging.lowrank import from_core, shared_basis
+from merging.delta import ModuleDelta
+from merging.lowrank import as_lowrank
 from merging.merge import MixMerger, ProgressFn
 from merging.spec import AdapterLeaf, MixNode, canonical_json
 
@@ -74,12 +74,12 @@ def merge_to_disk(
     ranks: dict[str, int] = {}
     energy: dict[str, float] = {}
 
-    def merged_module(module: str) -> LowRankDelta | DenseDelta | None:
+    def merged_module(module: str) -> ModuleDelta | None:
         d, kept = merger.merge_module(module)
         if kept is not None:
             energy[module] = kept
         if d is not None:
-            ranks[module] = d.rank if isinstance(d, LowRankDelta) else d.rank_hint
+            ranks[module] = d.rank
         return d
 
     if fmt == "full":
@@ -93,16 +93,12 @@ def merge_to_disk(
         factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for i, module in enumerate(names):
             d = merged_module(module)
-            if isinstance(d, DenseDelta):
-                ref = refactor_lowrank(d.W, rank if rank is not None else d.rank_hint)
-                d, energy[module] = ref.delta, energy.get(module, 1.0) * ref.energy_kept
-            elif isinstance(d, LowRankDelta) and rank is not None and rank < d.rank:
-                basis = shared_basis([d])  # SVD of the small core, not of the dense matrix
-                d, kept = from_core(basis, basis.cores[0], rank)
-                energy[module] = energy.get(module, 1.0) * kept
             if d is not None:
-                factors[module] = (d.A, d.scaled_B())
-                ranks[module] = d.rank
+                low, kept = as_lowrank(d, rank)
+                if kept < 1.0:
+                    energy[module] = energy.get(module, 1.0) * kept
+                factors[module] = (low.A, low.scaled_B())
+                ranks[module] = low.rank
             if progress is not None:
                 progress(i + 1, len(names), module)
         base_name = next((a.base_model for a in adapters.values() if a.base_model), None)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from merging.delta import LowRankDelta
+from merging.delta import DenseDelta, LowRankDelta, ModuleDelta, refactor_lowrank
 
 
 @dataclass(frozen=True)
@@ -74,3 +74,18 @@ def concat_weighted(factors: Sequence[LowRankDelta], weights: Sequence[float], d
     B = torch.cat([f.B * (f.scale * w / divisor) for f, w in zip(factors, weights, strict=True)], dim=1)
     A = torch.cat([f.A for f in factors], dim=0)
     return LowRankDelta(A=A, B=B)
+
+
+def as_lowrank(delta: ModuleDelta, rank: int | None = None) -> tuple[LowRankDelta, float]:
+    """``delta`` as factors of rank <= ``rank`` (default: its own rank) and the fraction of energy kept.
+
+    Dense deltas go through a truncated SVD of the full matrix; low-rank ones only through the SVD of
+    their small core, and only when ``rank`` is below their rank.
+    """
+    if isinstance(delta, DenseDelta):
+        ref = refactor_lowrank(delta.W, rank if rank is not None else delta.rank)
+        return ref.delta, ref.energy_kept
+    if rank is None or rank >= delta.rank:
+        return delta, 1.0
+    basis = shared_basis([delta])
+    return from_core(basis, basis.cores[0], rank)

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 import torch
 
 from merging.adapters import LoraAdapter
-from merging.delta import DenseDelta, LowRankDelta, MergedDelta, ModuleDelta, refactor_lowrank
-from merging.lowrank import concat_weighted, from_core, shared_basis
+from merging.delta import DenseDelta, LowRankDelta, MergedDelta, ModuleDelta
+from merging.lowrank import as_lowrank, concat_weighted, from_core, shared_basis
 from merging.methods import get_method, merge_tensors
 from merging.spec import AdapterLeaf, MixNode, leaves, mix_hash
 
@@ -109,18 +109,15 @@ class _Evaluator:
     def _as_lowrank(self, d: ModuleDelta | None, ctx: _ModuleContext) -> LowRankDelta:
         if d is None:  # an untouched module contributes zero: a rank-0 block
             return LowRankDelta(A=self._zeros((0, ctx.shape[1])), B=self._zeros((ctx.shape[0], 0)))
-        if isinstance(d, LowRankDelta):
-            return d
-        ref = refactor_lowrank(d.W, d.rank_hint)
-        ctx.energy_kept *= ref.energy_kept
-        ctx.refactored = True
-        return ref.delta
+        low, kept = as_lowrank(d)
+        if kept < 1.0:
+            ctx.energy_kept *= kept
+            ctx.refactored = True
+        return low
 
 
 def _rank(d: ModuleDelta | None) -> int:
-    if d is None:
-        return 0
-    return d.rank if isinstance(d, LowRankDelta) else d.rank_hint
+    return 0 if d is None else d.rank
 
 
 def _module_shapes(mix: AdapterLeaf | MixNode, adapters: Mapping[str, LoraAdapter]) -> dict[str, tuple[int, int]]:
