@@ -201,6 +201,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from server.serve_cli import add_serve_parser
+
     parser = argparse.ArgumentParser(prog="mixserve", description="Merge and serve LoRA adapter mixes.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -268,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-sweeps", dest="no_sweeps", action="store_true", help="skip the density / drop-rate sweeps")
     q.add_argument("--out", default="eval/results", help="output directory (default: eval/results)")
     q.set_defaults(func=cmd_eval)
+
+    add_serve_parser(sub)
 
     e = sub.add_parser("example", help="write a tiny random base model and three example adapters")
     e.add_argument("--out", default="mixserve-example", help="output directory (default: ./mixserve-example)")

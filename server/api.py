@@ -1,0 +1,132 @@
+"""The FastAPI app: lifespan (load the model in the background), error shapes, health, metrics,
+native ``/generate``; the OpenAI and admin routes live in their own modules."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from server import routes_admin, routes_openai
+from server.config import ServeConfig
+from server.generation import collect, encode_prompt, sampling_params, start_generation, stream
+from server.metrics import CONTENT_TYPE
+from server.routes_openai import StateDep
+from server.schemas import GenerateRequest, error_body
+from server.state import RequestError, ServerState
+
+log = logging.getLogger("mixserve.api")
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+          404: "not_found_error", 409: "conflict_error", 413: "invalid_request_error", 429: "rate_limit_error"}  # fmt: skip
+
+
+def create_app(config: ServeConfig) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.server = None
+        app.state.load_error = None
+
+        async def load() -> None:
+            try:
+                state = await asyncio.to_thread(ServerState, config)
+                await state.start()
+                app.state.server = state
+                log.info("ready: %s, adapters %s, pins %s", state.base_name, state.registry.names(), sorted(state.pins))
+            except Exception as exc:  # keep /health answering and say why /ready stays false
+                log.exception("start-up failed")
+                app.state.load_error = f"{type(exc).__name__}: {exc}"
+
+        loader = asyncio.create_task(load())
+        yield
+        loader.cancel()
+        if app.state.server is not None:
+            await app.state.server.shutdown()
+
+    app = FastAPI(title="mixserve", version="0.1.0", lifespan=lifespan)
+    app.state.config = config
+    app.include_router(routes_openai.router)
+    app.include_router(routes_admin.router)
+    _install_errors(app)
+
+    @app.middleware("http")
+    async def bound_body(request: Request, call_next):
+        size = request.headers.get("content-length")
+        limit = config.limits.max_body_bytes
+        if size is not None and (not size.isdigit() or int(size) > limit):
+            body = error_body(f"request body over the limit max_body_bytes={limit}", "invalid_request_error",
+                              None, "body_too_large")  # fmt: skip
+            return JSONResponse(body, status_code=413)
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready(request: Request):
+        state = request.app.state.server
+        if state is None or not state.ready:
+            reason = request.app.state.load_error or ("shutting down" if state else "loading")
+            return JSONResponse({"ready": False, "reason": reason}, status_code=503)
+        return {"ready": True, "model": state.base_name, "adapters": state.registry.names(), "pins": sorted(state.pins)}
+
+    @app.get("/metrics")
+    async def metrics(state: StateDep):
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.post("/generate")
+    async def generate(body: GenerateRequest, request: Request, state: StateDep):
+        resolved = state.resolve(None, body.mix)
+        params = sampling_params(state, max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
+                                 stop=body.stop, seed=body.seed, ignore_eos=body.ignore_eos)  # fmt: skip
+        gen = await start_generation(state, resolved, encode_prompt(state, body.prompt), params)
+        if body.stream:
+
+            async def events() -> AsyncIterator[str]:
+                async for ev in stream(gen):
+                    out = {"text": ev.text, "token_ids": ev.token_ids, "finish_reason": ev.finish_reason}
+                    if ev.finish_reason:
+                        out.update(prompt_tokens=ev.prompt_tokens, completion_tokens=ev.completion_tokens)
+                        if ev.error:
+                            out["error"] = ev.error
+                    yield f"data: {json.dumps(out)}\n\n"
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+        text, last = await collect(gen, request)
+        return {"text": text, "finish_reason": last.finish_reason, "mix": resolved.label, "mix_key": resolved.key,
+                "prompt_tokens": last.prompt_tokens, "completion_tokens": last.completion_tokens}  # fmt: skip
+
+    return app
+
+
+def _install_errors(app: FastAPI) -> None:
+    @app.exception_handler(RequestError)
+    async def request_error(_: Request, exc: RequestError):
+        headers = {"Retry-After": "1"} if exc.status in (429, 503) else None
+        body = error_body(exc.message, _TYPES.get(exc.status, "server_error"), exc.param, exc.code)
+        return JSONResponse(body, status_code=exc.status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError):
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        msg = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg')}"
+                        for e in errors[:5])  # fmt: skip
+        return JSONResponse(error_body(msg, "invalid_request_error", ".".join(loc) or None, "invalid_request"), 400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException):
+        return JSONResponse(error_body(str(exc.detail), _TYPES.get(exc.status_code, "server_error")), exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception):
+        log.exception("unhandled error")
+        return JSONResponse(error_body("internal error", "server_error", None, "internal_error"), 500)

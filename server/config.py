@@ -1,0 +1,50 @@
+"""Server configuration: what to load, how much memory to use, and every request bound."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEMO_DIR = Path(__file__).resolve().parents[1] / "models" / "demo"
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class Limits:
+    """Bounds on what one request may ask for; past them the API answers 4xx naming the limit."""
+
+    max_prompt_tokens: int = 2048
+    max_tokens: int = 512
+    max_stop_strings: int = 8
+    max_stop_chars: int = 64
+    max_mix_adapters: int = 16
+    max_mix_depth: int = 4
+    max_body_bytes: int = 1 << 20
+
+
+@dataclass
+class ServeConfig:
+    model: Path = DEMO_DIR / "base"
+    adapters: Path = DEMO_DIR / "adapters"  # the adapter root: nothing is loaded from outside it
+    device: str = "cpu"
+    dtype: str = "float32"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_batch: int = 32  # running sequences (each holds one KV slot)
+    max_len: int | None = None  # tokens per KV slot (default: the model's context)
+    max_waiting: int = 256  # queued requests before 429
+    max_prefill_tokens: int = 2048
+    cache_bytes: int = 512 << 20  # merged-mix LRU budget (pinned mixes count but are never evicted)
+    max_rank: int | None = None  # re-factor served deltas to at most this rank (default: their own)
+    merge_threads: int = 1
+    pin_file: Path | None = None
+    admin_token: str | None = field(default_factory=lambda: os.environ.get("MIXSERVE_ADMIN_TOKEN") or None)
+    insecure_admin: bool = False
+    model_name: str | None = None  # the name clients use for the base model (default: its directory)
+    drain_seconds: float = 30.0
+    limits: Limits = field(default_factory=Limits)
+
+    def __repr__(self) -> str:  # never print the token
+        shown = {k: v for k, v in self.__dict__.items() if k != "admin_token"}
+        return f"ServeConfig({shown}, admin_token={'set' if self.admin_token else 'unset'})"

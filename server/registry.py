@@ -1,0 +1,68 @@
+"""Adapters the server knows, loaded only from inside the configured adapter root."""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+from merging.adapters import AdapterError, LoraAdapter, load_adapter
+
+log = logging.getLogger("mixserve.registry")
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def confined(root: Path, path: str | Path) -> Path:
+    """``path`` (relative to ``root``, or absolute) resolved, symlinks followed; refused if it leaves ``root``."""
+    root = root.resolve()
+    candidate = Path(path)
+    resolved = (candidate if candidate.is_absolute() else root / candidate).resolve()
+    if not resolved.is_relative_to(root):
+        raise AdapterError(f"adapter path {str(path)!r} is outside the adapter root")
+    return resolved
+
+
+class AdapterRegistry:
+    """Name -> loaded adapter, every one checked against the base model's shapes."""
+
+    def __init__(self, root: Path, base_shapes: dict[str, tuple[int, ...]]) -> None:
+        self.root = root
+        self._base_shapes = base_shapes
+        self._adapters: dict[str, LoraAdapter] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._adapters
+
+    def __getitem__(self, name: str) -> LoraAdapter:
+        return self._adapters[name]
+
+    def names(self) -> list[str]:
+        return sorted(self._adapters)
+
+    def snapshot(self) -> dict[str, LoraAdapter]:
+        """A copy a merge can use while admins register more (no shared mutable state)."""
+        return dict(self._adapters)
+
+    def load_root(self) -> dict[str, str]:
+        """Register every adapter directory directly under the root; returns {name: error} for the bad ones."""
+        errors = {}
+        if not self.root.is_dir():
+            return {str(self.root): "adapter root is not a directory"}
+        for sub in sorted(p for p in self.root.iterdir() if p.is_dir()):
+            try:
+                self.register(sub.name, sub.name)
+            except AdapterError as exc:
+                errors[sub.name] = str(exc)
+                log.warning("skipping adapter %s: %s", sub.name, exc)
+        return errors
+
+    def register(self, name: str, path: str | Path, *, replace: bool = False) -> LoraAdapter:
+        if not NAME.match(name):
+            raise AdapterError(f"adapter name {name!r} must match {NAME.pattern}")
+        if name in self._adapters and not replace:
+            raise AdapterError(f"adapter {name!r} is already registered")
+        directory = confined(self.root, path)
+        adapter = load_adapter(directory, name)
+        adapter.check_base_shapes(self._base_shapes)
+        self._adapters[name] = adapter
+        return adapter

@@ -1,0 +1,93 @@
+"""Admin endpoints behind a bearer token: register adapters, pin / unpin mixes, inspect the cache.
+
+The token comes from ``MIXSERVE_ADMIN_TOKEN`` and is compared in constant time. With no token set
+the admin API is refused, unless the server runs with ``--insecure-admin`` (local experiments).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+
+from fastapi import APIRouter, Depends, Request
+
+from merging.adapters import AdapterError
+from server.routes_openai import StateDep
+from server.schemas import PinMixRequest, RegisterAdapterRequest
+from server.state import RequestError, ServerState
+
+
+def require_admin(request: Request, state: StateDep) -> ServerState:
+    token = state.config.admin_token
+    if token is None:
+        if state.config.insecure_admin:
+            return state
+        raise RequestError(403, "the admin API is disabled: set MIXSERVE_ADMIN_TOKEN (or run with --insecure-admin)",
+                           None, "admin_disabled")  # fmt: skip
+    header = request.headers.get("authorization", "")
+    scheme, _, given = header.partition(" ")
+    if scheme.lower() != "bearer" or not given:
+        raise RequestError(401, "admin endpoints need 'Authorization: Bearer <token>'", None, "unauthorized")
+    if not hmac.compare_digest(given.strip().encode(), token.encode()):
+        raise RequestError(403, "wrong admin token", None, "forbidden")
+    return state
+
+
+router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
+
+
+@router.post("/adapters")
+async def register_adapter(body: RegisterAdapterRequest, state: StateDep):
+    try:
+        # Reading and hashing the weights is file I/O: off the event loop.
+        adapter = await asyncio.to_thread(state.registry.register, body.name, body.path, replace=body.replace)
+    except AdapterError as exc:
+        conflict = "already registered" in str(exc)
+        raise RequestError(
+            409 if conflict else 400, str(exc), "path", "conflict" if conflict else "bad_adapter"
+        ) from None
+    return {"name": adapter.name, "modules": len(adapter.modules), "ranks": sorted(set(adapter.ranks.values())),
+            "fingerprint": adapter.fingerprint}  # fmt: skip
+
+
+@router.post("/mixes")
+async def pin_mix(body: PinMixRequest, state: StateDep):
+    if body.pin:
+        entry = await state.pin(body.name, body.mix)
+    else:  # warm the cache only
+        resolved = state.resolve(None, body.mix)
+        lease = await state.lease(resolved)
+        if lease is None:
+            raise RequestError(400, "the base model needs no merge", "mix")
+        lease.release()
+        entry = lease.entry
+    mix = entry.mix
+    return {"name": body.name, "key": entry.key, "pinned": body.pin, "method": mix.method, "space": mix.space,
+            "merge_seconds": mix.seconds, "bytes": mix.nbytes, "max_rank": max(mix.ranks.values(), default=0),
+            "min_energy_kept": min(mix.energy_kept.values(), default=1.0)}  # fmt: skip
+
+
+@router.delete("/mixes/{name}")
+async def unpin_mix(name: str, state: StateDep):
+    state.unpin(name)
+    return {"name": name, "pinned": False}
+
+
+@router.get("/cache")
+async def cache(state: StateDep):
+    entries = [
+        {
+            "key": e.key,
+            "pins": sorted(e.pins),
+            "bytes": e.mix.nbytes,
+            "leases": e.leases,
+            "hits": e.hits,
+            "method": e.mix.method,
+            "space": e.mix.space,
+            "merge_seconds": e.mix.seconds,
+        }
+        for e in state.cache.entries()
+    ]
+    return {"budget_bytes": state.cache.budget_bytes, "bytes": state.cache.nbytes, "entries": entries,
+            "merges": state.cache.merges_started, "kv_cache_bytes": state.runtime.kv.nbytes,
+            "free_kv_slots": state.runtime.kv.free_slots}  # fmt: skip

@@ -1,0 +1,237 @@
+"""The model runtime: the resident base model, its KV cache slots and the batched LoRA side path.
+
+It owns every tensor of the serving path; it knows nothing about requests, HTTP or scheduling.
+
+The forward pass is written here (gpt-fast style) over the weights of a Hugging Face Llama-family
+model (Llama, Mistral, Qwen2: the same module names), so that one decode step can run sequences of
+different lengths, each in its own KV-cache slot, and each adapted linear layer can add every
+sequence's own mix:
+
+    y = x W^T (+ b) + sum over mixes m of  (x_m A_m^T) B_m^T      (x_m: the rows of the sequences on m)
+
+Rows are grouped by mix into contiguous segments (the scheduler sorts them), so each mix costs two
+small matrix products per layer (Punica / S-LoRA's segmented gather, without a custom kernel).
+
+Batch invariance: a sequence's attention always spans its slot's full ``max_len`` window (masked),
+not the batch's longest sequence, so no reduction over keys changes shape with batch composition.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F  # noqa: N812 - the usual name
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")  # fmt: skip
+
+# module name -> (A [r, in], B [out, r] with the LoRA scale folded in)
+LoraFactorsByModule = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+class ServingError(RuntimeError):
+    """The model cannot be served (unsupported architecture, no free KV slot, prompt too long)."""
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Rows ``start:end`` of a batch share one mix (``None``: the base model alone)."""
+
+    start: int
+    end: int
+    lora: LoraFactorsByModule | None
+
+
+class KVCache:
+    """Fixed slots of ``max_len`` positions per layer: memory is bounded at construction."""
+
+    def __init__(self, layers: int, slots: int, kv_heads: int, max_len: int, head_dim: int, dtype, device) -> None:
+        shape = (layers, slots, kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+        self._free = list(range(slots - 1, -1, -1))
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    def allocate(self) -> int:
+        if not self._free:
+            raise ServingError("no free KV-cache slot")
+        return self._free.pop()
+
+    def release(self, slot: int) -> None:
+        if slot in self._free:
+            raise ValueError(f"KV slot {slot} released twice")
+        self._free.append(slot)
+
+
+class ModelRuntime:
+    """A Llama-family causal LM kept resident, with ``max_seqs`` KV slots of ``max_len`` tokens."""
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        *,
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        max_seqs: int = 32,
+        max_len: int | None = None,
+    ) -> None:
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        config = AutoConfig.from_pretrained(model_dir)
+        if config.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ServingError(
+                f"model type {config.model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+            )
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+        self.config, self.device, self.dtype = config, torch.device(device), dtype
+        self.name = Path(model_dir).name
+        inner = hf.model
+        self.embed = inner.embed_tokens.weight
+        self.final_norm = inner.norm
+        self.lm_head = hf.lm_head.weight
+        self.rotary = inner.rotary_emb
+        self.layers = list(inner.layers)
+        self.linears: dict[str, torch.nn.Linear] = {
+            f"model.layers.{i}.{p}": layer.get_submodule(p) for i, layer in enumerate(self.layers) for p in PROJECTIONS
+        }
+        self.heads = config.num_attention_heads
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+        self.max_len = min(max_len or config.max_position_embeddings, config.max_position_embeddings)
+        self.kv = KVCache(len(self.layers), max_seqs, self.kv_heads, self.max_len, self.head_dim, dtype, self.device)
+        self._hf = hf  # keeps the parameters alive
+
+    # ----------------------------------------------------------------------------------- inspection
+    def base_shapes(self) -> dict[str, tuple[int, ...]]:
+        """``{"<module>.weight": shape}`` of every adaptable projection (what adapters are checked against)."""
+        return {f"{name}.weight": tuple(lin.weight.shape) for name, lin in self.linears.items()}
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self._hf.parameters())
+
+    # -------------------------------------------------------------------------------------- forward
+    def _linear(self, name: str, x: torch.Tensor, segments: Sequence[Segment]) -> torch.Tensor:
+        lin = self.linears[name]
+        y = F.linear(x, lin.weight, lin.bias)
+        for seg in segments:
+            factors = seg.lora.get(name) if seg.lora is not None else None
+            if factors is None:
+                continue
+            A, B = factors
+            rows = x[seg.start : seg.end]
+            y[seg.start : seg.end] += (rows @ A.T) @ B.T
+        return y
+
+    def _qkv(self, i: int, x: torch.Tensor, positions: torch.Tensor, segments: Sequence[Segment]):
+        """q [B, H, T, d], k and v [B, KV, T, d] with rotary embeddings applied."""
+        b, t, _ = x.shape
+        p = f"model.layers.{i}.self_attn."
+        q = self._linear(p + "q_proj", x, segments).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        k = self._linear(p + "k_proj", x, segments).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self._linear(p + "v_proj", x, segments).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = self.rotary(x, positions)  # [B, T, d]
+        cos, sin = cos.unsqueeze(1).to(q.dtype), sin.unsqueeze(1).to(q.dtype)
+        return _rope(q, cos, sin), _rope(k, cos, sin), v
+
+    def _mlp_block(self, i: int, h: torch.Tensor, segments: Sequence[Segment]) -> torch.Tensor:
+        layer, p = self.layers[i], f"model.layers.{i}.mlp."
+        x = layer.post_attention_layernorm(h)
+        gate = self._linear(p + "gate_proj", x, segments)
+        up = self._linear(p + "up_proj", x, segments)
+        return h + self._linear(p + "down_proj", F.silu(gate) * up, segments)
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.final_norm(h), self.lm_head).float()
+
+    @torch.inference_mode()
+    def prefill(self, slot: int, ids: Sequence[int], lora: LoraFactorsByModule | None) -> torch.Tensor:
+        """Run a whole prompt in KV slot ``slot``; the logits of its last position, ``[vocab]`` fp32."""
+        t = len(ids)
+        if not 0 < t < self.max_len:
+            raise ServingError(f"prompt of {t} tokens does not fit the {self.max_len}-token context")
+        segments = [Segment(0, 1, lora)]
+        h = self.embed[torch.tensor([list(ids)], device=self.device)]
+        positions = torch.arange(t, device=self.device).unsqueeze(0)
+        mask = None
+        if self.window is not None and self.window < t:
+            j = torch.arange(t, device=self.device)
+            mask = (j[None, :] <= j[:, None]) & (j[None, :] > j[:, None] - self.window)
+        for i, layer in enumerate(self.layers):
+            q, k, v = self._qkv(i, layer.input_layernorm(h), positions, segments)
+            self.kv.k[i, slot, :, :t] = k[0]
+            self.kv.v[i, slot, :, :t] = v[0]
+            attn = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.kv_heads != self.heads
+            )
+            h = h + self._linear(f"model.layers.{i}.self_attn.o_proj", _merge_heads(attn), segments)
+            h = self._mlp_block(i, h, segments)
+        return self._logits(h[0, -1])
+
+    @torch.inference_mode()
+    def decode(
+        self, slots: Sequence[int], tokens: Sequence[int], positions: Sequence[int], segments: Sequence[Segment]
+    ) -> torch.Tensor:
+        """One token for each sequence (its slot holds ``positions[j]`` earlier tokens): logits ``[B, vocab]``."""
+        dev = self.device
+        slot_t = torch.tensor(list(slots), device=dev)
+        pos_t = torch.tensor(list(positions), device=dev)
+        if int(pos_t.max()) >= self.max_len:
+            raise ServingError(f"a sequence reached the {self.max_len}-token context")
+        h = self.embed[torch.tensor(list(tokens), device=dev)].unsqueeze(1)  # [B, 1, hidden]
+        # Every sequence attends over its slot's whole window (see the module docstring).
+        j = torch.arange(self.max_len, device=dev)
+        valid = j[None, :] <= pos_t[:, None]
+        if self.window is not None:
+            valid &= j[None, :] > pos_t[:, None] - self.window
+        mask = valid[:, None, None, :]  # [B, 1, 1, max_len]
+        for i, layer in enumerate(self.layers):
+            q, k, v = self._qkv(i, layer.input_layernorm(h), pos_t.unsqueeze(1), segments)
+            self.kv.k[i, slot_t, :, pos_t] = k[:, :, 0]
+            self.kv.v[i, slot_t, :, pos_t] = v[:, :, 0]
+            keys, values = self.kv.k[i, slot_t], self.kv.v[i, slot_t]  # [B, KV, max_len, d]
+            attn = F.scaled_dot_product_attention(
+                q, keys, values, attn_mask=mask, enable_gqa=self.kv_heads != self.heads
+            )
+            h = h + self._linear(f"model.layers.{i}.self_attn.o_proj", _merge_heads(attn), segments)
+            h = self._mlp_block(i, h, segments)
+        return self._logits(h[:, -1])
+
+    def lora_to_device(self, factors: LoraFactorsByModule) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Merged factors in the runtime's device and dtype, checked against the base shapes."""
+        out = {}
+        for name, (A, B) in factors.items():
+            lin = self.linears.get(name)
+            if lin is None:
+                raise ServingError(f"module {name!r} is not an adaptable projection of the base model")
+            if (B.shape[0], A.shape[1]) != tuple(lin.weight.shape):
+                raise ServingError(
+                    f"module {name!r}: delta {B.shape[0]}x{A.shape[1]} vs weight {tuple(lin.weight.shape)}"
+                )
+            out[name] = (A.to(self.device, self.dtype).contiguous(), B.to(self.device, self.dtype).contiguous())
+        return out
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def _merge_heads(attn: torch.Tensor) -> torch.Tensor:
+    b, h, t, d = attn.shape
+    return attn.transpose(1, 2).reshape(b, t, h * d)

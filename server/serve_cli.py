@@ -1,0 +1,109 @@
+"""``mixserve serve``: flags -> :class:`ServeConfig` -> uvicorn, with a drain on SIGTERM / SIGINT."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from server.config import DEMO_DIR, DTYPES, Limits, ServeConfig
+
+EPILOG = """\
+examples:
+  mixserve serve                                   # the embedded demo model and adapters, 127.0.0.1:8000
+  mixserve serve --pin-file mixes.yaml             # pre-merge and pin named mixes at start-up
+  MIXSERVE_ADMIN_TOKEN=secret mixserve serve --host 0.0.0.0 --model /models/mistral --adapters /adapters \\
+      --device cuda --dtype bfloat16
+
+mixes.yaml:
+  code:    {method: ties, density: 0.5, children: [{adapter: python}, {adapter: pystr}]}
+  sql-json: {method: linear, children: [{adapter: sql, weight: 0.6}, {adapter: json, weight: 0.4}]}
+"""
+
+
+def add_serve_parser(sub) -> None:
+    s = sub.add_parser(
+        "serve",
+        help="serve the base model and merged adapter mixes over HTTP (OpenAI-compatible)",
+        description="Keep a base model resident and serve merged LoRA mixes, batched together, over HTTP.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    d, lim = ServeConfig(), Limits()
+    s.add_argument("--model", type=Path, default=DEMO_DIR / "base", help="base model directory (default: the demo)")
+    s.add_argument("--adapters", type=Path, default=DEMO_DIR / "adapters",
+                   help="adapter root: every sub-directory is registered; admins can add others under it only")  # fmt: skip
+    s.add_argument("--model-name", dest="model_name", help="name clients use for the base (default: its directory)")
+    s.add_argument("--device", default=d.device, help="cpu, cuda, cuda:1, ... (default: cpu)")
+    s.add_argument("--dtype", default=d.dtype, choices=DTYPES, help="weights and KV cache dtype (default: float32)")
+    s.add_argument("--host", default=d.host, help="bind address (default: 127.0.0.1)")
+    s.add_argument("--port", type=int, default=d.port, help="port (default: 8000)")
+    s.add_argument("--max-batch", dest="max_batch", type=int, default=d.max_batch,
+                   help=f"running sequences = KV-cache slots (default {d.max_batch})")  # fmt: skip
+    s.add_argument("--max-len", dest="max_len", type=int, help="tokens per KV slot (default: the model's context)")
+    s.add_argument("--max-waiting", dest="max_waiting", type=int, default=d.max_waiting,
+                   help=f"queued requests before answering 429 (default {d.max_waiting})")  # fmt: skip
+    s.add_argument("--max-prefill-tokens", dest="max_prefill_tokens", type=int, default=d.max_prefill_tokens,
+                   help=f"prompt tokens prefilled per engine step (default {d.max_prefill_tokens})")  # fmt: skip
+    s.add_argument("--cache-mb", dest="cache_mb", type=float, default=d.cache_bytes / 2**20,
+                   help=f"merged-mix cache budget in MiB (default {d.cache_bytes >> 20})")  # fmt: skip
+    s.add_argument("--max-rank", dest="max_rank", type=int,
+                   help="re-factor served deltas to at most this rank (default: their own rank)")  # fmt: skip
+    s.add_argument("--pin-file", dest="pin_file", type=Path, help="YAML of named mixes to merge and pin at start-up")
+    s.add_argument("--insecure-admin", dest="insecure_admin", action="store_true",
+                   help="allow the admin API without MIXSERVE_ADMIN_TOKEN (local use only)")  # fmt: skip
+    s.add_argument("--drain-seconds", dest="drain_seconds", type=float, default=d.drain_seconds,
+                   help=f"on SIGTERM, time in-flight requests get to finish (default {d.drain_seconds:g})")  # fmt: skip
+    s.add_argument("--max-tokens", dest="max_tokens", type=int, default=lim.max_tokens,
+                   help=f"largest max_tokens a request may ask (default {lim.max_tokens})")  # fmt: skip
+    s.add_argument("--max-prompt-tokens", dest="max_prompt_tokens", type=int, default=lim.max_prompt_tokens,
+                   help=f"longest prompt in tokens (default {lim.max_prompt_tokens})")  # fmt: skip
+    s.add_argument("--max-mix-adapters", dest="max_mix_adapters", type=int, default=lim.max_mix_adapters,
+                   help=f"adapters in one mix (default {lim.max_mix_adapters})")  # fmt: skip
+    s.add_argument("--log-level", dest="log_level", default="info", choices=["debug", "info", "warning", "error"])
+    s.set_defaults(func=cmd_serve)
+
+
+def config_from_args(args: argparse.Namespace) -> ServeConfig:
+    limits = Limits(max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens,
+                    max_mix_adapters=args.max_mix_adapters)  # fmt: skip
+    return ServeConfig(
+        model=args.model, adapters=args.adapters, model_name=args.model_name, device=args.device, dtype=args.dtype,
+        host=args.host, port=args.port, max_batch=args.max_batch, max_len=args.max_len, max_waiting=args.max_waiting,
+        max_prefill_tokens=args.max_prefill_tokens, cache_bytes=int(args.cache_mb * 2**20), max_rank=args.max_rank,
+        pin_file=args.pin_file, insecure_admin=args.insecure_admin, drain_seconds=args.drain_seconds, limits=limits,
+    )  # fmt: skip
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from server.api import create_app
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = config_from_args(args)
+    if not config.model.is_dir():
+        raise SystemExit(f"mixserve serve: --model {config.model} is not a directory")
+    app = create_app(config)
+    server = DrainingServer(uvicorn.Config(app, host=config.host, port=config.port, log_level=args.log_level,
+                                           timeout_graceful_shutdown=int(config.drain_seconds)))  # fmt: skip
+    server.run()
+    return 0
+
+
+try:
+    import uvicorn as _uvicorn
+
+    class DrainingServer(_uvicorn.Server):
+        """On SIGTERM / SIGINT: ``/ready`` goes false and new requests get 503 at once, then uvicorn
+        waits for in-flight responses (up to ``--drain-seconds``) and the lifespan drains the engine."""
+
+        def handle_exit(self, sig, frame) -> None:
+            state = getattr(self.config.app.state, "server", None) if hasattr(self.config.app, "state") else None
+            if state is not None:
+                state.ready = False
+                state.engine.accepting = False
+            super().handle_exit(sig, frame)
+
+except ImportError:  # pragma: no cover - uvicorn is a dependency; keep `mixserve merge` importable without it
+    DrainingServer = None  # type: ignore[assignment,misc]

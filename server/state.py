@@ -1,0 +1,209 @@
+"""The app's lifespan object: runtime, adapters, mix cache, engine, pins — built once, owned here.
+
+It also turns what a request names (``model``, ``mix``) into a cache key and a merge to run.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from pydantic import ValidationError
+
+from merging.adapters import AdapterError
+from merging.merge import MergeError, merge_mix, mix_key
+from merging.spec import AdapterLeaf, MixNode, depth, leaves, parse_mix
+from server.config import DEMO_DIR, ServeConfig
+from server.engine import Engine
+from server.metrics import Metrics
+from server.mix_cache import CacheEntry, Lease, MergedMix, MixCache
+from server.registry import NAME, AdapterRegistry
+from server.runtime import ModelRuntime
+
+log = logging.getLogger("mixserve.state")
+DEMO_MODEL_NAME = "mixserve-demo"
+
+
+class RequestError(ValueError):
+    """A request the server refuses: HTTP status, message, offending parameter, OpenAI-style code."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str = "invalid_request") -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+
+@dataclass(frozen=True)
+class ResolvedMix:
+    label: str  # bounded metrics label: the base name, an adapter or pinned name, or "adhoc"
+    key: str  # mix-cache key ("" for the base model alone)
+    spec: AdapterLeaf | MixNode | None
+
+
+@dataclass
+class PinnedMix:
+    name: str
+    spec: AdapterLeaf | MixNode
+    key: str
+
+
+class ServerState:
+    def __init__(self, config: ServeConfig) -> None:
+        self.config = config
+        dtype = getattr(torch, config.dtype)
+        self.runtime = ModelRuntime(
+            config.model, device=config.device, dtype=dtype, max_seqs=config.max_batch, max_len=config.max_len
+        )
+        self.base_name = config.model_name or (
+            DEMO_MODEL_NAME
+            if Path(config.model).resolve() == (DEMO_DIR / "base").resolve()
+            else Path(config.model).name
+        )
+        self.metrics = Metrics(max_lora=config.max_batch)
+        self.registry = AdapterRegistry(Path(config.adapters), self.runtime.base_shapes())
+        self.adapter_errors = self.registry.load_root()
+        self._executor = ThreadPoolExecutor(config.merge_threads, thread_name_prefix="mixserve-merge")
+        self.cache = MixCache(config.cache_bytes, self.metrics, self._executor)
+        self.engine = Engine(
+            self.runtime,
+            self.metrics,
+            max_batch=config.max_batch,
+            max_waiting=config.max_waiting,
+            max_prefill_tokens=config.max_prefill_tokens,
+        )
+        self.pins: dict[str, PinnedMix] = {}
+        self.ready = False
+        self.started = time.time()
+
+    # ------------------------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        await self.engine.start()
+        if self.config.pin_file is not None:
+            for name, spec in read_pin_file(Path(self.config.pin_file)).items():
+                await self.pin(name, spec)
+                log.info("pinned %s from %s", name, self.config.pin_file)
+        self.ready = True
+
+    async def shutdown(self) -> None:
+        self.ready = False
+        drained = await self.engine.drain(self.config.drain_seconds)
+        if not drained:
+            log.warning("drain deadline passed with requests in flight; aborting them")
+        await self.engine.stop()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # ------------------------------------------------------------------------------------ resolving
+    def resolve(self, model: str | None, mix: dict | str | None) -> ResolvedMix:
+        """What a request asks for: ``mix`` (a spec, or a name) wins over ``model``."""
+        if mix is not None:
+            if isinstance(mix, str):
+                return self._resolve_name(mix, "mix")
+            return self._resolve_spec(mix)
+        if model is None or model == self.base_name:
+            return ResolvedMix(self.base_name, "", None)
+        return self._resolve_name(model, "model")
+
+    def _resolve_name(self, name: str, param: str) -> ResolvedMix:
+        if name == self.base_name:
+            return ResolvedMix(self.base_name, "", None)
+        if name in self.pins:
+            pin = self.pins[name]
+            return ResolvedMix(name, pin.key, pin.spec)
+        if name in self.registry:
+            spec = AdapterLeaf(adapter=name)
+            return ResolvedMix(name, mix_key(spec, self.registry.snapshot()), spec)
+        known = [self.base_name, *self.registry.names(), *sorted(self.pins)]
+        raise RequestError(404, f"model {name!r} does not exist (known: {', '.join(known)})", param, "model_not_found")
+
+    def _resolve_spec(self, raw: dict) -> ResolvedMix:
+        spec = self.validate_spec(raw)
+        return ResolvedMix("adhoc", mix_key(spec, self.registry.snapshot()), spec)
+
+    def validate_spec(self, raw: dict | str) -> AdapterLeaf | MixNode:
+        try:
+            spec = parse_mix(raw)
+        except (ValidationError, ValueError, TypeError) as exc:
+            raise RequestError(400, f"invalid mix: {_short(exc)}", "mix", "invalid_mix") from None
+        limits = self.config.limits
+        names = [leaf.adapter for leaf in leaves(spec)]
+        if len(names) > limits.max_mix_adapters:
+            raise RequestError(400, f"mix has {len(names)} adapters (limit max_mix_adapters={limits.max_mix_adapters})",
+                               "mix", "mix_too_large")  # fmt: skip
+        if depth(spec) > limits.max_mix_depth:
+            raise RequestError(400, f"mix is {depth(spec)} levels deep (limit max_mix_depth={limits.max_mix_depth})",
+                               "mix", "mix_too_deep")  # fmt: skip
+        unknown = sorted({n for n in names if n not in self.registry})
+        if unknown:
+            raise RequestError(400, f"unknown adapter(s) {', '.join(map(repr, unknown))} in mix "
+                               f"(registered: {', '.join(self.registry.names())})", "mix", "unknown_adapter")  # fmt: skip
+        return spec
+
+    # --------------------------------------------------------------------------------------- merges
+    async def lease(self, resolved: ResolvedMix) -> Lease | None:
+        """The merged factors for ``resolved`` (merging on a miss); ``None`` for the base model."""
+        if resolved.spec is None:
+            return None
+        try:
+            return await self.cache.acquire(resolved.key, self._merge_fn(resolved.spec))
+        except (MergeError, AdapterError, ValueError) as exc:
+            raise RequestError(400, f"the mix cannot be merged: {exc}", "mix", "merge_failed") from None
+        except MemoryError:
+            raise RequestError(507, "not enough memory to merge this mix", "mix", "merge_out_of_memory") from None
+
+    def _merge_fn(self, spec: AdapterLeaf | MixNode):
+        adapters, runtime, max_rank = self.registry.snapshot(), self.runtime, self.config.max_rank
+
+        def merge() -> MergedMix:
+            t0 = time.perf_counter()
+            merged = merge_mix(spec, adapters).to_lowrank(max_rank)
+            factors = runtime.lora_to_device(merged.lowrank_factors())
+            return MergedMix(factors, merged.method, merged.space, time.perf_counter() - t0, merged.ranks,
+                             merged.energy_kept)  # fmt: skip
+
+        return merge
+
+    async def pin(self, name: str, raw: dict | str) -> CacheEntry:
+        """Merge now and pin under ``name`` (replacing an earlier pin of that name)."""
+        if not NAME.match(name):
+            raise RequestError(400, f"mix name {name!r} must match {NAME.pattern}", "name")
+        if name == self.base_name or name in self.registry:
+            raise RequestError(409, f"{name!r} is already the name of the base model or an adapter", "name", "conflict")
+        spec = self.validate_spec(raw)
+        resolved = ResolvedMix(name, mix_key(spec, self.registry.snapshot()), spec)
+        lease = await self.lease(resolved)
+        assert lease is not None
+        try:
+            if name in self.pins:
+                self.cache.unpin(name)
+            self.cache.pin(lease.entry, name)
+            self.pins[name] = PinnedMix(name, spec, resolved.key)
+        finally:
+            lease.release()
+        return lease.entry
+
+    def unpin(self, name: str) -> None:
+        if name not in self.pins:
+            raise RequestError(404, f"no pinned mix named {name!r}", "name", "not_found")
+        del self.pins[name]
+        self.cache.unpin(name)
+
+
+def read_pin_file(path: Path) -> dict[str, dict | str]:
+    """``{name: mix}`` from YAML/JSON: either a mapping of names to mixes or ``mixes: [{name, mix}]``."""
+    import yaml
+
+    data = yaml.safe_load(path.read_text()) or {}
+    if isinstance(data, dict) and isinstance(data.get("mixes"), list):
+        return {str(item["name"]): item["mix"] for item in data["mixes"]}
+    if isinstance(data, dict):
+        return {str(k): v for k, v in data.items()}
+    raise ValueError(f"{path}: expected a mapping of names to mixes, or 'mixes: [{{name, mix}}]'")
+
+
+def _short(exc: Exception) -> str:
+    if isinstance(exc, ValidationError):
+        return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'mix'}: {e['msg']}" for e in exc.errors()[:5])
+    return str(exc)

@@ -1,0 +1,49 @@
+"""A real mixserve (uvicorn on 127.0.0.1, an ephemeral port) in a background thread, for integration tests."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from contextlib import contextmanager
+
+import httpx
+import uvicorn
+
+from server.api import create_app
+from server.config import ServeConfig
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running_server(config: ServeConfig, ready_timeout: float = 120.0):
+    """Yield the base URL once ``/ready`` is true; stop the server (and its lifespan) afterwards."""
+    config.host, config.port = "127.0.0.1", free_port()
+    app = create_app(config)
+    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://{config.host}:{config.port}"
+    deadline = time.monotonic() + ready_timeout
+    try:
+        while True:
+            try:
+                r = httpx.get(url + "/ready", timeout=2)
+                if r.status_code == 200:
+                    break
+                if r.json().get("reason", "") not in ("loading", "shutting down"):
+                    raise RuntimeError(f"server failed to start: {r.json()}")
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError("mixserve did not become ready")
+            time.sleep(0.1)
+        yield url, app
+    finally:
+        server.should_exit = True
+        thread.join(30)
