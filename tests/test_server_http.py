@@ -210,3 +210,19 @@ def test_client_disconnect_cancels_generation_and_frees_the_slot(server):
         assert time.monotonic() < deadline, "aborted streams still hold KV slots"
         time.sleep(0.05)
     assert metrics(url).get("mixserve_requests_total{finish_reason=abort}", 0) >= 5
+
+
+def test_pin_file_is_merged_before_ready_and_admin_is_off_without_a_token(tmp_path):
+    pins = tmp_path / "mixes.yaml"
+    pins.write_text("code:\n  method: ties\n  density: 0.5\n  children: [{adapter: python}, {adapter: pystr}]\n")
+    config = ServeConfig(model=DEMO / "base", adapters=DEMO / "adapters", admin_token=None, max_batch=2, pin_file=pins)
+    with running_server(config) as (url, app):
+        ready = httpx.get(url + "/ready").json()
+        assert ready["ready"] and ready["pins"] == ["code"]
+        state = app.state.server
+        assert [e.pins for e in state.cache.entries()] == [{"code"}]  # merged before /ready said yes
+        assert state.cache.merges_started == 1
+        assert generate(url, PY, "code", 8)["mix"] == "code"
+        assert state.cache.merges_started == 1
+        r = httpx.get(url + "/admin/cache", headers=ADMIN)
+        assert r.status_code == 403 and "MIXSERVE_ADMIN_TOKEN" in r.json()["error"]["message"]

@@ -1,0 +1,373 @@
+"""Serving benchmark: mixserve (a real server process, streaming HTTP) against PEFT baselines, one run.
+
+Scenarios at each concurrency (closed loop: ``c`` clients, each sends its next request when the last
+one finished): base only; every request on one pinned merged mix; requests spread over 8 pinned
+mixes; cold mixes (each request a new mix: a merge per request). Baselines, in this process, after
+the server has exited (no CPU shared with it):
+
+- PEFT naive ("switching"): one request at a time; per request ``add_weighted_adapter`` +
+  ``set_adapter`` + ``generate`` + ``delete_adapter``; requests queue behind each other.
+- PEFT mixed batch: the 8 mixes created once; each batch of ``c`` requests runs as one
+  ``generate(adapter_names=[...])`` (static batching: a batch ends when its longest request ends).
+
+Every request generates exactly ``--max-tokens`` tokens (eos ignored), so tokens/s compare like for
+like. TTFT and inter-token latency are timed client-side for mixserve (SSE events) and per decode
+step for PEFT (a logits processor's clock).
+
+    python -m bench.serve --out bench/results/serve-cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import torch
+
+from eval.tasks import TASKS, make_split
+from server.config import DEMO_DIR
+
+# Eight mixes over the demo's four adapters: linear, TIES, DARE-TIES, nested, in the default lowrank space.
+MIXES: dict[str, dict] = {
+    "sql-json-linear": {"method": "linear", "children": [{"adapter": "sql"}, {"adapter": "json"}]},
+    "sql-json-ties": {"method": "ties", "density": 0.5, "children": [{"adapter": "sql"}, {"adapter": "json"}]},
+    "code-linear": {"method": "linear", "children": [{"adapter": "python"}, {"adapter": "pystr"}]},
+    "code-ties": {"method": "ties", "density": 0.5, "children": [{"adapter": "python"}, {"adapter": "pystr"}]},
+    "all-ties": {"method": "ties", "density": 0.3, "children": [{"adapter": a} for a in TASKS]},
+    "all-dare-ties": {"method": "dare_ties", "drop_rate": 0.5, "children": [{"adapter": a} for a in TASKS]},
+    "sql-python-linear": {
+        "method": "linear",
+        "children": [{"adapter": "sql", "weight": 0.6}, {"adapter": "python", "weight": 0.4}],
+    },
+    "nested": {
+        "method": "ties",
+        "density": 0.5,
+        "children": [
+            {"method": "linear", "children": [{"adapter": "python"}, {"adapter": "pystr"}]},
+            {"adapter": "sql"},
+        ],
+    },
+}
+PEFT_COMBINATION = {"linear": "cat", "ties": "ties_svd", "dare_ties": "dare_ties_svd"}
+
+
+@dataclass
+class RequestTiming:
+    ttft: float
+    itl: list[float]
+    tokens: int
+    e2e: float
+
+
+@dataclass
+class ScenarioResult:
+    system: str
+    scenario: str
+    concurrency: int
+    requests: int
+    seconds: float
+    timings: list[RequestTiming] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        tokens = sum(t.tokens for t in self.timings)
+        ttft = sorted(t.ttft for t in self.timings)
+        itl = sorted(x for t in self.timings for x in t.itl)
+        return {
+            "system": self.system, "scenario": self.scenario, "concurrency": self.concurrency,
+            "requests": self.requests, "seconds": round(self.seconds, 3), "tokens": tokens,
+            "tokens_per_s": round(tokens / self.seconds, 1),
+            "ttft_p50_ms": _pct(ttft, 50), "ttft_p99_ms": _pct(ttft, 99),
+            "itl_p50_ms": _pct(itl, 50), "itl_p99_ms": _pct(itl, 99),
+        }  # fmt: skip
+
+
+def _pct(sorted_values: list[float], q: float) -> float | None:
+    if not sorted_values:
+        return None
+    i = min(len(sorted_values) - 1, max(0, round(q / 100 * (len(sorted_values) - 1))))
+    return round(1000 * sorted_values[i], 3)
+
+
+def prompts(n: int) -> list[str]:
+    per = -(-n // len(TASKS))
+    out = [ex.prompt for task in TASKS for ex in make_split(task, "test", per, seed=11)]
+    return [out[(i * 7) % len(out)] for i in range(n)]  # interleave the tasks
+
+
+# ------------------------------------------------------------------------------------------ mixserve
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """``mixserve serve`` on 127.0.0.1 with the 8 mixes pinned, in its own process."""
+
+    def __init__(self, model: Path, adapters: Path, max_batch: int, threads: int) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._pins = tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False)
+        json.dump(MIXES, self._pins)  # JSON is YAML
+        self._pins.close()
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        cmd = [sys.executable, "-m", "server.cli", "serve", "--model", str(model), "--adapters", str(adapters),
+               "--port", str(self.port), "--max-batch", str(max_batch), "--max-waiting", "4096",
+               "--pin-file", self._pins.name, "--insecure-admin", "--log-level", "warning"]  # fmt: skip
+        self.proc = subprocess.Popen(cmd, env=env)
+
+    def wait_ready(self, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mixserve exited with {self.proc.returncode}")
+            try:
+                if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError("mixserve did not become ready")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(60)
+        os.unlink(self._pins.name)
+
+
+async def _one_request(client: httpx.AsyncClient, url: str, prompt: str, mix, max_tokens: int) -> RequestTiming:
+    body = {"prompt": prompt, "mix": mix, "max_tokens": max_tokens, "ignore_eos": True, "stream": True}
+    t0 = time.perf_counter()
+    times: list[float] = []
+    tokens = 0
+    async with client.stream("POST", url + "/generate", json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {await r.aread()}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            event = json.loads(line[6:])
+            if event.get("error"):
+                raise RuntimeError(event["error"])
+            n = len(event["token_ids"])
+            if n:
+                times.append(time.perf_counter())
+                tokens += n
+    itl = [b - a for a, b in itertools.pairwise(times)]
+    return RequestTiming(times[0] - t0, itl, tokens, time.perf_counter() - t0)
+
+
+async def run_mixserve(url: str, scenario: str, concurrency: int, n: int, max_tokens: int) -> ScenarioResult:
+    names = list(MIXES)
+    texts = prompts(n)
+
+    def mix_for(i: int):
+        if scenario == "base":
+            return None
+        if scenario == "one-mix":
+            return names[1]
+        if scenario == "8-mixes":
+            return names[i % len(names)]
+        # cold: a mix never seen before (another DARE seed), so every request merges
+        return {**MIXES["all-dare-ties"], "seed": 10_000 + i}
+
+    queue = list(range(n))
+    timings: list[RequestTiming] = []
+
+    async def client_loop(client: httpx.AsyncClient) -> None:
+        while queue:
+            i = queue.pop(0)
+            timings.append(await _one_request(client, url, texts[i], mix_for(i), max_tokens))
+
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=concurrency + 4)) as client:
+        await _one_request(client, url, texts[0], mix_for(0) if scenario != "cold" else None, 4)  # warm-up
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
+        seconds = time.perf_counter() - t0
+    return ScenarioResult("mixserve", scenario, concurrency, n, seconds, timings)
+
+
+# ---------------------------------------------------------------------------------------------- PEFT
+class _StepClock:
+    """A logits processor that only records when each decode step's logits are ready."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def __call__(self, input_ids, scores):
+        self.times.append(time.perf_counter())
+        return scores
+
+
+def _peft_model(model_dir: Path, adapters_dir: Path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.padding_side = "left"
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    names = sorted(p.name for p in adapters_dir.iterdir() if p.is_dir())
+    model = PeftModel.from_pretrained(base, adapters_dir / names[0], adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(adapters_dir / name, adapter_name=name)
+    return model, tok
+
+
+def _add_mix(model, name: str, spec: dict) -> None:
+    """A mix as PEFT builds it: nested mixes are built bottom-up under temporary names."""
+    children = []
+    for j, child in enumerate(spec["children"]):
+        if "adapter" in child:
+            children.append((child["adapter"], child.get("weight", 1.0)))
+        else:
+            sub = f"{name}__{j}"
+            _add_mix(model, sub, child)
+            children.append((sub, child.get("weight", 1.0)))
+    kwargs = {"density": spec.get("density", 1 - spec.get("drop_rate", 0.5))} if spec["method"] != "linear" else {}
+    model.add_weighted_adapter([c[0] for c in children], [c[1] for c in children], name,
+                               combination_type=PEFT_COMBINATION[spec["method"]], **kwargs)  # fmt: skip
+
+
+def _generate(model, tok, batch: list[str], max_tokens: int, adapter_names=None) -> tuple[float, list[float]]:
+    clock = _StepClock()
+    enc = tok(batch, return_tensors="pt", padding=True)
+    kwargs = {"adapter_names": adapter_names} if adapter_names is not None else {}
+    with torch.no_grad():
+        model.generate(**enc, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False,
+                       logits_processor=[clock], pad_token_id=tok.pad_token_id, **kwargs)  # fmt: skip
+    return clock.times[0], [b - a for a, b in zip(clock.times, clock.times[1:], strict=False)]
+
+
+def run_peft_naive(model, tok, concurrency: int, n: int, max_tokens: int) -> ScenarioResult:
+    """c clients, one server that serves one request at a time (FIFO), switching adapters per request.
+
+    Closed loop: request ``i`` comes from client ``i % c`` and arrives when that client's previous
+    request (``i - c``) is done; the first ``c`` arrive at the start.
+    """
+    names, texts = list(MIXES), prompts(n)
+    timings: list[RequestTiming] = []
+    done: list[float] = []
+    t0 = time.perf_counter()
+    for i in range(n):
+        came = t0 if i < concurrency else done[i - concurrency]
+        name = f"req{i}"
+        _add_mix(model, name, MIXES[names[i % len(names)]])
+        model.set_adapter(name)
+        first, itl = _generate(model, tok, [texts[i]], max_tokens)
+        done.append(time.perf_counter())
+        for leftover in [a for a in list(model.peft_config) if a == name or a.startswith(name + "__")]:
+            model.delete_adapter(leftover)
+        timings.append(RequestTiming(first - came, itl, max_tokens, done[-1] - came))
+    return ScenarioResult("peft-naive", "8-mixes", concurrency, n, time.perf_counter() - t0, timings)
+
+
+def run_peft_mixed_batch(model, tok, concurrency: int, n: int, max_tokens: int) -> ScenarioResult:
+    names, texts = list(MIXES), prompts(n)
+    timings: list[RequestTiming] = []
+    t0 = time.perf_counter()
+    for start in range(0, n, concurrency):
+        idx = list(range(start, min(n, start + concurrency)))
+        came = time.perf_counter()
+        first, itl = _generate(model, tok, [texts[i] for i in idx], max_tokens, [names[i % len(names)] for i in idx])
+        done = time.perf_counter()
+        timings += [RequestTiming(first - came, itl, max_tokens, done - came) for _ in idx]
+    return ScenarioResult("peft-mixed-batch", "8-mixes", concurrency, n, time.perf_counter() - t0, timings)
+
+
+# ------------------------------------------------------------------------------------------- report
+def ratios(rows: list[dict]) -> list[dict]:
+    by = {(r["system"], r["scenario"], r["concurrency"]): r for r in rows}
+    out = []
+
+    def add(label: str, num, den, key: str = "tokens_per_s", target: str = "") -> None:
+        if num and den and num.get(key) and den.get(key):
+            out.append({"ratio": label, "value": round(num[key] / den[key], 3), "target": target})
+
+    for c in sorted({r["concurrency"] for r in rows}):
+        add(f"8 mixes / one mix, tokens/s, c={c}", by.get(("mixserve", "8-mixes", c)),
+            by.get(("mixserve", "one-mix", c)), target=">= 0.8")  # fmt: skip
+        add(f"mixserve 8 mixes / PEFT naive, tokens/s, c={c}", by.get(("mixserve", "8-mixes", c)),
+            by.get(("peft-naive", "8-mixes", c)), target=">= 5 at c=32" if c == 32 else "")  # fmt: skip
+        add(f"mixserve 8 mixes / PEFT mixed batch, tokens/s, c={c}", by.get(("mixserve", "8-mixes", c)),
+            by.get(("peft-mixed-batch", "8-mixes", c)))  # fmt: skip
+        add(f"cold mixes / 8 pinned mixes, tokens/s, c={c}", by.get(("mixserve", "cold", c)),
+            by.get(("mixserve", "8-mixes", c)))  # fmt: skip
+    add("one mix / base, ITL p50, c=1", by.get(("mixserve", "one-mix", 1)), by.get(("mixserve", "base", 1)),
+        "itl_p50_ms", "<= 1.15")  # fmt: skip
+    return out
+
+
+def to_markdown(result: dict) -> str:
+    cols = ["system", "scenario", "concurrency", "requests", "tokens_per_s", "ttft_p50_ms", "ttft_p99_ms",
+            "itl_p50_ms", "itl_p99_ms"]  # fmt: skip
+    lines = [f"Machine: {result['machine']}; model: {result['model']}; {result['max_tokens']} tokens per request, "
+             "eos ignored; one run.", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]  # fmt: skip
+    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in result["rows"]]
+    lines += ["", "| ratio | value | target |", "|---|---|---|"]
+    lines += [f"| {r['ratio']} | {r['value']} | {r['target']} |" for r in result["ratios"]]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, default=DEMO_DIR / "base")
+    ap.add_argument("--adapters", type=Path, default=DEMO_DIR / "adapters")
+    ap.add_argument("--concurrency", default="1,8,32", help="comma-separated client counts (default 1,8,32)")
+    ap.add_argument("--max-tokens", dest="max_tokens", type=int, default=32)
+    ap.add_argument("--requests", type=int, default=0, help="requests per scenario (default: max(8, 2 x c))")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads for server and PEFT")
+    ap.add_argument("--skip-peft", dest="skip_peft", action="store_true")
+    ap.add_argument("--out", default="bench/results/serve-cpu", help="writes <out>.json and <out>.md")
+    args = ap.parse_args(argv)
+    levels = [int(c) for c in args.concurrency.split(",")]
+    count = {c: args.requests or max(8, 2 * c) for c in levels}
+    rows: list[dict] = []
+    server = ServerProcess(args.model, args.adapters, max(levels), args.threads)
+    try:
+        server.wait_ready()
+        for c in levels:
+            for scenario in ("base", "one-mix", "8-mixes", "cold"):
+                r = asyncio.run(run_mixserve(server.url, scenario, c, count[c], args.max_tokens)).summary()
+                print(json.dumps(r), flush=True)
+                rows.append(r)
+    finally:
+        server.stop()
+    if not args.skip_peft:
+        torch.set_num_threads(args.threads)
+        model, tok = _peft_model(args.model, args.adapters)
+        for name, spec in MIXES.items():
+            _add_mix(model, name, spec)
+        _generate(model, tok, prompts(1), 4, [next(iter(MIXES))])  # warm-up
+        for c in levels:
+            for fn in (run_peft_naive, run_peft_mixed_batch):
+                r = fn(model, tok, c, count[c], args.max_tokens).summary()
+                print(json.dumps(r), flush=True)
+                rows.append(r)
+    device = "CPU" if not torch.cuda.is_available() else torch.cuda.get_device_name()
+    result = {
+        "machine": f"{device}, {os.cpu_count()} cores, {platform.processor() or platform.machine()}, torch {torch.__version__}",
+        "model": str(args.model), "max_tokens": args.max_tokens, "threads": args.threads,
+        "mixes": MIXES, "rows": rows, "ratios": ratios(rows),
+    }  # fmt: skip
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    out.with_suffix(".md").write_text(to_markdown(result))
+    print(to_markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
