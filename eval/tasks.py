@@ -2,9 +2,9 @@
 
 Every example is generated from a seed, so train / validation / test splits are reproducible, and
 the test split is disjoint from training by construction: no test prompt can occur in training.
-Each task holds something out: SQL constants (numbers ending in 7, the last two words of each value
-list), Python (reducer x predicate) combinations, string-function (operation x parameter) pairs,
-JSON people (three names and ages 70-90). Structures without anything to hold out (an SQL average
+Each task holds something out: SQL constants (a stable 20% of every word pool and numeric range,
+``held_out``), Python (reducer x predicate) combinations, string-function (operation x parameter)
+pairs, JSON people (held-out names with held-out ages). Structures without anything to hold out (an SQL average
 with no constant, ``reverse(s)``) appear in training only. The prompt format is shared by all tasks:
 
     ### task: <sql|python|pystr|json>
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import random
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -40,6 +41,56 @@ def format_prompt(task: str, text: str) -> str:
     return f"### task: {task}\n### input: {text}\n### output:\n"
 
 
+# ------------------------------------------------------------------------------------ values, held out
+# Wide value pools (pronounceable made-up words, full numeric ranges): with a handful of values per
+# slot an adapter learns "pick one of these 8 words" instead of "copy the word from the input", and
+# fails on every value it did not see in that slot (the first demo adapters did exactly that).
+_CONSONANTS, _VOWELS = "bdfgklmnprstvz", "aeiou"
+
+
+def _word_pools(sizes: dict[str, int]) -> dict[str, list[str]]:
+    """Disjoint, seeded pools of made-up words (2-3 consonant-vowel syllables), one per slot."""
+    rng = random.Random("mixserve/word-pools")
+    taken: set[str] = set()
+    pools: dict[str, list[str]] = {}
+    for slot, n in sizes.items():
+        pool: list[str] = []
+        while len(pool) < n:
+            word = "".join(rng.choice(_CONSONANTS) + rng.choice(_VOWELS) for _ in range(rng.choice((2, 2, 3))))
+            if word not in taken:
+                taken.add(word)
+                pool.append(word)
+        pools[slot] = sorted(pool)
+    return pools
+
+
+WORDS = _word_pools(
+    {
+        "name": 120,
+        "title": 120,
+        "dept": 40,
+        "category": 40,
+        "city": 120,
+        "country": 60,
+        "author": 80,
+        "school": 40,
+        "first": 150,  # JSON people
+        "job": 40,
+    }
+)
+FIRST, JOBS = WORDS["first"], WORDS["job"]
+
+
+def held_out(value: object) -> bool:
+    """Whether a value (word or number) belongs to the test split: a stable ~20% of every pool."""
+    return zlib.crc32(str(value).encode()) % 5 == 0
+
+
+def _pick(values: list, rng: random.Random, split: Split):
+    """A value from ``values`` of the split's side: held-out values for test, the others otherwise."""
+    return rng.choice([v for v in values if held_out(v) == (split == "test")])
+
+
 # ---------------------------------------------------------------------------------------------- SQL
 TABLES = {
     "employees": {"name": "TEXT", "age": "INT", "dept": "TEXT", "salary": "INT"},
@@ -48,25 +99,15 @@ TABLES = {
     "books": {"title": "TEXT", "author": "TEXT", "year": "INT", "pages": "INT"},
     "students": {"name": "TEXT", "grade": "INT", "school": "TEXT", "score": "INT"},
 }
-WORDS = {
-    "name": ["ann", "bob", "cid", "dora", "eve", "finn", "gus", "hana", "ivan", "jo"],
-    "title": ["atlas", "brick", "comet", "delta", "ember", "fable", "grove", "haven", "iris", "jade"],
-    "dept": ["sales", "ops", "legal", "tech", "hr"],
-    "category": ["toys", "food", "tools", "books", "games"],
-    "city": ["oslo", "lima", "rome", "kiev", "pune", "nice", "bonn", "cork", "graz", "linz"],
-    "country": ["norway", "peru", "italy", "spain", "chile"],
-    "author": ["lee", "kim", "roy", "ada", "max"],
-    "school": ["north", "south", "east", "west", "hill"],
-}
 NUM_RANGE = {
-    "age": (18, 65),
-    "salary": (20, 99),
-    "price": (1, 99),
-    "stock": (0, 50),
-    "population": (10, 99),
-    "area": (5, 90),
-    "year": (1950, 2020),
-    "pages": (50, 900),
+    "age": (18, 99),
+    "salary": (100, 999),
+    "price": (1, 999),
+    "stock": (0, 500),
+    "population": (10, 999),
+    "area": (5, 900),
+    "year": (1900, 2024),
+    "pages": (50, 999),
     "grade": (1, 12),
     "score": (0, 100),
 }
@@ -80,70 +121,65 @@ def _num_cols(t: str) -> list[str]:
     return [c for c, ty in TABLES[t].items() if ty == "INT"]
 
 
-def _sql_setup(table: str, rng: random.Random, rows: int = 12) -> str:
+def _sql_setup(table: str, rng: random.Random, constants: dict[str, str], rows: int = 12) -> str:
+    """The table's rows; text columns draw from 4 values that include the question's constant, so an
+    equality filter matches some rows (a query with a miscopied constant then gives another result)."""
     cols = TABLES[table]
+    choices = {c: rng.sample(WORDS[c], 4) for c in _text_cols(table)}
+    for c, v in constants.items():
+        choices[c][0] = v
     lines = [f"CREATE TABLE {table} ({', '.join(f'{c} {t}' for c, t in cols.items())});"]
     for _ in range(rows):
         values = []
         for c, ty in cols.items():
             if ty == "TEXT":
-                values.append(f"'{rng.choice(WORDS[c])}'")
+                values.append(f"'{rng.choice(choices[c])}'")
             else:
-                lo, hi = NUM_RANGE[c]
-                values.append(str(rng.randint(lo, hi)))
+                values.append(str(rng.randint(*NUM_RANGE[c])))
         lines.append(f"INSERT INTO {table} VALUES ({', '.join(values)});")
     return "\n".join(lines)
 
 
 def _num(col: str, rng: random.Random, split: Split) -> int:
-    """A constant for a question: numbers ending in 7 are the test split's, the rest training's."""
-    lo, hi = NUM_RANGE[col]
-    pool = [v for v in range(lo, hi + 1) if (v % 10 == 7) == (split == "test")]
-    return rng.choice(pool)
+    return _pick(list(range(NUM_RANGE[col][0], NUM_RANGE[col][1] + 1)), rng, split)
 
 
-def _word(col: str, rng: random.Random, split: Split) -> str:
-    """A text constant: the last two words of each list are held out for the test split."""
-    words = WORDS[col]
-    return rng.choice(words[-2:] if split == "test" else words[:-2])
+def sql_query(template: str, t: str, rng: random.Random, split: Split) -> tuple[str, str, dict[str, str]]:
+    """(question, gold SQL, text constants by column) for one template on table ``t``."""
+    text, num = rng.choice(_text_cols(t)), rng.choice(_num_cols(t))
+    if template in ("select_gt", "select_lt"):
+        v = _num(num, rng, split)
+        word, op = ("above", ">") if template == "select_gt" else ("below", "<")
+        return f"list the {text} of {t} with {num} {word} {v}", f"SELECT {text} FROM {t} WHERE {num} {op} {v}", {}
+    if template in ("count_eq", "sum_where"):
+        w = _pick(WORDS[text], rng, split)
+        if template == "count_eq":
+            return f"how many {t} have {text} {w}", f"SELECT COUNT(*) FROM {t} WHERE {text} = '{w}'", {text: w}
+        q = f"what is the total {num} of {t} with {text} {w}"
+        return q, f"SELECT SUM({num}) FROM {t} WHERE {text} = '{w}'", {text: w}
+    if template == "avg":
+        return f"what is the average {num} of {t}", f"SELECT AVG({num}) FROM {t}", {}
+    if template == "max":
+        return f"what is the largest {num} in {t}", f"SELECT MAX({num}) FROM {t}", {}
+    if template == "order_desc":
+        q = f"show the {text} of {t} sorted by {num} from high to low"
+        return q, f"SELECT {text} FROM {t} ORDER BY {num} DESC", {}
+    if template == "group_count":
+        return f"count the {t} per {text}", f"SELECT {text}, COUNT(*) FROM {t} GROUP BY {text}", {}
+    raise ValueError(f"unknown SQL template {template!r}")
 
 
-SQL_TEMPLATES: dict[str, Callable[[str, random.Random, Split], tuple[str, str]]] = {
-    "select_gt": lambda t, r, sp: (
-        lambda c, n, v: (f"list the {c} of {t} with {n} above {v}", f"SELECT {c} FROM {t} WHERE {n} > {v}")
-    )(r.choice(_text_cols(t)), (n := r.choice(_num_cols(t))), _num(n, r, sp)),
-    "select_lt": lambda t, r, sp: (
-        lambda c, n, v: (f"list the {c} of {t} with {n} below {v}", f"SELECT {c} FROM {t} WHERE {n} < {v}")
-    )(r.choice(_text_cols(t)), (n := r.choice(_num_cols(t))), _num(n, r, sp)),
-    "count_eq": lambda t, r, sp: (
-        lambda c, v: (f"how many {t} have {c} {v}", f"SELECT COUNT(*) FROM {t} WHERE {c} = '{v}'")
-    )((c := r.choice(_text_cols(t))), _word(c, r, sp)),
-    "avg": lambda t, r, sp: (lambda n: (f"what is the average {n} of {t}", f"SELECT AVG({n}) FROM {t}"))(
-        r.choice(_num_cols(t))
-    ),
-    "max": lambda t, r, sp: (lambda n: (f"what is the largest {n} in {t}", f"SELECT MAX({n}) FROM {t}"))(
-        r.choice(_num_cols(t))
-    ),
-    "order_desc": lambda t, r, sp: (
-        lambda c, n: (f"show the {c} of {t} sorted by {n} from high to low", f"SELECT {c} FROM {t} ORDER BY {n} DESC")
-    )(r.choice(_text_cols(t)), r.choice(_num_cols(t))),
-    "group_count": lambda t, r, sp: (
-        lambda c: (f"count the {t} per {c}", f"SELECT {c}, COUNT(*) FROM {t} GROUP BY {c}")
-    )(r.choice(_text_cols(t))),
-    "sum_where": lambda t, r, sp: (
-        lambda n, c, v: (f"what is the total {n} of {t} with {c} {v}", f"SELECT SUM({n}) FROM {t} WHERE {c} = '{v}'")
-    )(r.choice(_num_cols(t)), (c := r.choice(_text_cols(t))), _word(c, r, sp)),
-}
+SQL_TEMPLATES = ("avg", "count_eq", "group_count", "max", "order_desc", "select_gt", "select_lt", "sum_where")
 # Templates with a constant to hold out; the others have nothing new to test and train only.
 SQL_TEST_TEMPLATES = ("select_gt", "select_lt", "count_eq", "sum_where")
 
 
 def sql_example(rng: random.Random, split: Split) -> Example:
-    templates = SQL_TEST_TEMPLATES if split == "test" else sorted(SQL_TEMPLATES)
+    templates = SQL_TEST_TEMPLATES if split == "test" else SQL_TEMPLATES
     template, table = rng.choice(templates), rng.choice(sorted(TABLES))
-    question, sql = SQL_TEMPLATES[template](table, rng, split)
+    question, sql, constants = sql_query(template, table, rng, split)
     schema = f"CREATE TABLE {table} ({', '.join(f'{c} {t}' for c, t in TABLES[table].items())})"
-    setup = _sql_setup(table, rng)
+    setup = _sql_setup(table, rng, constants)
     return Example("sql", format_prompt("sql", f"{schema} ; {question}"), sql, {"setup": setup})
 
 
@@ -230,8 +266,6 @@ def pystr_example(rng: random.Random, split: Split) -> Example:
 
 
 # --------------------------------------------------------------------------------------------- JSON
-FIRST = ["alice", "omar", "lena", "raj", "mia", "tom", "sara", "yuki", "paul", "nina", "ivan", "zoe"]
-JOBS = ["baker", "nurse", "pilot", "coder", "chef", "judge", "miner", "tutor"]
 JSON_SENTENCES = [
     "{name} is {age} years old and lives in {city}. {name} works as a {job}.",
     "{name} works as a {job} in {city} and is {age}.",
@@ -241,16 +275,13 @@ JSON_SENTENCES = [
     "age {age}, job {job}, city {city}: that is {name}.",
 ]
 JSON_ORDER = ("name", "age", "city", "job")
-# People only the test split describes: three names, and ages 70-90 (training uses 18-69).
-JSON_TEST_NAMES = FIRST[-3:]
 
 
 def json_example(rng: random.Random, split: Split) -> Example:
-    test = split == "test"
-    names = JSON_TEST_NAMES if test else FIRST[: -len(JSON_TEST_NAMES)]
+    """People only the test split describes: held-out names with held-out ages."""
     rec = {
-        "name": rng.choice(names),
-        "age": rng.randint(70, 90) if test else rng.randint(18, 69),
+        "name": _pick(FIRST, rng, split),
+        "age": _pick(list(range(18, 100)), rng, split),
         "city": rng.choice(WORDS["city"]),
         "job": rng.choice(JOBS),
     }

@@ -31,6 +31,7 @@ from eval.tasks import (
     TASKS,
     WORDS,
     make_split,
+    sql_query,
 )
 
 EOS, BOS, PAD = "<eos>", "<bos>", "<pad>"
@@ -47,8 +48,8 @@ class TrainConfig:
     heads: int = 4
     intermediate: int = 688
     max_len: int = 160
-    corpus_docs: int = 60_000
-    pretrain_steps: int = 900
+    corpus_docs: int = 100_000
+    pretrain_steps: int = 1000
     pretrain_block: int = 128
     pretrain_batch: int = 32
     pretrain_lr: float = 3e-3
@@ -60,25 +61,54 @@ class TrainConfig:
     adapter_steps: dict | None = None
 
     def steps_for(self, task: str) -> int:
-        steps = self.adapter_steps or {"sql": 400, "python": 800, "pystr": 800, "json": 800}
+        steps = self.adapter_steps or {"sql": 600, "python": 800, "pystr": 800, "json": 800}
         return steps[task]
 
 
 # -------------------------------------------------------------------------------------------- corpus
 def _generic_sentence(rng: random.Random) -> str:
     name, city, job = rng.choice(FIRST), rng.choice(WORDS["city"]), rng.choice(JOBS)
-    n, m = rng.randint(0, 99), rng.randint(0, 99)
+    n, m = rng.randint(0, 999), rng.randint(0, 99)
+    title = rng.choice(WORDS["title"])
     templates = [
         f"{name} met a {job} in {city} and they talked for {n} minutes.",
         f"the {job} from {city} counted {n} books and {m} pages.",
         f"{n} plus {m} is {n + m}. {n} is {'greater' if n > m else 'not greater'} than {m}.",
         f"in {city} the {rng.choice(WORDS['category'])} cost {n} coins each, {name} bought {m % 9 + 1}.",
         f"{name} said the list {[rng.randint(0, 20) for _ in range(4)]} has sum {n}.",
-        f"the word {rng.choice(WORDS['title'])} reversed is {rng.choice(WORDS['title'])[::-1]}.",
-        f"{name} is {n} years old, lives in {city} and works as a {job}.",
+        f"the word {title} reversed is {title[::-1]}.",
+        f"{name} is {n % 90 + 10} years old, lives in {city} and works as a {job}.",
         f"a table of {rng.choice(sorted(TABLES))} lists {', '.join(TABLES[rng.choice(sorted(TABLES))])}.",
     ]
     return rng.choice(templates)
+
+
+def _any_value(rng: random.Random) -> str:
+    """Any word of any pool or any number: held-out values too, in generic (non-task) contexts."""
+    if rng.random() < 0.3:
+        return str(rng.randint(0, 2024))
+    return rng.choice(WORDS[rng.choice(sorted(WORDS))])
+
+
+def _copy_sample(rng: random.Random) -> str:
+    """Text whose continuation repeats something earlier in it: this is what teaches the small base to
+    copy a word or number from its context (induction), which every task answer needs. Without it the
+    adapters learned to pick from the values they had seen in each slot, and missed every new one."""
+    vals = [_any_value(rng) for _ in range(rng.randint(2, 5))]
+    name, other = rng.choice(FIRST), rng.choice(FIRST)
+    kind = rng.randrange(5)
+    if kind == 0:
+        return f"{name} wrote: {' '.join(vals)}. {other} copied it: {' '.join(vals)}."
+    if kind == 1:
+        facts = [(rng.choice(WORDS[rng.choice(sorted(WORDS))]), _any_value(rng)) for _ in range(3)]
+        key, val = rng.choice(facts)
+        listed = "; ".join(f"the code of {k} is {v}" for k, v in facts)
+        return f"{listed}. so the code of {key} is {val}."
+    if kind == 2:
+        return f"{name} said '{vals[0]}' and {other} answered '{vals[0]}' too."
+    if kind == 3:
+        return f"items: {', '.join(vals)}. the first item is {vals[0]} and the last item is {vals[-1]}."
+    return f"{name} lives in {vals[0]}. where does {name} live? in {vals[0]}."
 
 
 def _format_sample(rng: random.Random) -> str:
@@ -89,8 +119,8 @@ def _format_sample(rng: random.Random) -> str:
     if kind < 0.5:
         return a.answer
     if kind < 0.6 and task == "sql":
-        template = rng.choice(sorted(SQL_TEMPLATES))
-        return SQL_TEMPLATES[template](rng.choice(sorted(TABLES)), rng, "train")[1]
+        template, table = rng.choice(SQL_TEMPLATES), rng.choice(sorted(TABLES))
+        return sql_query(template, table, rng, "train")[1]
     return a.prompt + b.answer  # the format, deliberately without the input -> output mapping
 
 
@@ -98,8 +128,11 @@ def build_corpus(cfg: TrainConfig) -> list[str]:
     rng = random.Random(cfg.seed)
     docs = []
     for _ in range(cfg.corpus_docs):
-        if rng.random() < 0.35:
+        r = rng.random()
+        if r < 0.35:
             docs.append(_format_sample(rng))
+        elif r < 0.55:
+            docs.append(" ".join(_copy_sample(rng) for _ in range(rng.randint(1, 3))))
         else:
             docs.append(" ".join(_generic_sentence(rng) for _ in range(rng.randint(1, 3))))
     return docs
@@ -320,7 +353,7 @@ def write_card(out: Path, cfg: TrainConfig, seconds: float, logs: dict[str, list
         f"- base: hidden {base_cfg['hidden_size']}, {base_cfg['num_hidden_layers']} layers, "
         f"{base_cfg['num_attention_heads']} heads, intermediate {base_cfg['intermediate_size']}, tied embeddings, "
         f"vocab {base_cfg['vocab_size']} (byte-level BPE, digits split), ~{n_params / 1e6:.1f}M parameters, fp32",
-        f"- pre-training: {cfg.corpus_docs:,} synthetic documents (generic sentences, plus task formats without "
+        f"- pre-training: {cfg.corpus_docs:,} synthetic documents (generic sentences, copy-from-context text, task formats without "
         f"their input -> output mapping), packed in blocks of {cfg.pretrain_block}, {cfg.pretrain_steps} steps x "
         f"{cfg.pretrain_batch}, AdamW lr {cfg.pretrain_lr} cosine; final loss {last('base'):.3f}",
         f"- adapters: LoRA r {cfg.lora_r}, alpha {cfg.lora_alpha}, all 7 projections, lr {cfg.lora_lr}, batch "
