@@ -92,18 +92,42 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 try:
+    import asyncio
+
     import uvicorn as _uvicorn
 
     class DrainingServer(_uvicorn.Server):
-        """On SIGTERM / SIGINT: ``/ready`` goes false and new requests get 503 at once, then uvicorn
-        waits for in-flight responses (up to ``--drain-seconds``) and the lifespan drains the engine."""
+        """SIGTERM / SIGINT drain: ``/ready`` goes false and new requests get 503 (Retry-After) at once,
+        while the listener stays open so probes and clients see that; in-flight requests run to their
+        end (up to ``--drain-seconds``); then uvicorn's own graceful shutdown. A second signal skips
+        the drain."""
+
+        _draining = False
 
         def handle_exit(self, sig, frame) -> None:
             state = getattr(self.config.app.state, "server", None) if hasattr(self.config.app, "state") else None
-            if state is not None:
-                state.ready = False
-                state.engine.accepting = False
+            if state is None or self._draining or self.should_exit:
+                super().handle_exit(sig, frame)
+                return
+            self._draining = True
+            state.ready = False
+            state.engine.accepting = False
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                super().handle_exit(sig, frame)
+                return
+            loop.call_soon_threadsafe(lambda: loop.create_task(self._drain_then_exit(state, sig, frame)))
+
+        async def _drain_then_exit(self, state, sig, frame) -> None:
+            logging.getLogger("mixserve").info("draining: %d running, %d waiting",
+                                               state.engine.num_running, state.engine.num_waiting)  # fmt: skip
+            await state.engine.drain(state.config.drain_seconds)
+            await asyncio.sleep(0.2)  # the last events reach their responses
             super().handle_exit(sig, frame)
+            # uvicorn re-raises captured signals after shutdown (the process would die of SIGTERM);
+            # a completed drain is a clean exit: status 0.
+            self._captured_signals.clear()
 
 except ImportError:  # pragma: no cover - uvicorn is a dependency; keep `mixserve merge` importable without it
     DrainingServer = None  # type: ignore[assignment,misc]
