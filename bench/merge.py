@@ -15,15 +15,14 @@ same run; errors are relative Frobenius distances summed over all merged modules
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
+from bench.report import write_report
 from merging.adapters import LoraAdapter
 from merging.merge import merge_mix
 from merging.spec import parse_mix
@@ -217,11 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run(
         args.layers, args.adapters, args.rank, torch.device(args.device), args.repeats, args.methods.split(",")
     )
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    out.with_suffix(".md").write_text(to_markdown(result))
-    print(to_markdown(result))
+    write_report(args.out, result, to_markdown)
     return 0
 
 

@@ -36,6 +36,7 @@ from pathlib import Path
 import httpx
 import torch
 
+from bench.report import write_report
 from eval.tasks import TASKS, make_split
 from server.config import DEMO_DIR
 
@@ -361,11 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": str(args.model), "max_tokens": args.max_tokens, "threads": args.threads,
         "mixes": MIXES, "rows": rows, "ratios": ratios(rows),
     }  # fmt: skip
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    out.with_suffix(".md").write_text(to_markdown(result))
-    print(to_markdown(result))
+    write_report(args.out, result, to_markdown)
     return 0
 
 
