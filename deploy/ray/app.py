@@ -1,0 +1,164 @@
+"""Ray Serve scale-out for mixserve, with mix affinity.
+
+Each ``MixserveReplica`` runs a whole mixserve server (base model resident, its own mix cache and
+engine) on a local port. The ``Router`` ingress speaks the same HTTP API: for a generation request
+it computes the request's mix key (the pinned / adapter name, or the canonical hash of an ad-hoc
+mix) and asks Ray for a replica with ``multiplexed_model_id=key``. Ray's multiplexed routing sends
+a key to a replica that already "loaded" it (ran ``_affinity`` for it), so the replica that merged
+and cached a mix keeps getting its requests; the router then streams the request to that replica
+over HTTP. With ``affinity=False`` the key is not passed and Ray balances requests without regard
+to mixes (the comparison the tests measure).
+
+    serve run deploy.ray.app:build_app replicas=2            # or: python -m deploy.ray.app --replicas 2
+
+Admin calls are forwarded to one replica: pin mixes on every replica with ``--pin-file`` instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+import threading
+import time
+from typing import Any
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+GENERATION_PATHS = ("v1/completions", "v1/chat/completions", "generate")
+router_app = FastAPI(title="mixserve (Ray Serve)")
+
+
+def mix_key(body: bytes) -> str:
+    """The affinity key of a generation request body ('' for the base model or an unreadable body)."""
+    try:
+        data = json.loads(body or b"{}")
+    except ValueError:
+        return ""
+    mix = data.get("mix") if isinstance(data, dict) else None
+    if isinstance(mix, dict):
+        from merging.spec import mix_hash, parse_mix
+
+        try:
+            return mix_hash(parse_mix(mix))
+        except Exception:  # invalid specs go anywhere: the replica answers the 400
+            return hashlib.sha256(json.dumps(mix, sort_keys=True).encode()).hexdigest()
+    if isinstance(mix, str):
+        return mix
+    return data.get("model", "") if isinstance(data, dict) else ""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@serve.deployment(num_replicas=2, ray_actor_options={"num_cpus": 1})
+class MixserveReplica:
+    """A full mixserve server on 127.0.0.1 inside this replica's process."""
+
+    def __init__(self, serve_kwargs: dict[str, Any] | None = None) -> None:
+        import uvicorn
+
+        from server.api import create_app
+        from server.config import ServeConfig
+
+        config = ServeConfig(**(serve_kwargs or {}))
+        config.host, config.port = "127.0.0.1", _free_port()
+        self.url = f"http://127.0.0.1:{config.port}"
+        self._server = uvicorn.Server(uvicorn.Config(create_app(config), host=config.host, port=config.port,
+                                                     log_level="warning"))  # fmt: skip
+        threading.Thread(target=self._server.run, daemon=True).start()
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError("mixserve replica did not become ready")
+
+    @serve.multiplexed(max_num_models_per_replica=256)
+    async def _affinity(self, key: str) -> str:
+        # Nothing to load here: the replica's own mix cache merges on first use. Registering the key
+        # is what makes Ray route the key's later requests to this replica.
+        return key
+
+    async def url_for(self) -> str:
+        key = serve.get_multiplexed_model_id()
+        if key:
+            await self._affinity(key)
+        return self.url
+
+    async def stats(self) -> dict:
+        """This replica's URL and its mix-cache counters (from its /metrics)."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        async with httpx.AsyncClient() as client:
+            text = (await client.get(self.url + "/metrics")).text
+        values = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples if not s.labels}
+        return {
+            "url": self.url,
+            "hits": values.get("mixserve_mix_cache_hits_total", 0.0),
+            "misses": values.get("mixserve_mix_cache_misses_total", 0.0),
+        }
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+@serve.ingress(router_app)
+class Router:
+    def __init__(self, replica: DeploymentHandle, affinity: bool = True) -> None:
+        self.replica, self.affinity = replica, affinity
+        self.client = httpx.AsyncClient(timeout=None)
+
+    @router_app.api_route("/{path:path}", methods=["GET", "POST", "DELETE"])
+    async def proxy(self, path: str, request: Request):
+        body = await request.body()
+        key = mix_key(body) if self.affinity and path in GENERATION_PATHS else ""
+        handle = self.replica.options(multiplexed_model_id=key) if key else self.replica
+        url = await handle.url_for.remote()
+        headers = {k: v for k, v in request.headers.items() if k.lower() in ("authorization", "content-type")}
+        upstream = self.client.build_request(request.method, f"{url}/{path}", content=body, headers=headers,
+                                             params=request.query_params)  # fmt: skip
+        response = await self.client.send(upstream, stream=True)
+        kind = response.headers.get("content-type", "")
+        if kind.startswith("text/event-stream"):
+
+            async def relay():
+                try:
+                    async for chunk in response.aiter_raw():
+                        yield chunk
+                finally:
+                    await response.aclose()
+
+            return StreamingResponse(relay(), status_code=response.status_code, media_type=kind)
+        content = await response.aread()
+        await response.aclose()
+        if kind.startswith("application/json"):
+            return JSONResponse(json.loads(content), status_code=response.status_code)
+        return Response(content, status_code=response.status_code, media_type=kind or None)
+
+
+def build_app(args: dict[str, str]) -> Any:
+    """``serve run deploy.ray.app:build_app replicas=2 affinity=true model=DIR adapters=DIR``."""
+    kwargs = {k: args[k] for k in ("model", "adapters") if k in args}
+    replica = MixserveReplica.options(num_replicas=int(args.get("replicas", 2))).bind(kwargs)
+    return Router.bind(replica, str(args.get("affinity", "true")).lower() == "true")
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Run mixserve on Ray Serve with mix affinity.")
+    ap.add_argument("--replicas", type=int, default=2)
+    ap.add_argument("--no-affinity", dest="affinity", action="store_false")
+    ap.add_argument("--port", type=int, default=8000)
+    a = ap.parse_args()
+    serve.start(http_options={"host": "127.0.0.1", "port": a.port})
+    serve.run(build_app({"replicas": str(a.replicas), "affinity": str(a.affinity)}), blocking=True)

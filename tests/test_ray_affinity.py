@@ -1,0 +1,82 @@
+"""Ray Serve scale-out: 2 replicas on CPU give the single server's outputs, and with mix affinity each
+mix is merged on one replica only (measured against the same traffic without affinity)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from server.config import ServeConfig
+from tests.server_harness import free_port, running_server
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "models" / "demo"
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not (DEMO / "base" / "model.safetensors").is_file(), reason="models/demo not trained"),
+]
+ray = pytest.importorskip("ray", reason="ray[serve] is not installed")
+PROMPT = "### task: sql\n### input: CREATE TABLE books (title TEXT, author TEXT, year INT, pages INT) ; how many books have author bemi\n### output:\n"
+MIXES = [{"method": "dare_ties", "drop_rate": 0.3, "seed": s, "children": [{"adapter": "sql"}, {"adapter": "json"}]}
+         for s in range(6)]  # fmt: skip
+ROUNDS = 4
+
+
+def _traffic(url: str) -> list[str]:
+    texts = []
+    for r in range(ROUNDS):
+        for mix in MIXES:
+            body = {"prompt": PROMPT, "mix": mix, "max_tokens": 8}
+            resp = httpx.post(url + "/generate", json=body, timeout=120)
+            assert resp.status_code == 200, resp.text
+            texts.append(resp.json()["text"])
+        if r == 0:
+            time.sleep(2)  # let the replicas' loaded-mix reports reach the router
+    return texts
+
+
+def _cache_totals(replica_handle) -> tuple[float, float]:
+    stats = {}
+    for _ in range(40):  # calls are balanced over replicas: collect until both answered
+        s = replica_handle.stats.remote().result()
+        stats[s["url"]] = s
+        if len(stats) == 2:
+            break
+    assert len(stats) == 2
+    return sum(s["hits"] for s in stats.values()), sum(s["misses"] for s in stats.values())
+
+
+def test_two_replicas_same_outputs_and_affinity_keeps_each_mix_on_one_replica():
+    from ray import serve
+
+    from deploy.ray.app import MixserveReplica, Router
+
+    with running_server(ServeConfig(model=DEMO / "base", adapters=DEMO / "adapters", max_batch=4)) as (url, _):
+        reference = _traffic(url)
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})  # fmt: skip
+    try:
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        results = {}
+        for affinity in (True, False):
+            replica = MixserveReplica.options(num_replicas=2).bind({"max_batch": 4})
+            serve.run(Router.bind(replica, affinity), name="mixserve", route_prefix="/")
+            texts = _traffic(f"http://127.0.0.1:{port}")
+            assert texts == reference  # same greedy outputs as the single server
+            handle = serve.get_deployment_handle("MixserveReplica", app_name="mixserve")
+            results[affinity] = _cache_totals(handle)
+            serve.delete("mixserve")
+        hits, misses = results[True]
+        assert misses == len(MIXES), f"with affinity every mix is merged once in all: {results}"
+        assert hits == len(MIXES) * (ROUNDS - 1)
+        no_hits, no_misses = results[False]
+        assert no_misses > len(MIXES), f"without affinity mixes get merged on both replicas: {results}"
+        print(f"cache hit ratio: affinity {hits / (hits + misses):.2f}, none {no_hits / (no_hits + no_misses):.2f}")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
