@@ -55,15 +55,7 @@ def create_app(config: ServeConfig) -> FastAPI:
     app.include_router(routes_admin.router)
     _install_errors(app)
 
-    @app.middleware("http")
-    async def bound_body(request: Request, call_next):
-        size = request.headers.get("content-length")
-        limit = config.limits.max_body_bytes
-        if size is not None and (not size.isdigit() or int(size) > limit):
-            body = error_body(f"request body over the limit max_body_bytes={limit}", "invalid_request_error",
-                              None, "body_too_large")  # fmt: skip
-            return JSONResponse(body, status_code=413)
-        return await call_next(request)
+    app.add_middleware(BodyLimit, limit=config.limits.max_body_bytes)
 
     @app.get("/health")
     async def health():
@@ -106,6 +98,53 @@ def create_app(config: ServeConfig) -> FastAPI:
     return app
 
 
+class BodyLimit:
+    """ASGI middleware: 413 for a body over ``limit`` bytes, declared (Content-Length) or streamed
+    (chunked): the body is never read past the limit."""
+
+    def __init__(self, app, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            await self._reject(send)
+            return
+        seen, started = 0, False
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _BodyTooLargeError(413, f"request body over the limit max_body_bytes={self.limit}")
+            return message
+
+        async def tracking_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _BodyTooLargeError:
+            if not started:
+                await self._reject(send)
+
+    async def _reject(self, send) -> None:
+        response = JSONResponse(error_body(f"request body over the limit max_body_bytes={self.limit}",
+                                           "invalid_request_error", None, "body_too_large"), status_code=413)  # fmt: skip
+        await response({"type": "http"}, None, send)
+
+
+class _BodyTooLargeError(StarletteHTTPException):
+    """An HTTPException, so the route layer answers it (413) even while it parses the body."""
+
+
 def _install_errors(app: FastAPI) -> None:
     @app.exception_handler(RequestError)
     async def request_error(_: Request, exc: RequestError):
@@ -124,7 +163,9 @@ def _install_errors(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException):
-        return JSONResponse(error_body(str(exc.detail), _TYPES.get(exc.status_code, "server_error")), exc.status_code)
+        code = "body_too_large" if isinstance(exc, _BodyTooLargeError) else None
+        body = error_body(str(exc.detail), _TYPES.get(exc.status_code, "server_error"), None, code)
+        return JSONResponse(body, exc.status_code)
 
     @app.exception_handler(Exception)
     async def unexpected(_: Request, exc: Exception):

@@ -21,6 +21,7 @@ class Limits:
     max_mix_adapters: int = 16
     max_mix_depth: int = 4
     max_body_bytes: int = 1 << 20
+    max_adapter_bytes: int = 4 << 30  # an adapter's safetensors file (checked before it is read)
 
 
 @dataclass

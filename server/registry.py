@@ -6,7 +6,7 @@ import logging
 import re
 from pathlib import Path
 
-from merging.adapters import AdapterError, LoraAdapter, load_adapter
+from merging.adapters import WEIGHTS_NAME, AdapterError, LoraAdapter, load_adapter
 
 log = logging.getLogger("mixserve.registry")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -25,8 +25,9 @@ def confined(root: Path, path: str | Path) -> Path:
 class AdapterRegistry:
     """Name -> loaded adapter, every one checked against the base model's shapes."""
 
-    def __init__(self, root: Path, base_shapes: dict[str, tuple[int, ...]]) -> None:
+    def __init__(self, root: Path, base_shapes: dict[str, tuple[int, ...]], max_bytes: int = 4 << 30) -> None:
         self.root = root
+        self.max_bytes = max_bytes
         self._base_shapes = base_shapes
         self._adapters: dict[str, LoraAdapter] = {}
 
@@ -62,6 +63,9 @@ class AdapterRegistry:
         if name in self._adapters and not replace:
             raise AdapterError(f"adapter {name!r} is already registered")
         directory = confined(self.root, path)
+        weights = directory / WEIGHTS_NAME
+        if weights.is_file() and weights.stat().st_size > self.max_bytes:
+            raise AdapterError(f"{weights.name} is {weights.stat().st_size:,} bytes (limit {self.max_bytes:,})")
         adapter = load_adapter(directory, name)
         adapter.check_base_shapes(self._base_shapes)
         self._adapters[name] = adapter

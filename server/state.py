@@ -63,7 +63,9 @@ class ServerState:
             else Path(config.model).name
         )
         self.metrics = Metrics(max_lora=config.max_batch)
-        self.registry = AdapterRegistry(Path(config.adapters), self.runtime.base_shapes())
+        self.registry = AdapterRegistry(
+            Path(config.adapters), self.runtime.base_shapes(), config.limits.max_adapter_bytes
+        )
         self.adapter_errors = self.registry.load_root()
         self._executor = ThreadPoolExecutor(config.merge_threads, thread_name_prefix="mixserve-merge")
         self.cache = MixCache(config.cache_bytes, self.metrics, self._executor)
