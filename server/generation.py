@@ -52,7 +52,10 @@ def encode_prompt(state: ServerState, prompt: str | list[str] | list[int]) -> li
             if len(prompt) != 1:
                 raise RequestError(400, "only one prompt per request is supported", "prompt")
             prompt = prompt[0]
-        ids = state.runtime.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        try:
+            ids = state.runtime.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        except Exception:  # e.g. lone surrogates a JSON string can carry but no tokenizer can encode
+            raise RequestError(400, "the prompt is not valid text (cannot be tokenized)", "prompt") from None
     limit = min(state.config.limits.max_prompt_tokens, state.runtime.max_len - 1)
     if not ids:
         raise RequestError(400, "the prompt is empty", "prompt")

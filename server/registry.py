@@ -62,7 +62,10 @@ class AdapterRegistry:
             raise AdapterError(f"adapter name {name!r} must match {NAME.pattern}")
         if name in self._adapters and not replace:
             raise AdapterError(f"adapter {name!r} is already registered")
-        directory = confined(self.root, path)
+        try:
+            directory = confined(self.root, path)
+        except (ValueError, OSError) as exc:  # NUL bytes, over-long names, loops: not a path we can use
+            raise AdapterError(f"adapter path {str(path)[:200]!r} is not usable ({type(exc).__name__})") from None
         weights = directory / WEIGHTS_NAME
         if weights.is_file() and weights.stat().st_size > self.max_bytes:
             raise AdapterError(f"{weights.name} is {weights.stat().st_size:,} bytes (limit {self.max_bytes:,})")
