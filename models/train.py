@@ -49,7 +49,7 @@ class TrainConfig:
     intermediate: int = 688
     max_len: int = 160
     corpus_docs: int = 100_000
-    pretrain_steps: int = 1000
+    pretrain_steps: int = 1400
     pretrain_block: int = 128
     pretrain_batch: int = 32
     pretrain_lr: float = 3e-3
@@ -61,7 +61,7 @@ class TrainConfig:
     adapter_steps: dict | None = None
 
     def steps_for(self, task: str) -> int:
-        steps = self.adapter_steps or {"sql": 600, "python": 800, "pystr": 800, "json": 800}
+        steps = self.adapter_steps or {"sql": 800, "python": 800, "pystr": 800, "json": 800}
         return steps[task]
 
 
@@ -84,9 +84,9 @@ def _generic_sentence(rng: random.Random) -> str:
 
 
 def _any_value(rng: random.Random) -> str:
-    """Any word of any pool or any number: held-out values too, in generic (non-task) contexts."""
-    if rng.random() < 0.3:
-        return str(rng.randint(0, 2024))
+    """Any word of any pool or any number of 1-4 digits: held-out values too, in generic (non-task) contexts."""
+    if rng.random() < 0.35:
+        return str(rng.randint(0, 10 ** rng.randint(1, 4) - 1))
     return rng.choice(WORDS[rng.choice(sorted(WORDS))])
 
 
@@ -96,7 +96,11 @@ def _copy_sample(rng: random.Random) -> str:
     adapters learned to pick from the values they had seen in each slot, and missed every new one."""
     vals = [_any_value(rng) for _ in range(rng.randint(2, 5))]
     name, other = rng.choice(FIRST), rng.choice(FIRST)
-    kind = rng.randrange(5)
+    kind = rng.randrange(7)
+    if kind == 5:
+        return f"repeat: {' '.join(vals)} | {' '.join(vals)}"
+    if kind == 6:
+        return f"{name} has {vals[0]}. {other} has {vals[1]}. {name} has {vals[0]} and {other} has {vals[1]}."
     if kind == 0:
         return f"{name} wrote: {' '.join(vals)}. {other} copied it: {' '.join(vals)}."
     if kind == 1:
@@ -131,7 +135,7 @@ def build_corpus(cfg: TrainConfig) -> list[str]:
         r = rng.random()
         if r < 0.35:
             docs.append(_format_sample(rng))
-        elif r < 0.55:
+        elif r < 0.65:
             docs.append(" ".join(_copy_sample(rng) for _ in range(rng.randint(1, 3))))
         else:
             docs.append(" ".join(_generic_sentence(rng) for _ in range(rng.randint(1, 3))))
