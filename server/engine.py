@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from server.metrics import Metrics
-from server.runtime import LoraFactorsByModule, ModelRuntime, Segment
+from server.runtime import ModelRuntime, PreparedLora, Segment
 from server.sampling import SamplingParams, make_generator, sample_next
 
 log = logging.getLogger("mixserve.engine")
@@ -41,7 +41,7 @@ class EngineStoppedError(RuntimeError):
 class GenerationRequest:
     prompt_ids: list[int]
     params: SamplingParams
-    lora: LoraFactorsByModule | None = None
+    lora: PreparedLora | None = None
     mix_key: str = ""  # "" = the base model; equal keys share a side-path segment
     mix_label: str = "base"  # bounded metrics label: base, an adapter or pinned name, or "adhoc"
     on_finish: Callable[[], None] | None = None  # e.g. release the mix-cache lease (called on the loop)
@@ -188,11 +188,17 @@ class Engine:
                 self._update_gauges()
                 await self._wake.wait()
             try:
-                await asyncio.to_thread(self.step)
+                # One worker-thread hop per busy period, not per token: the thread keeps stepping
+                # while there is work; arrivals and aborts reach it through the queue and flags.
+                await asyncio.to_thread(self._step_while_busy)
             except Exception:  # the step already failed its sequences; keep serving the rest
                 log.exception("engine step failed")
 
     # ---------------------------------------------------------------------------------------- step
+    def _step_while_busy(self) -> None:
+        while self.busy:
+            self.step()
+
     def step(self) -> None:
         """One scheduling step (worker thread)."""
         self.steps += 1

@@ -16,12 +16,11 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-
-import torch
+from typing import Any
 
 from server.metrics import Metrics
 
-Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]
+Factors = Any  # the runtime's PreparedLora, or {module: (A, B)}
 
 
 @dataclass
@@ -37,6 +36,8 @@ class MergedMix:
 
     @property
     def nbytes(self) -> int:
+        if hasattr(self.factors, "nbytes"):  # the runtime's PreparedLora
+            return self.factors.nbytes
         return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.factors.values())
 
 

@@ -12,8 +12,9 @@ sequence's own mix:
 Rows are grouped by mix into contiguous segments (the scheduler sorts them), so each mix costs two
 small matrix products per layer (Punica / S-LoRA's segmented gather, without a custom kernel).
 
-Batch invariance: a sequence's attention always spans its slot's full ``max_len`` window (masked),
-not the batch's longest sequence, so no reduction over keys changes shape with batch composition.
+Batch invariance: greedy tokens must not depend on the rest of the batch. Decode attention reads each
+slot up to the batch's longest sequence (rounded up to a block) with the tail masked; masked keys add
+exact zeros, so only the batch size of the matrix products varies (tests check the tokens).
 """
 
 from __future__ import annotations
@@ -26,11 +27,47 @@ import torch
 import torch.nn.functional as F  # noqa: N812 - the usual name
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+WINDOW_BLOCK = 64  # decode attention reads keys in multiples of this
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")  # fmt: skip
 
 # module name -> (A [r, in], B [out, r] with the LoRA scale folded in)
 LoraFactorsByModule = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
+# Projections that read the same input share one A product: [q|k|v] and [gate|up].
+GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gateup": ("gate_proj", "up_proj"),
+          "down": ("down_proj",)}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class LoraGroup:
+    """One layer's projections that share an input: ``t = x A_cat^T`` once, then ``y_j += t_j B_j^T``."""
+
+    A_T: torch.Tensor  # [in, sum of the members' ranks]
+    members: tuple[tuple[str, int, int, torch.Tensor], ...]  # (projection, rank start, rank end, B_j^T [r_j, out])
+
+
+class PreparedLora:
+    """A merged mix laid out for the side path: per layer and input group, on the serving device."""
+
+    def __init__(self, groups: dict[str, LoraGroup]) -> None:
+        self.groups = groups
+
+    @property
+    def nbytes(self) -> int:
+        return sum(
+            g.A_T.numel() * g.A_T.element_size() + sum(b.numel() * b.element_size() for *_, b in g.members)
+            for g in self.groups.values()
+        )
+
+    def module_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``{module: (A, B)}`` back from the grouped layout (for inspection and tests)."""
+        out = {}
+        for key, g in self.groups.items():
+            layer, group = key.split(".")
+            prefix = "self_attn" if group in ("qkv", "o") else "mlp"
+            for proj, r0, r1, B_T in g.members:
+                out[f"model.layers.{layer}.{prefix}.{proj}"] = (g.A_T[:, r0:r1].T, B_T.T)
+        return out
 
 
 class ServingError(RuntimeError):
@@ -43,7 +80,7 @@ class Segment:
 
     start: int
     end: int
-    lora: LoraFactorsByModule | None
+    lora: PreparedLora | None
 
 
 class KVCache:
@@ -125,25 +162,31 @@ class ModelRuntime:
         return sum(p.numel() * p.element_size() for p in self._hf.parameters())
 
     # -------------------------------------------------------------------------------------- forward
-    def _linear(self, name: str, x: torch.Tensor, segments: Sequence[Segment]) -> torch.Tensor:
+    def _base(self, name: str, x: torch.Tensor) -> torch.Tensor:
         lin = self.linears[name]
-        y = F.linear(x, lin.weight, lin.bias)
+        return F.linear(x, lin.weight, lin.bias)
+
+    def _side(self, key: str, x: torch.Tensor, outs: dict[str, torch.Tensor], segments: Sequence[Segment]) -> None:
+        """Add each segment's mix to the outputs of one input group, in place."""
         for seg in segments:
-            factors = seg.lora.get(name) if seg.lora is not None else None
-            if factors is None:
+            group = seg.lora.groups.get(key) if seg.lora is not None else None
+            if group is None:
                 continue
-            A, B = factors
-            rows = x[seg.start : seg.end]
-            y[seg.start : seg.end] += (rows @ A.T) @ B.T
-        return y
+            whole = seg.start == 0 and seg.end == x.shape[0]
+            t = (x if whole else x[seg.start : seg.end]) @ group.A_T
+            for proj, r0, r1, B_T in group.members:
+                out = outs[proj] if whole else outs[proj][seg.start : seg.end]
+                out.add_(t[..., r0:r1] @ B_T)
 
     def _qkv(self, i: int, x: torch.Tensor, positions: torch.Tensor, segments: Sequence[Segment]):
         """q [B, H, T, d], k and v [B, KV, T, d] with rotary embeddings applied."""
         b, t, _ = x.shape
         p = f"model.layers.{i}.self_attn."
-        q = self._linear(p + "q_proj", x, segments).view(b, t, self.heads, self.head_dim).transpose(1, 2)
-        k = self._linear(p + "k_proj", x, segments).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = self._linear(p + "v_proj", x, segments).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        outs = {n: self._base(p + n, x) for n in GROUPS["qkv"]}
+        self._side(f"{i}.qkv", x, outs, segments)
+        q = outs["q_proj"].view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        k = outs["k_proj"].view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = outs["v_proj"].view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = self.rotary(x, positions)  # [B, T, d]
         cos, sin = cos.unsqueeze(1).to(q.dtype), sin.unsqueeze(1).to(q.dtype)
         return _rope(q, cos, sin), _rope(k, cos, sin), v
@@ -151,15 +194,24 @@ class ModelRuntime:
     def _mlp_block(self, i: int, h: torch.Tensor, segments: Sequence[Segment]) -> torch.Tensor:
         layer, p = self.layers[i], f"model.layers.{i}.mlp."
         x = layer.post_attention_layernorm(h)
-        gate = self._linear(p + "gate_proj", x, segments)
-        up = self._linear(p + "up_proj", x, segments)
-        return h + self._linear(p + "down_proj", F.silu(gate) * up, segments)
+        outs = {n: self._base(p + n, x) for n in GROUPS["gateup"]}
+        self._side(f"{i}.gateup", x, outs, segments)
+        act = F.silu(outs["gate_proj"]) * outs["up_proj"]
+        down = {"down_proj": self._base(p + "down_proj", act)}
+        self._side(f"{i}.down", act, down, segments)
+        return h + down["down_proj"]
+
+    def _attn_out(self, i: int, attn: torch.Tensor, segments: Sequence[Segment]) -> torch.Tensor:
+        x = _merge_heads(attn)
+        out = {"o_proj": self._base(f"model.layers.{i}.self_attn.o_proj", x)}
+        self._side(f"{i}.o", x, out, segments)
+        return out["o_proj"]
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         return F.linear(self.final_norm(h), self.lm_head).float()
 
     @torch.inference_mode()
-    def prefill(self, slot: int, ids: Sequence[int], lora: LoraFactorsByModule | None) -> torch.Tensor:
+    def prefill(self, slot: int, ids: Sequence[int], lora: PreparedLora | None) -> torch.Tensor:
         """Run a whole prompt in KV slot ``slot``; the logits of its last position, ``[vocab]`` fp32."""
         t = len(ids)
         if not 0 < t < self.max_len:
@@ -178,7 +230,7 @@ class ModelRuntime:
             attn = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.kv_heads != self.heads
             )
-            h = h + self._linear(f"model.layers.{i}.self_attn.o_proj", _merge_heads(attn), segments)
+            h = h + self._attn_out(i, attn, segments)
             h = self._mlp_block(i, h, segments)
         return self._logits(h[0, -1])
 
@@ -193,27 +245,31 @@ class ModelRuntime:
         if int(pos_t.max()) >= self.max_len:
             raise ServingError(f"a sequence reached the {self.max_len}-token context")
         h = self.embed[torch.tensor(list(tokens), device=dev)].unsqueeze(1)  # [B, 1, hidden]
-        # Every sequence attends over its slot's whole window (see the module docstring).
-        j = torch.arange(self.max_len, device=dev)
+        # Keys up to the batch's longest sequence, rounded up to a block, are read (not the whole
+        # slot): the masked tail contributes exact zeros, and the kernels walk keys in fixed blocks
+        # from position 0, so a row's result does not depend on the others (tested).
+        window = min(self.max_len, -(-(int(pos_t.max()) + 1) // WINDOW_BLOCK) * WINDOW_BLOCK)
+        j = torch.arange(window, device=dev)
         valid = j[None, :] <= pos_t[:, None]
         if self.window is not None:
             valid &= j[None, :] > pos_t[:, None] - self.window
-        mask = valid[:, None, None, :]  # [B, 1, 1, max_len]
+        mask = valid[:, None, None, :]  # [B, 1, 1, window]
         for i, layer in enumerate(self.layers):
             q, k, v = self._qkv(i, layer.input_layernorm(h), pos_t.unsqueeze(1), segments)
             self.kv.k[i, slot_t, :, pos_t] = k[:, :, 0]
             self.kv.v[i, slot_t, :, pos_t] = v[:, :, 0]
-            keys, values = self.kv.k[i, slot_t], self.kv.v[i, slot_t]  # [B, KV, max_len, d]
+            keys, values = self.kv.k[i][slot_t, :, :window], self.kv.v[i][slot_t, :, :window]  # [B, KV, window, d]
             attn = F.scaled_dot_product_attention(
                 q, keys, values, attn_mask=mask, enable_gqa=self.kv_heads != self.heads
             )
-            h = h + self._linear(f"model.layers.{i}.self_attn.o_proj", _merge_heads(attn), segments)
+            h = h + self._attn_out(i, attn, segments)
             h = self._mlp_block(i, h, segments)
         return self._logits(h[:, -1])
 
-    def lora_to_device(self, factors: LoraFactorsByModule) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Merged factors in the runtime's device and dtype, checked against the base shapes."""
-        out = {}
+    def lora_to_device(self, factors: LoraFactorsByModule) -> PreparedLora:
+        """Merged factors checked against the base shapes, grouped by shared input, in the runtime's
+        device and dtype (A's of one group concatenated; B's transposed for ``t @ B^T``)."""
+        by_module = {}
         for name, (A, B) in factors.items():
             lin = self.linears.get(name)
             if lin is None:
@@ -222,8 +278,21 @@ class ModelRuntime:
                 raise ServingError(
                     f"module {name!r}: delta {B.shape[0]}x{A.shape[1]} vs weight {tuple(lin.weight.shape)}"
                 )
-            out[name] = (A.to(self.device, self.dtype).contiguous(), B.to(self.device, self.dtype).contiguous())
-        return out
+            by_module[name] = (A, B)
+        groups = {}
+        for i in range(len(self.layers)):
+            for group, projections in GROUPS.items():
+                prefix = f"model.layers.{i}.{'self_attn' if group in ('qkv', 'o') else 'mlp'}."
+                present = [(p, *by_module[prefix + p]) for p in projections if prefix + p in by_module]
+                if not present:
+                    continue
+                A_cat = torch.cat([A for _, A, _ in present], dim=0)
+                members, r0 = [], 0
+                for p, A, B in present:
+                    members.append((p, r0, r0 + A.shape[0], B.T.to(self.device, self.dtype).contiguous()))
+                    r0 += A.shape[0]
+                groups[f"{i}.{group}"] = LoraGroup(A_cat.T.to(self.device, self.dtype).contiguous(), tuple(members))
+        return PreparedLora(groups)
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

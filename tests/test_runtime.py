@@ -47,7 +47,7 @@ def test_logits_match_transformers_with_the_delta_folded_in(runtime, mixes):
     ids = _prompt(runtime, "### task: sql\n### input: how many books have author bemi\n### output:\nSELECT")
     hf = AutoModelForCausalLM.from_pretrained(DEMO / "base", dtype=torch.float32).eval()
     with torch.no_grad():
-        for name, (A, B) in mixes["ties"].items():
+        for name, (A, B) in mixes["ties"].module_factors().items():
             hf.get_submodule(name).weight += B @ A
         ref = hf(torch.tensor([ids])).logits[0]
     slot = runtime.kv.allocate()
@@ -99,9 +99,15 @@ def test_greedy_tokens_do_not_depend_on_the_rest_of_the_batch(runtime, mixes):
         ("### task: python\n### input: write sum_even(xs) that returns the sum of the numbers in xs that are even"
          "\n### output:\n", "dense"),
         ("the word zasago reversed is", None),
+        # Longer than a 64-key attention block: in a batch with it, the short prompts' decode reads a
+        # wider (masked) key window than alone.
+        ("### task: sql\n### input: CREATE TABLE books (title TEXT, author TEXT, year INT, pages INT) ; "
+         "CREATE TABLE students (name TEXT, grade INT, school TEXT, score INT) ; CREATE TABLE cities "
+         "(city TEXT, country TEXT, population INT, area INT) ; how many books have author bemi\n### output:\n", "sql"),
         ("### task: json\n### input: kupo works as a kevi in tukuta and is 44.\n### output:\n", "ties"),
     ]  # fmt: skip
     batch = [(_prompt(runtime, p), m) for p, m in prompts]
+    assert max(len(ids) for ids, _ in batch) > 64 > min(len(ids) for ids, _ in batch) + 12
     alone = [_greedy(runtime, [b], mixes)[0] for b in batch]
     together = _greedy(runtime, batch, mixes)
     assert together == alone
