@@ -14,8 +14,6 @@ to mixes (the comparison the tests measure).
 Admin calls are forwarded to one replica: pin mixes on every replica with ``--pin-file`` instead.
 """
 
-from __future__ import annotations
-
 import hashlib
 import json
 import socket
