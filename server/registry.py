@@ -64,6 +64,8 @@ class AdapterRegistry:
             raise AdapterError(f"adapter {name!r} is already registered")
         try:
             directory = confined(self.root, path)
+        except AdapterError:
+            raise
         except (ValueError, OSError) as exc:  # NUL bytes, over-long names, loops: not a path we can use
             raise AdapterError(f"adapter path {str(path)[:200]!r} is not usable ({type(exc).__name__})") from None
         weights = directory / WEIGHTS_NAME

@@ -71,7 +71,7 @@ def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("adapters") / "root"
     root.mkdir()
     _hostile_root(root)
-    limits = Limits(max_tokens=64, max_prompt_tokens=200, max_mix_adapters=3, max_mix_depth=2, max_body_bytes=20_000)
+    limits = Limits(max_tokens=400, max_prompt_tokens=200, max_mix_adapters=3, max_mix_depth=2, max_body_bytes=20_000)
     config = ServeConfig(model=DEMO / "base", adapters=root, admin_token=TOKEN, max_batch=1, max_waiting=1,
                          limits=limits)  # fmt: skip
     with running_server(config) as (url, app):
@@ -120,7 +120,7 @@ def test_admin_can_register_a_good_adapter_under_the_root(server):
 
 
 @pytest.mark.parametrize(("body", "needle"), [
-    ({"max_tokens": 65}, "max_tokens"),
+    ({"max_tokens": 401}, "max_tokens"),
     ({"prompt": "word " * 400}, "prompt has"),
     ({"stop": ["s"] * 9}, "max_stop_strings"),
     ({"stop": ["x" * 65]}, "stop strings"),
@@ -159,7 +159,8 @@ def test_body_size_is_bounded_declared_or_chunked(server):
 
 def test_a_full_queue_answers_429_with_retry_after(server):
     url, _, _ = server
-    long = {"prompt": PROMPT, "mix": "sql", "max_tokens": 60, "ignore_eos": True}
+    # Runs until the 320-token context is full: long enough to keep the one slot busy.
+    long = {"prompt": PROMPT, "mix": "sql", "max_tokens": 400, "ignore_eos": True}
     results: list[int] = []
 
     def send() -> None:
