@@ -39,6 +39,7 @@ import torch
 from bench.report import write_report
 from eval.tasks import TASKS, make_split
 from server.config import DEMO_DIR
+from server.readiness import wait_until_ready
 
 # Eight mixes over the demo's four adapters: linear, TIES, DARE-TIES, nested, in the default lowrank space.
 MIXES: dict[str, dict] = {
@@ -130,17 +131,7 @@ class ServerProcess:
         self.proc = subprocess.Popen(cmd, env=env)
 
     def wait_ready(self, timeout: float = 300) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mixserve exited with {self.proc.returncode}")
-            try:
-                if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError("mixserve did not become ready")
+        wait_until_ready(self.url, timeout=timeout, proc=self.proc)
 
     def stop(self) -> None:
         self.proc.terminate()

@@ -17,14 +17,12 @@ import platform
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
-
-import httpx
 
 from eval.tasks import TASKS, make_split
 from loadtest.generator import LoadGenerator, LoadSpec
 from loadtest.report import SLO, plot_sweep, summarize, to_markdown
+from server.readiness import wait_until_ready
 
 # Zipf popularity: first most popular. Single adapters and merged mixes, as a team would send them.
 MIXES = [
@@ -47,19 +45,12 @@ def _free_port() -> int:
 
 def _start(cmd: list[str], url: str, timeout: float = 300) -> subprocess.Popen:
     proc = subprocess.Popen(cmd, env={**os.environ, "MIXSERVE_ADMIN_TOKEN": ""})
-    deadline = time.monotonic() + timeout
-    probe = "/ready" if "server.cli" in cmd else "/health"
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{cmd} exited with {proc.returncode}")
-        try:
-            if httpx.get(url + probe, timeout=2).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-    proc.kill()
-    raise TimeoutError(f"{cmd} did not start")
+    try:
+        wait_until_ready(url, path="/ready" if "server.cli" in cmd else "/health", timeout=timeout, proc=proc)
+    except Exception:
+        proc.kill()
+        raise
+    return proc
 
 
 def run_system(name: str, cmd: list[str], url: str, rates: list[float], args, prompts: list[str]) -> list[dict]:

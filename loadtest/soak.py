@@ -36,6 +36,7 @@ from pathlib import Path
 import httpx
 
 from server.config import DEMO_DIR
+from server.readiness import wait_until_ready
 
 TOKEN = "soak-admin-token"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
@@ -94,17 +95,7 @@ class Soak:
                "--pin-file", str(self.workdir / "pins.yaml"), "--max-batch", "8", "--max-waiting", "512",
                "--cache-mb", "8", "--max-tokens", "64", "--log-level", "warning"]  # fmt: skip
         self.proc = subprocess.Popen(cmd, env={**os.environ, "MIXSERVE_ADMIN_TOKEN": TOKEN})
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mixserve exited with {self.proc.returncode}")
-            try:
-                if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError("mixserve did not become ready")
+        wait_until_ready(self.url, proc=self.proc)
 
     def stop_server(self) -> int:
         self.proc.terminate()

@@ -18,7 +18,6 @@ import hashlib
 import json
 import socket
 import threading
-import time
 from typing import Any
 
 import httpx
@@ -65,6 +64,7 @@ class MixserveReplica:
 
         from server.api import create_app
         from server.config import ServeConfig
+        from server.readiness import wait_until_ready
 
         config = ServeConfig(**(serve_kwargs or {}))
         config.host, config.port = "127.0.0.1", _free_port()
@@ -72,15 +72,7 @@ class MixserveReplica:
         self._server = uvicorn.Server(uvicorn.Config(create_app(config), host=config.host, port=config.port,
                                                      log_level="warning"))  # fmt: skip
         threading.Thread(target=self._server.run, daemon=True).start()
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError("mixserve replica did not become ready")
+        wait_until_ready(self.url)
 
     @serve.multiplexed(max_num_models_per_replica=256)
     async def _affinity(self, key: str) -> str:
