@@ -68,6 +68,9 @@ class _Sequence:
     tokens: list[int] = field(default_factory=list)
     emitted_chars: int = 0
     pending_ids: list[int] = field(default_factory=list)
+    text: str = ""  # decoded so far (complete characters only)
+    prefix_offset: int = 0  # incremental detokenisation window, as in vLLM
+    read_offset: int = 0
     last_token_time: float = 0.0
     cancelled: bool = False
     finished: bool = False
@@ -268,7 +271,7 @@ class Engine:
             return
         seq.tokens.append(token)
         seq.pending_ids.append(token)
-        text = self.runtime.tokenizer.decode(seq.tokens, skip_special_tokens=True)
+        text = self._detokenize(seq)
         finish = None
         if params.stop:
             hits = [i for i in (text.find(s, max(0, seq.emitted_chars - len(s))) for s in params.stop) if i >= 0]
@@ -291,6 +294,19 @@ class Engine:
                 self._finish(seq, finish, last=(delta, ids))
             else:
                 self._emit(seq, TokenEvent(delta, ids))
+
+    def _detokenize(self, seq: _Sequence) -> str:
+        """The sequence's text so far, decoding only a short window of recent tokens per step: the text
+        of tokens[prefix:] minus that of tokens[prefix:read] is what the new tokens add (the window's
+        first token gives SentencePiece its leading-space context); an incomplete UTF-8 character
+        waits for the token that completes it."""
+        tok = self.runtime.tokenizer
+        before = tok.decode(seq.tokens[seq.prefix_offset : seq.read_offset], skip_special_tokens=True)
+        after = tok.decode(seq.tokens[seq.prefix_offset :], skip_special_tokens=True)
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            seq.text += after[len(before) :]
+            seq.prefix_offset, seq.read_offset = seq.read_offset, len(seq.tokens)
+        return seq.text
 
     def _finish(self, seq: _Sequence, reason: str, *, error: str | None = None, last=("", [])) -> None:
         if seq.finished:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import json
 import time
 from pathlib import Path
 
@@ -226,3 +227,17 @@ def test_pin_file_is_merged_before_ready_and_admin_is_off_without_a_token(tmp_pa
         assert state.cache.merges_started == 1
         r = httpx.get(url + "/admin/cache", headers=ADMIN)
         assert r.status_code == 403 and "MIXSERVE_ADMIN_TOKEN" in r.json()["error"]["message"]
+
+
+def test_streamed_text_is_the_decoding_of_the_streamed_tokens(server):
+    url, app = server
+    body = {"prompt": JSON, "mix": "json", "max_tokens": 60, "stream": True}
+    text, ids = "", []
+    with httpx.stream("POST", url + "/generate", json=body, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                event = json.loads(line[6:])
+                text += event["text"]
+                ids += event["token_ids"]
+    assert len(ids) > 10
+    assert text == app.state.server.runtime.tokenizer.decode(ids, skip_special_tokens=True)
