@@ -25,7 +25,6 @@ import itertools
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,7 +38,7 @@ import torch
 from bench.report import write_report
 from eval.tasks import TASKS, make_split
 from server.config import DEMO_DIR
-from server.readiness import wait_until_ready
+from server.readiness import free_port, wait_until_ready
 
 # Eight mixes over the demo's four adapters: linear, TIES, DARE-TIES, nested, in the default lowrank space.
 MIXES: dict[str, dict] = {
@@ -109,17 +108,13 @@ def prompts(n: int) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------ mixserve
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ServerProcess:
     """``mixserve serve`` on 127.0.0.1 with the 8 mixes pinned, in its own process."""
 
     def __init__(self, model: Path, adapters: Path, max_batch: int, threads: int) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._pins = tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False)
         json.dump(MIXES, self._pins)  # JSON is YAML

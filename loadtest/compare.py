@@ -14,7 +14,6 @@ import asyncio
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 from eval.tasks import TASKS, make_split
 from loadtest.generator import LoadGenerator, LoadSpec
 from loadtest.report import SLO, plot_sweep, summarize, to_markdown
-from server.readiness import wait_until_ready
+from server.readiness import free_port, wait_until_ready
 
 # Zipf popularity: first most popular. Single adapters and merged mixes, as a team would send them.
 MIXES = [
@@ -35,12 +34,6 @@ MIXES = [
     "pystr",
     {"method": "ties", "density": 0.3, "children": [{"adapter": a} for a in TASKS]},
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _start(cmd: list[str], url: str, timeout: float = 300) -> subprocess.Popen:
@@ -96,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     rates = [float(r) for r in args.rates.split(",")]
     prompts = [e.prompt for t in TASKS for e in make_split(t, "test", 25, seed=5)]
-    port = _free_port()
+    port = free_port()
     systems = {
         "mixserve": [sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--max-batch", "32",
                      "--max-waiting", "4096", "--log-level", "warning"],

@@ -36,7 +36,7 @@ from pathlib import Path
 import httpx
 
 from server.config import DEMO_DIR
-from server.readiness import wait_until_ready
+from server.readiness import free_port, wait_until_ready
 
 TOKEN = "soak-admin-token"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
@@ -65,14 +65,6 @@ def _rss_bytes(pid: int) -> int:
     return 0
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Soak:
     def __init__(self, seconds: float, clients: int, max_tokens: int, seed: int, workdir: Path) -> None:
         self.seconds, self.clients, self.max_tokens = seconds, clients, max_tokens
@@ -89,7 +81,7 @@ class Soak:
         root = self.workdir / "adapters"
         shutil.copytree(DEMO_DIR / "adapters", root)
         (self.workdir / "pins.yaml").write_text(PIN_FILE)
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "server.cli", "serve", "--port", str(self.port), "--adapters", str(root),
                "--pin-file", str(self.workdir / "pins.yaml"), "--max-batch", "8", "--max-waiting", "512",

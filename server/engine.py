@@ -22,6 +22,8 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
+import torch
+
 from server.metrics import Metrics
 from server.runtime import ModelRuntime, PreparedLora, Segment
 from server.sampling import SamplingParams, make_generator, sample_next
@@ -74,7 +76,7 @@ class _Sequence:
     last_token_time: float = 0.0
     cancelled: bool = False
     finished: bool = False
-    generator: object = None
+    generator: torch.Generator | None = None
 
     @property
     def position(self) -> int:  # tokens already in the KV slot
@@ -281,10 +283,8 @@ class Engine:
             finish = "length"
         if finish is None and seq.position + 1 >= self.runtime.max_len:
             finish = "length"  # the KV slot is full
-        # Hold back what could still become a stop string or an incomplete UTF-8 character.
+        # Hold back what could still become a stop string (incomplete UTF-8 never reaches `text`).
         hold = 0 if finish else max((len(s) - 1 for s in params.stop), default=0)
-        if finish is None and text.endswith("\ufffd"):
-            hold = max(hold, 1)
         end = max(seq.emitted_chars, len(text) - hold)
         if end > seq.emitted_chars or finish:
             delta = text[seq.emitted_chars : end]

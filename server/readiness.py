@@ -3,10 +3,18 @@ for the tools that start servers: benchmarks, load tests, the soak, Ray replicas
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import time
 import urllib.error
 import urllib.request
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def wait_until_ready(url: str, *, path: str = "/ready", timeout: float = 300.0,

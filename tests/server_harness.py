@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from contextlib import contextmanager
@@ -12,12 +11,7 @@ import uvicorn
 
 from server.api import create_app
 from server.config import ServeConfig
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from server.readiness import free_port
 
 
 @contextmanager

@@ -16,7 +16,6 @@ Admin calls are forwarded to one replica: pin mixes on every replica with ``--pi
 
 import hashlib
 import json
-import socket
 import threading
 from typing import Any
 
@@ -49,12 +48,6 @@ def mix_key(body: bytes) -> str:
     return data.get("model", "") if isinstance(data, dict) else ""
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @serve.deployment(num_replicas=2, ray_actor_options={"num_cpus": 1})
 class MixserveReplica:
     """A full mixserve server on 127.0.0.1 inside this replica's process."""
@@ -64,10 +57,10 @@ class MixserveReplica:
 
         from server.api import create_app
         from server.config import ServeConfig
-        from server.readiness import wait_until_ready
+        from server.readiness import free_port, wait_until_ready
 
         config = ServeConfig(**(serve_kwargs or {}))
-        config.host, config.port = "127.0.0.1", _free_port()
+        config.host, config.port = "127.0.0.1", free_port()
         self.url = f"http://127.0.0.1:{config.port}"
         self._server = uvicorn.Server(uvicorn.Config(create_app(config), host=config.host, port=config.port,
                                                      log_level="warning"))  # fmt: skip
