@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from eval.geometry import adapter_geometry, geometry_markdown
 from eval.harness import ModelUnderTest, TaskScore, evaluate
 from eval.tasks import TASKS, make_split
 from merging.adapters import LoraAdapter, load_adapter
@@ -172,7 +173,10 @@ def to_markdown(result: dict) -> str:
             f"| {r['row']} | {r['sql_exec']:.1%} | {r['code_pass1']:.1%} ({r['python_pass1']:.0%} / {r['pystr_pass1']:.0%}) | "
             f"{r['json_valid']:.1%} | {r['json_exact']:.1%} | {r['ms_per_token']:.2f} | {merge} |"
         )
-    return head + "\n".join(lines) + "\n"
+    table = head + "\n".join(lines) + "\n"
+    if "geometry" not in result:
+        return table
+    return f"{table}\n## Adapter deltas\n\n{geometry_markdown(result['geometry'])}"
 
 
 def plot_sweeps(sweeps: dict, out: Path) -> None:
@@ -205,6 +209,7 @@ def run_benchmark(
     t0 = time.perf_counter()
     bench = QualityBenchmark(model_dir, adapter_dirs, n_test, n_val)
     result = bench.run(sweeps=sweeps)
+    result["geometry"] = adapter_geometry(bench.mut.params, bench.adapters)
     result["meta"] = {
         "model": str(model_dir),
         "adapters": {n: str(p) for n, p in adapter_dirs.items()},

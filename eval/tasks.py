@@ -2,10 +2,11 @@
 
 Every example is generated from a seed, so train / validation / test splits are reproducible, and
 the test split is disjoint from training by construction: no test prompt can occur in training.
-Each task holds something out: SQL constants (a stable 20% of every word pool and numeric range,
-``held_out``), Python (reducer x predicate) combinations, string-function (operation x parameter)
-pairs, JSON people (held-out names with held-out ages). Structures without anything to hold out (an SQL average
-with no constant, ``reverse(s)``) appear in training only. The prompt format is shared by all tasks:
+Each task holds something out by one stable rule (``held_out``: a crc32 hash, ~20% of all values):
+SQL constants (made-up words drawn afresh per example, numbers), Python (reducer x predicate)
+combinations, string-function (operation x parameter) pairs, JSON people (new held-out names with
+held-out ages). Structures without anything to hold out (an SQL average with no constant,
+``reverse(s)``) appear in training only. The prompt format is shared by all tasks:
 
     ### task: <sql|python|pystr|json>
     ### input: <question and schema / specification / record>
@@ -48,6 +49,11 @@ def format_prompt(task: str, text: str) -> str:
 _CONSONANTS, _VOWELS = "bdfgklmnprstvz", "aeiou"
 
 
+def made_up_word(rng: random.Random) -> str:
+    """A pronounceable made-up word: 2 or 3 consonant-vowel syllables (70 syllables, ~350k words)."""
+    return "".join(rng.choice(_CONSONANTS) + rng.choice(_VOWELS) for _ in range(rng.choice((2, 2, 3))))
+
+
 def _word_pools(sizes: dict[str, int]) -> dict[str, list[str]]:
     """Disjoint, seeded pools of made-up words (2-3 consonant-vowel syllables), one per slot."""
     rng = random.Random("mixserve/word-pools")
@@ -56,7 +62,7 @@ def _word_pools(sizes: dict[str, int]) -> dict[str, list[str]]:
     for slot, n in sizes.items():
         pool: list[str] = []
         while len(pool) < n:
-            word = "".join(rng.choice(_CONSONANTS) + rng.choice(_VOWELS) for _ in range(rng.choice((2, 2, 3))))
+            word = made_up_word(rng)
             if word not in taken:
                 taken.add(word)
                 pool.append(word)
@@ -84,6 +90,20 @@ FIRST, JOBS = WORDS["first"], WORDS["job"]
 def held_out(value: object) -> bool:
     """Whether a value (word or number) belongs to the test split: a stable ~20% of every pool."""
     return zlib.crc32(str(value).encode()) % 5 == 0
+
+
+def fresh_word(rng: random.Random, split: Split) -> str:
+    """A made-up word drawn afresh for one example (open vocabulary), held out for the test split.
+
+    Task slots that take words from the input (SQL text constants, JSON names) use these rather than
+    a pool: with a few hundred candidates an adapter memorises the training words and writes one of
+    them for any new word (the third demo's JSON adapter did, on every held-out name); with ~350k
+    candidates, nearly every training example is new and copying is the only way to fit them.
+    """
+    while True:
+        word = made_up_word(rng)
+        if held_out(word) == (split == "test"):
+            return word
 
 
 def _pick(values: list, rng: random.Random, split: Split):
@@ -144,15 +164,21 @@ def _num(col: str, rng: random.Random, split: Split) -> int:
     return _pick(list(range(NUM_RANGE[col][0], NUM_RANGE[col][1] + 1)), rng, split)
 
 
-def sql_query(template: str, t: str, rng: random.Random, split: Split) -> tuple[str, str, dict[str, str]]:
-    """(question, gold SQL, text constants by column) for one template on table ``t``."""
+def sql_query(
+    template: str, t: str, rng: random.Random, split: Split, open_vocab: bool = True
+) -> tuple[str, str, dict[str, str]]:
+    """(question, gold SQL, text constants by column) for one template on table ``t``.
+
+    Text constants are new words (``fresh_word``), or with ``open_vocab=False`` words of the column's
+    pool (what pre-training's format exposure shows).
+    """
     text, num = rng.choice(_text_cols(t)), rng.choice(_num_cols(t))
     if template in ("select_gt", "select_lt"):
         v = _num(num, rng, split)
         word, op = ("above", ">") if template == "select_gt" else ("below", "<")
         return f"list the {text} of {t} with {num} {word} {v}", f"SELECT {text} FROM {t} WHERE {num} {op} {v}", {}
     if template in ("count_eq", "sum_where"):
-        w = _pick(WORDS[text], rng, split)
+        w = fresh_word(rng, split) if open_vocab else _pick(WORDS[text], rng, split)
         if template == "count_eq":
             return f"how many {t} have {text} {w}", f"SELECT COUNT(*) FROM {t} WHERE {text} = '{w}'", {text: w}
         q = f"what is the total {num} of {t} with {text} {w}"
@@ -174,10 +200,10 @@ SQL_TEMPLATES = ("avg", "count_eq", "group_count", "max", "order_desc", "select_
 SQL_TEST_TEMPLATES = ("select_gt", "select_lt", "count_eq", "sum_where")
 
 
-def sql_example(rng: random.Random, split: Split) -> Example:
+def sql_example(rng: random.Random, split: Split, open_vocab: bool = True) -> Example:
     templates = SQL_TEST_TEMPLATES if split == "test" else SQL_TEMPLATES
     template, table = rng.choice(templates), rng.choice(sorted(TABLES))
-    question, sql, constants = sql_query(template, table, rng, split)
+    question, sql, constants = sql_query(template, table, rng, split, open_vocab)
     schema = f"CREATE TABLE {table} ({', '.join(f'{c} {t}' for c, t in TABLES[table].items())})"
     setup = _sql_setup(table, rng, constants)
     return Example("sql", format_prompt("sql", f"{schema} ; {question}"), sql, {"setup": setup})
@@ -277,10 +303,11 @@ JSON_SENTENCES = [
 JSON_ORDER = ("name", "age", "city", "job")
 
 
-def json_example(rng: random.Random, split: Split) -> Example:
-    """People only the test split describes: held-out names with held-out ages."""
+def json_example(rng: random.Random, split: Split, open_vocab: bool = True) -> Example:
+    """People only the test split describes: a new held-out name (``open_vocab=False``: a held-out
+    name of the pool) with a held-out age; cities and jobs come from their pools."""
     rec = {
-        "name": _pick(FIRST, rng, split),
+        "name": fresh_word(rng, split) if open_vocab else _pick(FIRST, rng, split),
         "age": _pick(list(range(18, 100)), rng, split),
         "city": rng.choice(WORDS["city"]),
         "job": rng.choice(JOBS),
@@ -290,7 +317,7 @@ def json_example(rng: random.Random, split: Split) -> Example:
     return Example("json", format_prompt("json", text), json.dumps(obj), {"expected": obj})
 
 
-GENERATORS: dict[str, Callable[[random.Random, Split], Example]] = {
+GENERATORS: dict[str, Callable[..., Example]] = {
     "sql": sql_example,
     "python": python_example,
     "pystr": pystr_example,
@@ -299,8 +326,17 @@ GENERATORS: dict[str, Callable[[random.Random, Split], Example]] = {
 _SPLIT_SEED = {"train": 0, "val": 1, "test": 2}
 
 
-def make_split(task: str, split: Split, n: int, seed: int = 0) -> list[Example]:
-    """``n`` examples of ``task``; ``val`` is drawn like ``train`` but from another seed."""
+# Tasks whose answers copy words from the input, and so take ``open_vocab``.
+OPEN_VOCAB_TASKS = ("sql", "json")
+
+
+def make_split(task: str, split: Split, n: int, seed: int = 0, *, open_vocab: bool = True) -> list[Example]:
+    """``n`` examples of ``task``; ``val`` is drawn like ``train`` but from another seed.
+
+    ``open_vocab=False`` draws the words an answer copies from fixed pools instead of afresh: what
+    the base's pre-training shows of the task formats; adapters train and are tested on new words.
+    """
     rng = random.Random(f"{task}/{split}/{seed}/{_SPLIT_SEED[split]}")
     gen_split: Split = "test" if split == "test" else "train"
-    return [GENERATORS[task](rng, gen_split) for _ in range(n)]
+    kwargs = {"open_vocab": open_vocab} if task in OPEN_VOCAB_TASKS else {}
+    return [GENERATORS[task](rng, gen_split, **kwargs) for _ in range(n)]

@@ -30,7 +30,7 @@ def test_adapter_carries_the_skill_and_a_merge_runs(mut):
     examples = {"sql": make_split("sql", "train", 6), "json": make_split("json", "train", 6)}
     base, _ = evaluate(mut, None, examples, latency_prompts=1)
     sql_only, ms = evaluate(mut, merge_mix(parse_mix("sql"), adapters), examples, latency_prompts=1)
-    # The demo adapter gets the SQL structure right but often miscopies constants (see eval/README.md).
+    # A loose bound: this checks the harness end to end, the benchmark measures the adapter (eval/README.md).
     assert sql_only["sql"].accuracy >= 3 / 6 > base["sql"].accuracy
     assert ms > 0
     mix = parse_mix({"method": "linear", "children": [{"adapter": "sql"}, {"adapter": "json"}]})
@@ -50,4 +50,8 @@ def test_benchmark_table_smoke(tmp_path):
     labels = [r["row"] for r in result["rows"]]
     assert labels[0] == "base model alone" and "adapter sql alone" in labels
     assert any("[lowrank]" in label for label in labels) and any("[dense]" in label for label in labels)
-    assert (tmp_path / "quality.md").read_text().count("\n") == len(labels) + 2
+    table, deltas = (tmp_path / "quality.md").read_text().split("\n## Adapter deltas\n")
+    assert table.count("\n") == len(labels) + 2
+    assert deltas.count("| sql |") == 1 and "| json / sql |" in deltas  # pairs in the adapters' order
+    rel = result["geometry"]["relative_norm"]
+    assert set(rel) == set(adapters) and all(0 < x < 10 for x in rel.values())

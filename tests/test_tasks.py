@@ -7,7 +7,7 @@ import re
 import pytest
 
 from eval.scorers import json_scores, run_python_tests_many, sql_execution_match
-from eval.tasks import TASKS, make_split
+from eval.tasks import TASKS, WORDS, held_out, make_split
 
 
 def _combo(ex) -> str:
@@ -18,6 +18,21 @@ def _combo(ex) -> str:
     if ex.task in ("python", "pystr"):
         return re.search(r"write (\w+)\(", text)[1]  # the function: operation x parameter
     return ex.check["expected"]["name"]  # json: the person
+
+
+def test_words_copied_from_the_input_are_open_vocabulary_and_held_out():
+    """SQL text constants and JSON names are new words per example (memorising them cannot fit the
+    training data) and every one the test split uses is a held-out word."""
+    train = make_split("json", "train", 2000)
+    names = {e.check["expected"]["name"] for e in train}
+    assert len(names) > 1500  # a pool of 150 names (demo version 3) gives at most 150
+    assert all(held_out(e.check["expected"]["name"]) for e in make_split("json", "test", 200))
+    assert not any(held_out(name) for name in names)
+    constants = [re.findall(r"'([^']*)'", e.answer) for e in make_split("sql", "test", 200)]
+    assert all(held_out(w) for words in constants for w in words) and sum(map(len, constants)) > 50
+    # What pre-training shows of the formats keeps to the pools (the base's corpus did not change).
+    pooled = {e.check["expected"]["name"] for e in make_split("json", "train", 2000, open_vocab=False)}
+    assert pooled <= set(WORDS["first"])
 
 
 @pytest.mark.parametrize("task", TASKS)
