@@ -13,14 +13,20 @@ def _digests(root):
             + sorted(root.rglob("tokenizer.json"))}  # fmt: skip
 
 
+def _tiny_config():
+    from models.train import TrainConfig
+
+    return TrainConfig(vocab_size=300, hidden=32, layers=2, heads=2, intermediate=64, corpus_docs=400,
+                       pretrain_steps=3, pretrain_batch=4, lora_r=4, lora_alpha=8, lora_batch=4,
+                       lora_train_examples=32, adapter_steps={"sql": 2, "python": 2, "pystr": 2, "json": 2})  # fmt: skip
+
+
 @pytest.mark.slow
 def test_two_runs_with_one_seed_write_identical_models(tmp_path):
     pytest.importorskip("peft")
     from models.train import TrainConfig, train_demo
 
-    cfg = TrainConfig(vocab_size=300, hidden=32, layers=2, heads=2, intermediate=64, corpus_docs=400,
-                      pretrain_steps=3, pretrain_batch=4, lora_r=4, lora_alpha=8, lora_batch=4,
-                      lora_train_examples=32, adapter_steps={"sql": 2, "python": 2, "pystr": 2, "json": 2})  # fmt: skip
+    cfg = _tiny_config()
     a = _digests(train_demo(tmp_path / "a", cfg))
     b = _digests(train_demo(tmp_path / "b", cfg))
     assert len(a) == 12 and a == b  # base, tokenizer and their configs, four adapters and theirs
@@ -31,11 +37,9 @@ def test_two_runs_with_one_seed_write_identical_models(tmp_path):
 @pytest.mark.slow
 def test_retraining_some_adapters_writes_what_a_full_build_writes(tmp_path):
     pytest.importorskip("peft")
-    from models.train import TrainConfig, train_demo
+    from models.train import train_demo
 
-    cfg = TrainConfig(vocab_size=300, hidden=32, layers=2, heads=2, intermediate=64, corpus_docs=400,
-                      pretrain_steps=3, pretrain_batch=4, lora_r=4, lora_alpha=8, lora_batch=4,
-                      lora_train_examples=32, adapter_steps={"sql": 2, "python": 2, "pystr": 2, "json": 2})  # fmt: skip
+    cfg = _tiny_config()
     full = _digests(train_demo(tmp_path / "a", cfg))
     sql = tmp_path / "a" / "adapters" / "sql" / "adapter_model.safetensors"
     sql.write_bytes(b"stale")
