@@ -337,6 +337,13 @@ def train_demo(out_dir: str | Path, cfg: TrainConfig | None = None, only: tuple[
         from transformers import AutoTokenizer
 
         previous = json.loads((out / "training_log.json").read_text())
+        # The base must be the one this configuration builds, or the log and card would describe another.
+        built = {k: v for k, v in previous["config"].items() if not k.startswith(("lora_", "adapter_"))}
+        changed = sorted(k for k, v in built.items() if asdict(cfg).get(k) != v)
+        if changed:
+            raise ValueError(
+                f"the base in {out} was built with other settings ({', '.join(changed)}); run a full build"
+            )
         logs: dict[str, list[dict]] = previous["losses"]
         runs: list[dict] = previous.get("runs") or [{"what": "full build", "seconds": previous["seconds"]}]
         tokenizer = AutoTokenizer.from_pretrained(base_dir)

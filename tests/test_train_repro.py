@@ -37,7 +37,7 @@ def test_two_runs_with_one_seed_write_identical_models(tmp_path):
 @pytest.mark.slow
 def test_retraining_some_adapters_writes_what_a_full_build_writes(tmp_path):
     pytest.importorskip("peft")
-    from models.train import train_demo
+    from models.train import TrainConfig, train_demo
 
     cfg = _tiny_config()
     full = _digests(train_demo(tmp_path / "a", cfg))
@@ -49,5 +49,7 @@ def test_retraining_some_adapters_writes_what_a_full_build_writes(tmp_path):
     assert '"what":"full build"' in log and '"what":"adapters sql"' in log
     with pytest.raises(ValueError, match="task names"):
         train_demo(tmp_path / "a", cfg, only=("sqlx",))
+    with pytest.raises(ValueError, match=r"other settings \(seed\)"):
+        train_demo(tmp_path / "a", TrainConfig(**{**cfg.__dict__, "seed": 1}), only=("sql",))
     with pytest.raises(ValueError, match="no trained base"):
         train_demo(tmp_path / "empty", cfg, only=("sql",))
