@@ -46,15 +46,17 @@ def adapter_geometry(base: Mapping[str, torch.Tensor], adapters: Mapping[str, Lo
                 for n in names
                 if module in adapters[n].modules
             }
-            for n, d in dense.items():
-                sq_delta[n] += float(d.square().sum())
-                sq_base[n] += float(w.square().sum())
+            sq = {n: float(d.square().sum()) for n, d in dense.items()}
+            w_sq = float(w.square().sum())
+            for n in dense:
+                sq_delta[n] += sq[n]
+                sq_base[n] += w_sq
             for (a, b), acc in pairs.items():
                 if a in dense and b in dense:
                     da, db = dense[a], dense[b]
                     acc["dot"] += float((da * db).sum())
-                    acc["sq_a"] += float(da.square().sum())
-                    acc["sq_b"] += float(db.square().sum())
+                    acc["sq_a"] += sq[a]
+                    acc["sq_b"] += sq[b]
                     both = (da != 0) & (db != 0)
                     acc["both"] += int(both.sum())
                     acc["same"] += int((both & (da.sign() == db.sign())).sum())
