@@ -138,6 +138,10 @@ class QualityBenchmark:
                 "space": "dense",
                 "children": [_node("linear", code, "dense"), *[{"adapter": n} for n in rest]],
             }
+            # Two-adapter merges: the hierarchy's first step alone (a related pair), and an unrelated pair.
+            self.run_row("code adapters only: linear(python, pystr) [dense]", _node("linear", code, "dense"))
+            if {"sql", "json"} <= set(rest):
+                self.run_row("two tasks only: linear(sql, json) [dense]", _node("linear", ["sql", "json"], "dense"))
             self.run_row("hierarchical: ties(linear(python, pystr), sql, json) [dense]", hier)
         # The seed's remedy: up-weight the task the linear merge serves worst, down-weight the best (val).
         val_lin = self.run_row("val: linear average [lowrank]", _node("linear", names, "lowrank"), "val", keep=False)

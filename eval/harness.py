@@ -94,12 +94,25 @@ class ModelUnderTest:
                 texts.append(self.tokenizer.decode(ids, skip_special_tokens=True))
         return Generated(texts, new_tokens, time.perf_counter() - t0)
 
+    @torch.no_grad()
     def ms_per_token(self, prompts: Sequence[str], max_new_tokens: int = 32) -> float:
-        """Latency at batch size 1 (what one user sees), over a few prompts."""
+        """Latency at batch size 1 (what one user sees): every prompt decodes exactly
+        ``max_new_tokens`` tokens (eos ignored), so all rows time the same work whatever they answer;
+        one untimed warm-up call first."""
         tokens, seconds = 0, 0.0
-        for p in prompts:
-            g = self.generate([p], max_new_tokens=max_new_tokens, batch_size=1)
-            tokens, seconds = tokens + g.new_tokens, seconds + g.seconds
+        for i, p in enumerate([prompts[0], *prompts] if prompts else []):
+            enc = self.tokenizer([p], return_tensors="pt", add_special_tokens=False).to(self.device)
+            t0 = time.perf_counter()
+            out = self.model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                min_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
+            if i:  # the first call warms up
+                seconds += time.perf_counter() - t0
+                tokens += out.shape[1] - enc["input_ids"].shape[1]
         return 1000 * seconds / max(tokens, 1)
 
 

@@ -4,8 +4,8 @@ Every example is generated from a seed, so train / validation / test splits are 
 the test split is disjoint from training by construction: no test prompt can occur in training.
 Each task holds something out by one stable rule (``held_out``: a crc32 hash, ~20% of all values):
 SQL constants (made-up words drawn afresh per example, numbers), Python (reducer x predicate)
-combinations, string-function (operation x parameter) pairs, JSON people (new held-out names with
-held-out ages). Structures without anything to hold out (an SQL average with no constant,
+combinations, string-function (operation x parameter) pairs, JSON people (new held-out names and
+cities with held-out ages). Structures without anything to hold out (an SQL average with no constant,
 ``reverse(s)``) appear in training only. The prompt format is shared by all tasks:
 
     ### task: <sql|python|pystr|json>
@@ -95,7 +95,7 @@ def held_out(value: object) -> bool:
 def fresh_word(rng: random.Random, split: Split) -> str:
     """A made-up word drawn afresh for one example (open vocabulary), held out for the test split.
 
-    Task slots that take words from the input (SQL text constants, JSON names) use these rather than
+    Task slots that take words from the input (SQL text constants, JSON names and cities) use these rather than
     a pool: with a few hundred candidates an adapter memorises the training words and writes one of
     them for any new word (the third demo's JSON adapter did, on every held-out name); with ~350k
     candidates, nearly every training example is new and copying is the only way to fit them.
@@ -304,12 +304,16 @@ JSON_ORDER = ("name", "age", "city", "job")
 
 
 def json_example(rng: random.Random, split: Split, open_vocab: bool = True) -> Example:
-    """People only the test split describes: a new held-out name (``open_vocab=False``: a held-out
-    name of the pool) with a held-out age; cities and jobs come from their pools."""
+    """People only the test split describes: a new held-out name and city (``open_vocab=False``: a
+    held-out name of the pool and any pool city) with a held-out age; jobs come from their pool.
+
+    The city is a new word too: from a pool of 120, the adapter trained on 48,000 examples learned the
+    pool and wrote a pool city sharing the input's first syllables ("tega" for "tegu") in 17% of the
+    test records, while it copied the (new) names right in 97.5%."""
     rec = {
         "name": fresh_word(rng, split) if open_vocab else _pick(FIRST, rng, split),
         "age": _pick(list(range(18, 100)), rng, split),
-        "city": rng.choice(WORDS["city"]),
+        "city": fresh_word(rng, split) if open_vocab else rng.choice(WORDS["city"]),
         "job": rng.choice(JOBS),
     }
     text = rng.choice(JSON_SENTENCES).format(**rec)

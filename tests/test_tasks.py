@@ -21,18 +21,21 @@ def _combo(ex) -> str:
 
 
 def test_words_copied_from_the_input_are_open_vocabulary_and_held_out():
-    """SQL text constants and JSON names are new words per example (memorising them cannot fit the
-    training data) and every one the test split uses is a held-out word."""
+    """SQL text constants and JSON names and cities are new words per example (memorising them cannot
+    fit the training data) and every one the test split uses is a held-out word."""
     train = make_split("json", "train", 2000)
-    names = {e.check["expected"]["name"] for e in train}
-    assert len(names) > 1500  # a pool of 150 names (demo version 3) gives at most 150
-    assert all(held_out(e.check["expected"]["name"]) for e in make_split("json", "test", 200))
-    assert not any(held_out(name) for name in names)
+    test = make_split("json", "test", 200)
+    for field in ("name", "city"):
+        words = {e.check["expected"][field] for e in train}
+        assert len(words) > 1500  # a pool of 150 names or 120 cities (demo version 3) gives at most that
+        assert all(held_out(e.check["expected"][field]) for e in test)
+        assert not any(held_out(w) for w in words)
     constants = [re.findall(r"'([^']*)'", e.answer) for e in make_split("sql", "test", 200)]
     assert all(held_out(w) for words in constants for w in words) and sum(map(len, constants)) > 50
     # What pre-training shows of the formats keeps to the pools (the base's corpus did not change).
-    pooled = {e.check["expected"]["name"] for e in make_split("json", "train", 2000, open_vocab=False)}
-    assert pooled <= set(WORDS["first"])
+    pooled = make_split("json", "train", 2000, open_vocab=False)
+    assert {e.check["expected"]["name"] for e in pooled} <= set(WORDS["first"])
+    assert {e.check["expected"]["city"] for e in pooled} <= set(WORDS["city"])
 
 
 @pytest.mark.parametrize("task", TASKS)

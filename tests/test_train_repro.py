@@ -18,7 +18,8 @@ def _tiny_config():
 
     return TrainConfig(vocab_size=300, hidden=32, layers=2, heads=2, intermediate=64, corpus_docs=400,
                        pretrain_steps=3, pretrain_batch=4, lora_r=4, lora_alpha=8, lora_batch=4,
-                       lora_train_examples=32, adapter_steps={"sql": 2, "python": 2, "pystr": 2, "json": 2})  # fmt: skip
+                       adapter_examples=dict.fromkeys(("sql", "python", "pystr", "json"), 32),
+                       adapter_steps={"sql": 2, "python": 2, "pystr": 2, "json": 2})  # fmt: skip
 
 
 @pytest.mark.slow
