@@ -72,8 +72,11 @@ class ModelUnderTest:
                     self.params[f"{module}.weight"].copy_(w)
 
     @torch.no_grad()
-    def generate(self, prompts: Sequence[str], *, max_new_tokens: int = 64, batch_size: int = 32) -> Generated:
-        """Greedy completions, cut at the first eos; counts generated tokens for ms/token."""
+    def generate(
+        self, prompts: Sequence[str], *, max_new_tokens: int = 64, batch_size: int = 32, min_new_tokens: int = 0
+    ) -> Generated:
+        """Greedy completions, cut at the first eos; counts generated tokens (eos included) for ms/token.
+        ``min_new_tokens``: eos is suppressed until that many tokens are out."""
         texts, new_tokens, t0 = [], 0, time.perf_counter()
         eos = self.tokenizer.eos_token_id
         for i in range(0, len(prompts), batch_size):
@@ -82,6 +85,7 @@ class ModelUnderTest:
             out = self.model.generate(
                 **enc,
                 max_new_tokens=max_new_tokens,
+                min_new_tokens=min_new_tokens,
                 do_sample=False,
                 eos_token_id=eos,
                 pad_token_id=self.tokenizer.pad_token_id,
@@ -90,30 +94,19 @@ class ModelUnderTest:
                 ids = row.tolist()
                 if eos in ids:
                     ids = ids[: ids.index(eos)]
-                new_tokens += len(ids) + 1
+                    new_tokens += 1
+                new_tokens += len(ids)
                 texts.append(self.tokenizer.decode(ids, skip_special_tokens=True))
         return Generated(texts, new_tokens, time.perf_counter() - t0)
 
-    @torch.no_grad()
     def ms_per_token(self, prompts: Sequence[str], max_new_tokens: int = 32) -> float:
         """Latency at batch size 1 (what one user sees): every prompt decodes exactly
-        ``max_new_tokens`` tokens (eos ignored), so all rows time the same work whatever they answer;
+        ``max_new_tokens`` tokens (eos suppressed), so all rows time the same work whatever they answer;
         one untimed warm-up call first."""
-        tokens, seconds = 0, 0.0
-        for i, p in enumerate([prompts[0], *prompts] if prompts else []):
-            enc = self.tokenizer([p], return_tensors="pt", add_special_tokens=False).to(self.device)
-            t0 = time.perf_counter()
-            out = self.model.generate(
-                **enc,
-                max_new_tokens=max_new_tokens,
-                min_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=self.tokenizer.pad_token_id,
-            )
-            if i:  # the first call warms up
-                seconds += time.perf_counter() - t0
-                tokens += out.shape[1] - enc["input_ids"].shape[1]
-        return 1000 * seconds / max(tokens, 1)
+        exact = {"max_new_tokens": max_new_tokens, "min_new_tokens": max_new_tokens, "batch_size": 1}
+        self.generate(prompts[:1], **exact)  # warm-up
+        runs = [self.generate([p], **exact) for p in prompts]
+        return 1000 * sum(g.seconds for g in runs) / max(sum(g.new_tokens for g in runs), 1)
 
 
 def score(task: str, examples: Sequence[Example], outputs: Sequence[str]) -> TaskScore:
