@@ -268,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser(
         "demo-train",
-        help="retrain the embedded demo model and its four task adapters (CPU, ~80 min on 2 cores)",
+        help="retrain the embedded demo model and its four task adapters (CPU, ~45 min on 2 cores)",
         description="Build models/demo from seeds: corpus, tokenizer, a small Llama, and sql/python/pystr/json LoRA adapters.",
     )
     t.add_argument("--out", default=str(_demo_dir()), help="output directory (default: the embedded models/demo)")
