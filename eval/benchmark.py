@@ -1,11 +1,21 @@
-"""The quality table (``mixserve eval``): base, single adapters, and merges in both spaces.
+"""The quality table (``mixserve eval``): what each merge keeps of every adapter's skill.
 
-Rows: the base alone; each adapter alone; linear average, task arithmetic, DARE (dare_linear),
-DARE-TIES, TIES at density 0.1 and at the density that scored best on the *validation* split, each in
-the ``dense`` and the ``lowrank`` space; a hierarchical mix (code adapters first, then the rest);
-and the seed's remedy of re-weighting the weakest task (1.2) and the strongest (0.8), chosen on the
-validation split. Sweeps of TIES density and DARE drop rate (validation split) are plotted.
-Every merge uses all adapters with weight 1 unless the row says otherwise.
+Rows (test split), every merge with weight 1 per adapter unless the row says otherwise:
+
+- the base alone and each adapter alone: the single adapters' scores are the reference of the
+  *normalized retention* of every merge row, per task ``merged score / single score`` and their mean
+  (the normalized accuracy of the TIES paper, Yadav et al. 2023, arXiv:2306.01708);
+- all adapters merged, in the ``dense`` and the ``lowrank`` space: linear average, task arithmetic
+  (lambda 1), TIES at the paper's default density 0.2, DARE (dare_linear) and DARE-TIES at drop 0.5,
+  and the tuned rows: task arithmetic's scaling lambda, TIES' density and lambda, DARE-TIES' drop rate,
+  each chosen on the *validation* split (``tune_space``);
+- the same four adapters merged by PEFT's ``add_weighted_adapter`` (``peft_rows.py``) with the tuned
+  TIES row's hyper-parameters: what users would otherwise run;
+- pairs (sql + json, python + pystr, sql + python), scored on their own tasks;
+- a hierarchical mix (the code adapters first, then the rest), and the recommended mix: the best
+  all-adapter candidate on the validation split, scored as the server serves it (low-rank factors).
+
+Nothing is chosen on the test split: it is scored once per row.
 """
 
 from __future__ import annotations
@@ -13,210 +23,256 @@ from __future__ import annotations
 import json
 import platform
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from eval.geometry import adapter_geometry, geometry_markdown
+from eval.geometry import adapter_geometry
 from eval.harness import ModelUnderTest, TaskScore, evaluate
+from eval.report import plot_results, to_markdown
 from eval.tasks import TASKS, make_split
 from merging.adapters import LoraAdapter, load_adapter
+from merging.delta import MergedDelta
 from merging.merge import merge_mix
 from merging.spec import parse_mix
 
 CODE_TASKS = ("python", "pystr")
-DENSITIES = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
-DROP_RATES = (0.1, 0.3, 0.5, 0.7, 0.9)
+PAIRS = (("sql", "json"), ("python", "pystr"), ("sql", "python"))
 
 
-def _node(method: str, names: list[str], space: str, weights: dict[str, float] | None = None, **params) -> dict:
-    children = [{"adapter": n, "weight": (weights or {}).get(n, 1.0)} for n in names]
-    return {"method": method, "space": space, "children": children, **params}
+@dataclass(frozen=True)
+class SearchGrid:
+    """The validation grids. Linear average = task arithmetic at lambda 1/n: the lambda grid starts below it."""
+
+    ta_lambdas: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
+    ties_densities: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
+    ties_lambdas: tuple[float, ...] = (0.5, 0.75, 1.25, 1.5, 2.0)  # at the best density; lambda 1 is in its row
+    dare_drop_rates: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)
 
 
-def _summary(scores: dict[str, TaskScore]) -> dict[str, float | None]:
-    code = [scores[t] for t in CODE_TASKS if t in scores]
-    return {
-        "sql_exec": scores["sql"].accuracy if "sql" in scores else None,
-        "code_pass1": sum(s.accuracy * s.n for s in code) / max(1, sum(s.n for s in code)) if code else None,
-        "python_pass1": scores["python"].accuracy if "python" in scores else None,
-        "pystr_pass1": scores["pystr"].accuracy if "pystr" in scores else None,
-        "json_valid": scores["json"].valid if "json" in scores else None,
-        "json_exact": scores["json"].accuracy if "json" in scores else None,
-    }
+SMOKE_GRID = SearchGrid((1.0,), (0.5,), (1.5,), (0.5,))  # for tests: every code path, few rows
 
 
-def _mean_task_score(s: dict[str, float | None]) -> float:
-    vals = [s[k] for k in ("sql_exec", "python_pass1", "pystr_pass1", "json_exact") if s[k] is not None]
-    return sum(vals) / len(vals)
+def mix_node(method: str, names: list[str], space: str, *, weight: float = 1.0, **params) -> dict:
+    """A one-level mix of ``names`` (weight 1 each); ``weight`` is the node's scale (lambda)."""
+    node = {"method": method, "space": space, "children": [{"adapter": n} for n in names], **params}
+    return node if weight == 1.0 else {**node, "weight": weight}
+
+
+def task_scores(scores: dict[str, TaskScore]) -> dict[str, float]:
+    """Each task's headline score: SQL execution accuracy, pass@1, JSON exact match."""
+    return {t: s.accuracy for t, s in scores.items()}
+
+
+def retention(scores: dict[str, float], reference: dict[str, float]) -> dict[str, float | None]:
+    """Per task ``score / reference`` (``None`` where the single adapter scores 0: nothing to keep)."""
+    return {t: (scores[t] / reference[t] if reference.get(t) else None) for t in scores}
+
+
+def mean_retention(ret: dict[str, float | None]) -> float:
+    vals = [v for v in ret.values() if v is not None]
+    return sum(vals) / len(vals) if vals else 0.0
+
+
+def _objective(row: dict) -> tuple[float, float]:
+    """What the validation search maximises: mean normalized retention, then the worst task's."""
+    vals = [v for v in row["retention"].values() if v is not None]
+    return (mean_retention(row["retention"]), min(vals, default=0.0))
 
 
 class QualityBenchmark:
-    def __init__(self, model_dir: Path, adapter_dirs: dict[str, Path], n_test: int, n_val: int, batch_size: int = 32):
+    """One base model in memory, the adapters loaded once, the task splits drawn once."""
+
+    def __init__(
+        self,
+        model_dir: Path,
+        adapter_dirs: dict[str, Path],
+        n_test: int,
+        n_val: int,
+        batch_size: int = 32,
+        grid: SearchGrid | None = None,
+    ) -> None:
+        self.grid = grid or SearchGrid()
+        self.model_dir, self.adapter_dirs = Path(model_dir), dict(adapter_dirs)
         self.mut = ModelUnderTest(model_dir)
         self.adapters: dict[str, LoraAdapter] = {n: load_adapter(p, n) for n, p in adapter_dirs.items()}
         self.names = [t for t in TASKS if t in self.adapters] + sorted(set(self.adapters) - set(TASKS))
-        tasks = [t for t in TASKS if t in self.adapters]
-        self.test = {t: make_split(t, "test", n_test) for t in tasks}
-        self.val = {t: make_split(t, "val", n_val) for t in tasks}
+        self.tasks = [t for t in TASKS if t in self.adapters]
+        self.splits = {
+            "test": {t: make_split(t, "test", n_test) for t in self.tasks},
+            "val": {t: make_split(t, "val", n_val) for t in self.tasks},
+        }
         self.batch_size = batch_size
+        self.reference: dict[str, dict[str, float]] = {"test": {}, "val": {}}
         self.rows: list[dict] = []
+        self.search: dict[str, list[dict]] = {}
 
-    def run_row(self, label: str, mix: dict | str | None, split: str = "test", keep: bool = True) -> dict:
-        merged, merge_s, method, space = None, 0.0, "-", "-"
-        if mix is not None:
-            spec = parse_mix(mix)
-            merged = merge_mix(spec, self.adapters)
-            merge_s, method, space = merged.seconds, merged.method, merged.space
-        examples = self.test if split == "test" else self.val
+    # ------------------------------------------------------------------------------------------ rows
+    def merge(self, mix: dict | str) -> MergedDelta:
+        return merge_mix(parse_mix(mix), self.adapters)
+
+    def run_row(
+        self,
+        label: str,
+        group: str,
+        mix: dict | str | None,
+        *,
+        split: str = "test",
+        tasks: list[str] | None = None,
+        merged: MergedDelta | None = None,
+        keep: bool = True,
+        timing: bool = True,
+    ) -> dict:
+        """Score one model (base, adapter, merge, or a given ``merged`` delta) on ``tasks`` of ``split``."""
+        if merged is None and mix is not None:
+            merged = self.merge(mix)
+        tasks = tasks or self.tasks
+        examples = {t: self.splits[split][t] for t in tasks}
         t0 = time.perf_counter()
-        scores, ms = evaluate(self.mut, merged, examples, batch_size=self.batch_size)
+        scores, ms = evaluate(
+            self.mut, merged, examples, batch_size=self.batch_size, latency_prompts=4 if timing else 0
+        )
+        headline = task_scores(scores)
+        ret = retention(headline, self.reference[split]) if group not in ("base", "single") else {}
         row = {
             "row": label,
-            "method": method,
-            "space": space,
+            "group": group,
+            "split": split,
+            "method": merged.method if merged is not None else "-",
+            "space": merged.space if merged is not None else "-",
             "mix": mix,
-            **_summary(scores),
-            "ms_per_token": ms,
-            "merge_s": merge_s,
+            "scores": headline,
+            "json_valid": scores["json"].valid if "json" in scores else None,
+            "retention": ret,
+            "mean_retention": mean_retention(ret) if ret else None,
+            "ms_per_token": ms if timing else None,
+            "merge_s": merged.seconds if merged is not None else 0.0,
             "eval_s": time.perf_counter() - t0,
             "failures": {t: s.failures for t, s in scores.items() if s.failures},
         }
-        print(
-            f"{label:42s} sql {row['sql_exec']:.2f} code {row['code_pass1']:.2f} json {row['json_valid']:.2f}/"
-            f"{row['json_exact']:.2f} {ms:.2f} ms/tok merge {merge_s * 1e3:.0f} ms",
-            flush=True,
-        )
+        shown = " ".join(f"{t} {v:.2f}" for t, v in headline.items())
+        extra = f" | retention {row['mean_retention']:.2f}" if ret else ""
+        print(f"[{split}] {label:58s} {shown}{extra}", flush=True)
         if keep:
             self.rows.append(row)
         return row
 
-    def run(self, sweeps: bool = True) -> dict:
+    def singles(self, split: str) -> None:
+        """Each adapter alone on its own task: the reference of retention on that split."""
+        for name in self.tasks:
+            row = self.run_row(f"adapter {name} alone", "single", name, split=split, keep=split == "test")
+            self.reference[split][name] = row["scores"][name]
+
+    # ------------------------------------------------------------------------------ validation search
+    def _val(self, label: str, mix: dict, space: str) -> dict:
+        row = self.run_row(f"{label} [{space}]", "search", mix, split="val", keep=False, timing=False)
+        self.search.setdefault(space, []).append({"label": label, **row})
+        return row
+
+    def tune_space(self, space: str) -> dict[str, dict]:
+        """Grid searches on the validation split; returns the best mix per method family."""
         names = self.names
-        self.run_row("base model alone", None)
-        for n in names:
-            self.run_row(f"adapter {n} alone", n)
-        fixed = [
-            ("linear average", "linear", {}),
-            ("task arithmetic", "task_arithmetic", {}),
-            ("DARE (dare_linear, drop 0.5)", "dare_linear", {"drop_rate": 0.5}),
-            ("DARE-TIES (drop 0.5)", "dare_ties", {"drop_rate": 0.5}),
-            ("TIES (density 0.1)", "ties", {"density": 0.1}),
+        best: dict[str, dict] = {}
+        ta = [self._val(f"task arithmetic lambda={lam}", mix_node("task_arithmetic", names, space, weight=lam), space)
+              for lam in self.grid.ta_lambdas]  # fmt: skip
+        best["task_arithmetic"] = max(ta, key=_objective)
+        # TIES: density at lambda 1, then lambda at that density (a coordinate search, 12 points not 36).
+        ties_d = [self._val(f"ties density={d}", mix_node("ties", names, space, density=d), space) for d in self.grid.ties_densities]
+        d_best = max(ties_d, key=_objective)["mix"]["density"]
+        ties_l = [
+            self._val(f"ties density={d_best} lambda={lam}", mix_node("ties", names, space, density=d_best, weight=lam), space)
+            for lam in self.grid.ties_lambdas
         ]
+        best["ties"] = max([r for r in ties_d if r["mix"]["density"] == d_best] + ties_l, key=_objective)
+        dare = [self._val(f"dare_ties drop={p}", mix_node("dare_ties", names, space, drop_rate=p), space)
+                for p in self.grid.dare_drop_rates]  # fmt: skip
+        best["dare_ties"] = max(dare, key=_objective)
+        return best
+
+    # ----------------------------------------------------------------------------------------- table
+    def run(self, peft: bool = True) -> dict:
+        names = self.names
+        self.run_row("base model alone", "base", None)
+        self.singles("test")
+        self.singles("val")
+        tuned = {space: self.tune_space(space) for space in ("dense", "lowrank")}
         for space in ("dense", "lowrank"):
-            for label, method, params in fixed:
-                self.run_row(f"{label} [{space}]", _node(method, names, space, **params))
-        sweep = {"ties_density": {}, "dare_drop_rate": {}}
-        if sweeps:
-            for space in ("dense", "lowrank"):
-                for d in DENSITIES:
-                    r = self.run_row(
-                        f"val: ties d={d} [{space}]", _node("ties", names, space, density=d), "val", keep=False
-                    )
-                    sweep["ties_density"].setdefault(space, []).append({"density": d, **_strip(r)})
-                for p in DROP_RATES:
-                    r = self.run_row(
-                        f"val: dare_ties p={p} [{space}]",
-                        _node("dare_ties", names, space, drop_rate=p),
-                        "val",
-                        keep=False,
-                    )
-                    sweep["dare_drop_rate"].setdefault(space, []).append({"drop_rate": p, **_strip(r)})
-            for space in ("dense", "lowrank"):
-                best = max(sweep["ties_density"][space], key=_mean_task_score)
-                self.run_row(
-                    f"TIES (best val density {best['density']}) [{space}]",
-                    _node("ties", names, space, density=best["density"]),
-                )
-        code = [n for n in names if n in CODE_TASKS]
-        rest = [n for n in names if n not in CODE_TASKS]
-        if len(code) == 2:
-            hier = {
-                "method": "ties",
-                "density": 0.5,
-                "space": "dense",
-                "children": [_node("linear", code, "dense"), *[{"adapter": n} for n in rest]],
-            }
-            # Two-adapter merges: the hierarchy's first step alone (a related pair), and an unrelated pair.
-            self.run_row("code adapters only: linear(python, pystr) [dense]", _node("linear", code, "dense"))
-            if {"sql", "json"} <= set(rest):
-                self.run_row("two tasks only: linear(sql, json) [dense]", _node("linear", ["sql", "json"], "dense"))
-            self.run_row("hierarchical: ties(linear(python, pystr), sql, json) [dense]", hier)
-        # The seed's remedy: up-weight the task the linear merge serves worst, down-weight the best (val).
-        val_lin = self.run_row("val: linear average [lowrank]", _node("linear", names, "lowrank"), "val", keep=False)
-        per_task = {
-            "sql": val_lin["sql_exec"],
-            "python": val_lin["python_pass1"],
-            "pystr": val_lin["pystr_pass1"],
-            "json": val_lin["json_exact"],
-        }
-        per_task = {t: v for t, v in per_task.items() if t in names and v is not None}
-        weak, strong = min(per_task, key=per_task.get), max(per_task, key=per_task.get)
-        weights = {weak: 1.2, strong: 0.8}
-        self.run_row(
-            f"linear, weights {weak} 1.2 / {strong} 0.8 [lowrank]",
-            _node("linear", names, "lowrank", weights=weights),
-        )
-        return {"rows": self.rows, "sweeps": sweep}
+            fixed = [
+                ("linear average", mix_node("linear", names, space)),
+                ("task arithmetic (lambda 1)", mix_node("task_arithmetic", names, space)),
+                ("TIES (density 0.2, lambda 1)", mix_node("ties", names, space, density=0.2)),
+                ("DARE (dare_linear, drop 0.5)", mix_node("dare_linear", names, space, drop_rate=0.5)),
+                ("DARE-TIES (drop 0.5)", mix_node("dare_ties", names, space, drop_rate=0.5)),
+            ]
+            for label, mix in fixed:
+                self.run_row(f"{label} [{space}]", "all", mix)
+            for val_row in tuned[space].values():
+                self.run_row(f"{_describe(val_row['mix'])}, tuned on val [{space}]", "all", val_row["mix"])
+        if peft:
+            self.peft_rows(tuned["dense"]["ties"]["mix"])
+        for pair in PAIRS:
+            if set(pair) <= set(names):
+                for space in ("dense", "lowrank"):
+                    for label, method, params in (("linear", "linear", {}), ("task arithmetic", "task_arithmetic", {}),
+                                                  ("TIES d=0.5", "ties", {"density": 0.5})):  # fmt: skip
+                        mix = mix_node(method, list(pair), space, **params)
+                        self.run_row(f"{' + '.join(pair)}: {label} [{space}]", "pair", mix, tasks=list(pair))
+        code, rest = [n for n in names if n in CODE_TASKS], [n for n in names if n not in CODE_TASKS]
+        if len(code) == 2 and rest:
+            hier = {"method": "ties", "density": 0.5, "space": "dense",
+                    "children": [mix_node("linear", code, "dense"), *[{"adapter": n} for n in rest]]}  # fmt: skip
+            self.run_row("hierarchical: ties(linear(python, pystr), sql, json) [dense]", "hierarchical", hier)
+        candidates = [r for rows in self.search.values() for r in rows]
+        recommended = max(candidates, key=_objective)
+        served = self.merge(recommended["mix"]).to_lowrank()
+        self.run_row(f"recommended `all-tasks`: {_describe(recommended['mix'])} [{recommended['mix']['space']}], "
+                     "as served", "recommended", recommended["mix"], merged=served)  # fmt: skip
+        return {"rows": self.rows, "search": self.search, "recommended_mix": recommended["mix"]}
+
+    def peft_rows(self, ties_mix: dict) -> None:
+        """The four adapters merged by PEFT with the tuned dense TIES row's density and lambda."""
+        try:
+            from eval.peft_rows import PeftMerger
+        except ImportError:  # pragma: no cover - peft is in the dev extra
+            print("peft is not installed: no PEFT comparison rows", flush=True)
+            return
+        names, lam, density = self.names, ties_mix.get("weight", 1.0), ties_mix["density"]
+        merger = PeftMerger(self.model_dir, {n: self.adapter_dirs[n] for n in names})
+        for combo, weights, params, label in (
+            ("linear", [1.0] * len(names), {}, "linear (weights 1)"),
+            ("cat", [1.0] * len(names), {}, "cat (weights 1)"),
+            ("ties", [lam] * len(names), {"density": density}, f"ties (density {density}, weights {lam})"),
+            ("ties_svd", [lam] * len(names), {"density": density}, f"ties_svd (density {density}, weights {lam})"),
+            ("dare_ties", [1.0] * len(names), {"density": 0.5}, "dare_ties (density 0.5, weights 1)"),
+        ):
+            merged = merger.merge(combo, names, weights, **params)
+            self.run_row(f"PEFT add_weighted_adapter {label}", "peft", {"peft": combo, "weights": weights, **params},
+                         merged=merged)  # fmt: skip
 
 
-def _strip(row: dict) -> dict:
-    return {k: v for k, v in row.items() if k not in ("mix", "failures", "row")}
+def _describe(mix: dict) -> str:
+    """A short label for a one-level mix: method and the hyper-parameters that were tuned."""
+    parts = [mix["method"]]
+    for key in ("density", "drop_rate"):
+        if key in mix:
+            parts.append(f"{key.replace('_', ' ')} {mix[key]}")
+    parts.append(f"lambda {mix.get('weight', 1.0)}")
+    return f"{parts[0]} ({', '.join(parts[1:])})"
 
 
-def to_markdown(result: dict) -> str:
-    head = (
-        "| row | SQL exec acc | code pass@1 (python / pystr) | JSON valid | JSON exact | ms/token | merge time |\n"
-        "|---|---|---|---|---|---|---|\n"
-    )
-    lines = []
-    for r in result["rows"]:
-        merge = "-" if r["merge_s"] == 0 else f"{r['merge_s'] * 1e3:.0f} ms"
-        lines.append(
-            f"| {r['row']} | {r['sql_exec']:.1%} | {r['code_pass1']:.1%} ({r['python_pass1']:.0%} / {r['pystr_pass1']:.0%}) | "
-            f"{r['json_valid']:.1%} | {r['json_exact']:.1%} | {r['ms_per_token']:.2f} | {merge} |"
-        )
-    table = head + "\n".join(lines) + "\n"
-    if "geometry" not in result:
-        return table
-    return f"{table}\n## Adapter deltas\n\n{geometry_markdown(result['geometry'])}"
-
-
-def plot_sweeps(sweeps: dict, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
-    for ax, key, x in ((axes[0], "ties_density", "density"), (axes[1], "dare_drop_rate", "drop_rate")):
-        for space, style in (("dense", "-"), ("lowrank", "--")):
-            pts = sweeps.get(key, {}).get(space, [])
-            if not pts:
-                continue
-            xs = [p[x] for p in pts]
-            for metric, color in (("sql_exec", "C0"), ("code_pass1", "C1"), ("json_exact", "C2"), ("json_valid", "C3")):
-                ax.plot(xs, [p[metric] for p in pts], style, color=color, marker="o", ms=3, label=f"{metric} [{space}]")
-        ax.set(xlabel=x, ylabel="score (validation split)", ylim=(-0.02, 1.02))
-        ax.set_title("TIES: density sweep" if key == "ties_density" else "DARE-TIES: drop-rate sweep")
-    axes[1].legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-
-
-def run_benchmark(
-    model_dir: Path, adapter_dirs: dict[str, Path], out_dir: Path, *, n_test: int, n_val: int, sweeps: bool = True
-) -> dict:
+def run_benchmark(model_dir: Path, adapter_dirs: dict[str, Path], out_dir: Path, *, n_test: int, n_val: int,
+                  peft: bool = True, grid: SearchGrid | None = None) -> dict:  # fmt: skip
+    """Run the whole table; write ``quality.{json,md}``, ``recommended_mix.json`` and ``retention.png``."""
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    bench = QualityBenchmark(model_dir, adapter_dirs, n_test, n_val)
-    result = bench.run(sweeps=sweeps)
+    bench = QualityBenchmark(model_dir, adapter_dirs, n_test, n_val, grid=grid)
+    result = bench.run(peft=peft)
+    result["reference"] = bench.reference
     result["geometry"] = adapter_geometry(bench.mut.params, bench.adapters)
     result["meta"] = {
-        "model": str(model_dir),
-        "adapters": {n: str(p) for n, p in adapter_dirs.items()},
+        "model": Path(model_dir).name,
+        "adapters": sorted(adapter_dirs),
         "n_test_per_task": n_test,
         "n_val_per_task": n_val,
         "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
@@ -226,8 +282,8 @@ def run_benchmark(
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "quality.json").write_text(json.dumps(result, indent=1, default=_json_default) + "\n")
     (out_dir / "quality.md").write_text(to_markdown(result))
-    if sweeps:
-        plot_sweeps(result["sweeps"], out_dir / "sweeps.png")
+    (out_dir / "recommended_mix.json").write_text(json.dumps(result["recommended_mix"], indent=1) + "\n")
+    plot_results(result, out_dir / "retention.png")
     return result
 
 

@@ -42,6 +42,12 @@ def format_prompt(task: str, text: str) -> str:
     return f"### task: {task}\n### input: {text}\n### output:\n"
 
 
+def prompt_input(prompt: str) -> str:
+    """The ``<input>`` part of a prompt made by :func:`format_prompt`."""
+    head, tail = "### input: ", "\n### output:\n"
+    return prompt[prompt.index(head) + len(head) : prompt.rindex(tail)]
+
+
 # ------------------------------------------------------------------------------------ values, held out
 # Wide value pools (pronounceable made-up words, full numeric ranges): with a handful of values per
 # slot an adapter learns "pick one of these 8 words" instead of "copy the word from the input", and
@@ -232,12 +238,17 @@ REDUCERS: dict[str, tuple[str, str, Callable[[list[int]], object]]] = {
 PY_HOLDOUT = {"sum/div", "count/odd", "max/lt", "list/even", "double/gt"}
 
 
-def python_example(rng: random.Random, split: Split) -> Example:
+# Wider constant pools for the base's corpus ("other value pools"): with k in 2..9 only, a model can
+# learn each function's few constants by heart instead of copying the one the question names.
+PY_K, PY_K_WIDE = (2, 9), (2, 30)
+
+
+def python_example(rng: random.Random, split: Split, wide: bool = False) -> Example:
     while True:
         red, pred = rng.choice(sorted(REDUCERS)), rng.choice(sorted(PREDICATES))
         if (f"{red}/{pred}" in PY_HOLDOUT) == (split == "test"):
             break
-    k = rng.randint(2, 9)
+    k = rng.randint(*(PY_K_WIDE if wide else PY_K))
     en_pred, cond_t, ref_pred = PREDICATES[pred]
     en_red, expr_t, ref_red = REDUCERS[red]
     cond = cond_t.format(k=k)
@@ -270,13 +281,15 @@ STR_CHARS = "abcdgikmnprstu"
 # role in training, through the other operations.
 STR_HOLDOUT = {"count": {"a", "k"}, "replace": {"d", "m"}, "starts": {"s", "t"}, "prefix": {3}, "suffix": {2}}
 STR_K = (1, 2, 3, 4, 5)
+STR_CHARS_WIDE, STR_K_WIDE = "abcdefghijklmnopqrstuvwxy", tuple(range(1, 10))  # the base's corpus only
 
 
-def pystr_example(rng: random.Random, split: Split) -> Example:
+def pystr_example(rng: random.Random, split: Split, wide: bool = False) -> Example:
     ops = sorted(STR_HOLDOUT) if split == "test" else sorted(STRING_OPS)
     op = rng.choice(ops)
     en, expr_t, ref = STRING_OPS[op]
-    params = list(STR_CHARS) if "{c}" in en else list(STR_K) if "{k}" in en else [None]
+    chars, ks = (STR_CHARS_WIDE, STR_K_WIDE) if wide else (STR_CHARS, STR_K)
+    params = list(chars) if "{c}" in en else list(ks) if "{k}" in en else [None]
     held = STR_HOLDOUT.get(op, set())
     param = rng.choice([p for p in params if (p in held) == (split == "test")])
     c = param if isinstance(param, str) else "a"
@@ -314,7 +327,7 @@ def json_example(rng: random.Random, split: Split, open_vocab: bool = True) -> E
         "name": fresh_word(rng, split) if open_vocab else _pick(FIRST, rng, split),
         "age": _pick(list(range(18, 100)), rng, split),
         "city": fresh_word(rng, split) if open_vocab else rng.choice(WORDS["city"]),
-        "job": rng.choice(JOBS),
+        "job": fresh_word(rng, split) if open_vocab else rng.choice(JOBS),
     }
     text = rng.choice(JSON_SENTENCES).format(**rec)
     obj = {k: rec[k] for k in JSON_ORDER}
@@ -330,17 +343,27 @@ GENERATORS: dict[str, Callable[..., Example]] = {
 _SPLIT_SEED = {"train": 0, "val": 1, "test": 2}
 
 
-# Tasks whose answers copy words from the input, and so take ``open_vocab``.
+# Tasks whose answers copy words from the input, and so take ``open_vocab``; tasks with ``wide`` pools.
 OPEN_VOCAB_TASKS = ("sql", "json")
+WIDE_POOL_TASKS = ("python", "pystr")
 
 
-def make_split(task: str, split: Split, n: int, seed: int = 0, *, open_vocab: bool = True) -> list[Example]:
+def make_split(
+    task: str, split: Split, n: int, seed: int = 0, *, open_vocab: bool = True, wide: bool = False
+) -> list[Example]:
     """``n`` examples of ``task``; ``val`` is drawn like ``train`` but from another seed.
 
     ``open_vocab=False`` draws the words an answer copies from fixed pools instead of afresh: what
     the base's pre-training shows of the task formats; adapters train and are tested on new words.
+    ``wide=True`` (train split only) draws python / pystr constants from wider pools than the tasks
+    use (k up to 30, any letter): what the base's corpus shows of the skills; the test split's
+    held-out combinations stay out all the same.
     """
+    if wide and split == "test":
+        raise ValueError("wide pools are for the base's corpus, never the test split")
     rng = random.Random(f"{task}/{split}/{seed}/{_SPLIT_SEED[split]}")
     gen_split: Split = "test" if split == "test" else "train"
-    kwargs = {"open_vocab": open_vocab} if task in OPEN_VOCAB_TASKS else {}
+    kwargs: dict[str, bool] = {"open_vocab": open_vocab} if task in OPEN_VOCAB_TASKS else {}
+    if task in WIDE_POOL_TASKS and wide:
+        kwargs["wide"] = True
     return [GENERATORS[task](rng, gen_split, **kwargs) for _ in range(n)]

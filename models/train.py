@@ -1,14 +1,23 @@
 """Train the embedded demo model and its task adapters on CPU, reproducibly (``mixserve demo-train``).
 
-1. A synthetic corpus: generic templated sentences plus *light exposure to the task formats*: SQL
-   statements, Python functions and JSON objects on their own, and prompts in the task format whose
-   answer belongs to a *different* input. The base thus knows every token and every format, but
-   not how an answer follows from its input: that is what the adapters add (``../shared/notes``:
-   without format exposure, adapters had to carry huge deltas and every merge destroyed them).
+Demo version 9: adapters that *refine* a capable base, as real LoRAs do (a few percent of the
+weights' norm), so that merges have something to keep.
+
+1. A synthetic corpus in which the base learns both halves of every task, but never together:
+   - the *skills*: each task solved, input -> correct answer, in other surface forms than the
+     adapters' (``Q (sql): ... A: ...`` and two more wordings, no ``### task:`` header) and, for the
+     code tasks, from wider value pools than the tasks use (``make_split(..., wide=True)``);
+   - the *format*: ``### task:`` prompts followed by the answer of another input, and answers alone;
+   - copying from context (lists repeated, key / value recall, words echoed in quotes: JSON and SQL
+     answers re-spell the input's words), and generic sentences.
+   In the ``### task:`` format the base alone answers 0% right (it writes a plausible answer to
+   another input); in its own surface forms it solves most tasks.
 2. A byte-level BPE tokenizer (digits split) trained on that corpus, saved in the HF format.
 3. A small Llama (hidden 256, 4 layers, tied embeddings) pre-trained on the corpus.
-4. One PEFT LoRA adapter per task (r 16, alpha 32, all seven projections), loss on answers only,
-   on task data whose copied words (SQL constants, JSON names and cities) are new in every example.
+4. One PEFT LoRA adapter per task (r 16, alpha 32, all seven projections), a few hundred steps at a
+   small learning rate, loss on answers only, on task data whose copied words are new in every
+   example: each adapter only connects the format to the skill the base already has (deltas of
+   ~4-6% of the weights' norm; version 8's, trained at 2e-3 on a base without the skills, were 20-54%).
 
 Fixed seeds, one thread order: rerunning on the same kind of machine reproduces the files.
 """
@@ -30,8 +39,11 @@ from eval.tasks import (
     SQL_TEMPLATES,
     TABLES,
     TASKS,
+    WIDE_POOL_TASKS,
     WORDS,
+    fresh_word,
     make_split,
+    prompt_input,
     sql_query,
 )
 
@@ -50,28 +62,24 @@ class TrainConfig:
     intermediate: int = 688
     max_len: int = 160
     corpus_docs: int = 100_000
-    pretrain_steps: int = 1400
+    pretrain_steps: int = 3000
     pretrain_block: int = 128
     pretrain_batch: int = 32
     pretrain_lr: float = 3e-3
     lora_r: int = 16
     lora_alpha: int = 32
-    lora_lr: float = 2e-3
+    lora_lr: float = 5e-4
     lora_batch: int = 32
     adapter_examples: dict | None = None
     adapter_steps: dict | None = None
 
     def examples_for(self, task: str) -> int:
-        # json copies two new made-up words per record (name, city): with 4,000 examples its adapter fit the
-        # training names and copied 76% of test records right; with 64,000 it sees each record at most once.
         examples = self.adapter_examples or {"sql": 4_000, "python": 4_000, "pystr": 4_000, "json": 64_000}
         return examples[task]
 
     def steps_for(self, task: str) -> int:
-        # python: loss < 0.001 by step 200, and 400 steps score 100% on its test split (pystr at 400: 93.5%,
-        # so it keeps 800). json: 1,600 steps matched 96% of test records exactly, 6,000 steps 99.5% but
-        # took 41 of the build's 79 minutes (eval/README).
-        steps = self.adapter_steps or {"sql": 800, "python": 400, "pystr": 800, "json": 1600}
+        # The base already has the skills: each adapter's loss is near its floor within ~100 steps at 5e-4.
+        steps = self.adapter_steps or {"sql": 400, "python": 300, "pystr": 400, "json": 600}
         return steps[task]
 
 
@@ -141,18 +149,60 @@ def _format_sample(rng: random.Random) -> str:
     return a.prompt + b.answer  # the format, deliberately without the input -> output mapping
 
 
+def _quoted_copy_sample(rng: random.Random) -> str:
+    """A word, then the same word in quotes or a JSON-like record: the tokenizer spells a word after a space
+    (`` pudo`` -> ``Ġpu do``) unlike after a quote (``"pudo"`` -> ``pu do``), so copying a word into a JSON
+    string or an SQL literal means re-spelling it. Version 8's JSON adapter learned that alone, at 54% of
+    the weights' norm; here the base learns it from text like this."""
+    w = fresh_word(rng, "train") if rng.random() < 0.7 else _any_value(rng)
+    name = rng.choice(FIRST)
+    kind = rng.randrange(5)
+    if kind == 0:
+        return f'{name} wrote {w} and quoted it: "{w}".'
+    if kind == 1:
+        return f"the word {w} in quotes is '{w}'."
+    if kind == 2:
+        v = fresh_word(rng, "train")
+        return f'{name} lives in {w} and likes {v}. {{"home": "{w}", "likes": "{v}"}}'
+    if kind == 3:
+        return f'say {w}: "{w}", again "{w}".'
+    return f"the value is {w} -> ['{w}']"
+
+
+# The base's own wordings of the tasks: never the adapters' ``### task:`` format.
+SURFACE_FORMS = (
+    "Q ({task}): {text}\nA: {answer}",
+    "{task} request - {text}\nanswer: {answer}",
+    "here is a {task} problem. {text}\nsolution:\n{answer}",
+)
+# How often each task is solved in the corpus: JSON (four values to copy and re-spell) needs the most.
+SKILL_WEIGHTS = {"sql": 1.0, "python": 0.8, "pystr": 1.0, "json": 2.0}
+
+
+def _skill_sample(rng: random.Random) -> str:
+    """A task solved (input -> correct answer) in one of the base's own surface forms; python / pystr
+    constants from wider pools than the tasks use, SQL and JSON words new in every example."""
+    task = rng.choices(list(SKILL_WEIGHTS), list(SKILL_WEIGHTS.values()))[0]
+    (ex,) = make_split(task, "train", 1, seed=rng.randint(0, 10**9), wide=task in WIDE_POOL_TASKS)
+    return rng.choice(SURFACE_FORMS).format(task=task, text=prompt_input(ex.prompt), answer=ex.answer)
+
+
+# The corpus: (kind, share of documents, one document). Skills and format each on their own; the adapters
+# connect them (shared/notes/refinement-regime.md: a base with only one of the two gives adapters that
+# carry the other, and merges lose it).
+CORPUS_MIX = (
+    ("skill", 0.45, _skill_sample),
+    ("format", 0.20, _format_sample),
+    ("copy", 0.13, lambda rng: " ".join(_copy_sample(rng) for _ in range(rng.randint(1, 3)))),
+    ("quoted", 0.10, lambda rng: " ".join(_quoted_copy_sample(rng) for _ in range(rng.randint(1, 3)))),
+    ("generic", 0.12, lambda rng: " ".join(_generic_sentence(rng) for _ in range(rng.randint(1, 3)))),
+)
+
+
 def build_corpus(cfg: TrainConfig) -> list[str]:
     rng = random.Random(cfg.seed)
-    docs = []
-    for _ in range(cfg.corpus_docs):
-        r = rng.random()
-        if r < 0.35:
-            docs.append(_format_sample(rng))
-        elif r < 0.65:
-            docs.append(" ".join(_copy_sample(rng) for _ in range(rng.randint(1, 3))))
-        else:
-            docs.append(" ".join(_generic_sentence(rng) for _ in range(rng.randint(1, 3))))
-    return docs
+    kinds, shares = [make for _, _, make in CORPUS_MIX], [share for _, share, _ in CORPUS_MIX]
+    return [rng.choices(kinds, shares)[0](rng) for _ in range(cfg.corpus_docs)]
 
 
 # ----------------------------------------------------------------------------------------- tokenizer
@@ -288,7 +338,9 @@ def train_adapter(cfg: TrainConfig, task: str, base_dir: Path, tokenizer, out: P
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(base, lora)
-    examples = make_split(task, "train", cfg.examples_for(task), seed=cfg.seed)
+    # Code constants from the wide pools too: with python's k in 2..9 only, an adapter can learn each
+    # function's few constants by heart, and on a held-out combination write one it saw instead of copying.
+    examples = make_split(task, "train", cfg.examples_for(task), seed=cfg.seed, wide=task in WIDE_POOL_TASKS)
     seqs, labels = answer_only_examples(tokenizer, examples, cfg.max_len)
     steps = cfg.steps_for(task)
     batches = _batches(seqs, labels, cfg.lora_batch, steps, cfg.seed + 7, tokenizer.pad_token_id)
@@ -403,12 +455,14 @@ def write_card(out: Path, cfg: TrainConfig, runs: list[dict], logs: dict[str, li
         f"- base: hidden {base_cfg['hidden_size']}, {base_cfg['num_hidden_layers']} layers, "
         f"{base_cfg['num_attention_heads']} heads, intermediate {base_cfg['intermediate_size']}, tied embeddings, "
         f"vocab {base_cfg['vocab_size']} (byte-level BPE, digits split), ~{n_params / 1e6:.1f}M parameters, fp32",
-        f"- pre-training: {cfg.corpus_docs:,} synthetic documents (generic sentences, copy-from-context text, task formats without "
-        f"their input -> output mapping), packed in blocks of {cfg.pretrain_block}, {cfg.pretrain_steps} steps x "
+        f"- pre-training: {cfg.corpus_docs:,} synthetic documents ("
+        + ", ".join(f"{share:.0%} {kind}" for kind, share, _ in CORPUS_MIX)
+        + ": the tasks solved in other wordings, the `### task:` format with other inputs' answers, copy-from-context "
+        f"text, generic sentences), packed in blocks of {cfg.pretrain_block}, {cfg.pretrain_steps} steps x "
         f"{cfg.pretrain_batch}, AdamW lr {cfg.pretrain_lr} cosine; final loss {last('base'):.3f}",
         f"- adapters: LoRA r {cfg.lora_r}, alpha {cfg.lora_alpha}, all 7 projections, lr {cfg.lora_lr}, batch "
         f"{cfg.lora_batch}, loss on answer tokens only, generated training examples "
-        "(SQL text constants, JSON names and cities: a new made-up word in every example):",
+        "(SQL text constants, JSON names, cities and jobs: a new made-up word in every example):",
     ]
     for task in TASKS:
         lines.append(

@@ -198,11 +198,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise SystemExit("mixserve eval: no adapters found (use --adapters DIR or --adapter NAME=PATH)")
     if args.humaneval is not None:
         return _humaneval(model, adapters, args)
-    result = run_benchmark(
-        model, adapters, Path(args.out), n_test=args.n_test, n_val=args.n_val, sweeps=not args.no_sweeps
-    )
+    result = run_benchmark(model, adapters, Path(args.out), n_test=args.n_test, n_val=args.n_val, peft=not args.no_peft)
     print(to_markdown(result))
-    print(f"wrote {args.out}/quality.json, quality.md" + ("" if args.no_sweeps else ", sweeps.png"))
+    print(f"wrote {args.out}/quality.json, quality.md, recommended_mix.json, retention.png")
     return 0
 
 
@@ -296,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument(
         "--n-val", dest="n_val", type=int, default=60, help="validation examples per task for tuning (default 60)"
     )
-    q.add_argument("--no-sweeps", dest="no_sweeps", action="store_true", help="skip the density / drop-rate sweeps")
+    q.add_argument("--no-peft", dest="no_peft", action="store_true",
+                   help="skip the comparison rows merged by PEFT's add_weighted_adapter")  # fmt: skip
     q.add_argument("--out", default="eval/results", help="output directory (default: eval/results)")
     q.add_argument("--humaneval", type=int, metavar="N",
                    help="instead of the demo tasks: HumanEval pass@1 on the first N problems (0 = all 164) for the "

@@ -49,7 +49,9 @@ def add_serve_parser(sub) -> None:
                    help=f"merged-mix cache budget in MiB (default {d.cache_bytes >> 20})")  # fmt: skip
     s.add_argument("--max-rank", dest="max_rank", type=int,
                    help="re-factor served deltas to at most this rank (default: their own rank)")  # fmt: skip
-    s.add_argument("--pin-file", dest="pin_file", type=Path, help="YAML of named mixes to merge and pin at start-up")
+    s.add_argument("--pin-file", dest="pin_file", type=Path,
+                   help="YAML of named mixes to merge and pin at start-up (default: with the demo model and "
+                        "adapters, the demo's pins.yaml: its recommended all-four mix as `all-tasks`)")  # fmt: skip
     s.add_argument("--insecure-admin", dest="insecure_admin", action="store_true",
                    help="allow the admin API without MIXSERVE_ADMIN_TOKEN (local use only)")  # fmt: skip
     s.add_argument("--drain-seconds", dest="drain_seconds", type=float, default=d.drain_seconds,
@@ -65,13 +67,17 @@ def add_serve_parser(sub) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> ServeConfig:
+    pin_file = args.pin_file
+    if pin_file is None and args.model == DEMO_DIR / "base" and args.adapters == DEMO_DIR / "adapters":
+        demo_pins = DEMO_DIR / "pins.yaml"
+        pin_file = demo_pins if demo_pins.is_file() else None
     limits = Limits(max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens,
                     max_mix_adapters=args.max_mix_adapters)  # fmt: skip
     return ServeConfig(
         model=args.model, adapters=args.adapters, model_name=args.model_name, device=args.device, dtype=args.dtype,
         host=args.host, port=args.port, max_batch=args.max_batch, max_len=args.max_len, max_waiting=args.max_waiting,
         max_prefill_tokens=args.max_prefill_tokens, cache_bytes=int(args.cache_mb * 2**20), max_rank=args.max_rank,
-        pin_file=args.pin_file, insecure_admin=args.insecure_admin, drain_seconds=args.drain_seconds, limits=limits,
+        pin_file=pin_file, insecure_admin=args.insecure_admin, drain_seconds=args.drain_seconds, limits=limits,
     )  # fmt: skip
 
 

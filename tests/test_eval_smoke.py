@@ -43,15 +43,38 @@ def test_adapter_carries_the_skill_and_a_merge_runs(mut):
 
 
 def test_benchmark_table_smoke(tmp_path):
-    from eval.benchmark import run_benchmark
+    import json
+
+    from eval.benchmark import SMOKE_GRID, run_benchmark
+    from merging.spec import parse_mix
 
     adapters = {p.name: p for p in sorted((DEMO / "adapters").iterdir())}
-    result = run_benchmark(DEMO / "base", adapters, tmp_path, n_test=2, n_val=2, sweeps=False)
-    labels = [r["row"] for r in result["rows"]]
+    result = run_benchmark(DEMO / "base", adapters, tmp_path, n_test=2, n_val=2, grid=SMOKE_GRID)
+    rows = result["rows"]
+    labels = [r["row"] for r in rows]
     assert labels[0] == "base model alone" and "adapter sql alone" in labels
     assert any("[lowrank]" in label for label in labels) and any("[dense]" in label for label in labels)
-    table, deltas = (tmp_path / "quality.md").read_text().split("\n## Adapter deltas\n")
-    assert table.count("\n") == len(labels) + 2
+    assert {"all", "peft", "pair", "hierarchical", "recommended"} <= {r["group"] for r in rows}
+    # Retention is the merged score over the single adapter's, on the same split, task by task.
+    ref = result["reference"]["test"]
+    for r in rows:
+        if r["group"] in ("base", "single"):
+            assert r["retention"] == {}
+            continue
+        assert set(r["retention"]) == set(r["scores"])
+        for task, kept in r["retention"].items():
+            assert kept == (r["scores"][task] / ref[task] if ref[task] else None)
+    pair = next(r for r in rows if r["group"] == "pair")
+    assert len(pair["scores"]) == 2
+    # The recommended mix is a valid MixSpec and the best validation candidate.
+    rec = json.loads((tmp_path / "recommended_mix.json").read_text())
+    parse_mix(rec)
+    best = max(r["mean_retention"] for rows_ in result["search"].values() for r in rows_)
+    assert any(r["mix"] == rec and r["mean_retention"] == best for rows_ in result["search"].values() for r in rows_)
+    md = (tmp_path / "quality.md").read_text()
+    assert md.count("| base model alone |") == 1 and "PEFT add_weighted_adapter cat" in md
+    deltas = md.split("## Adapter deltas")[1]
     assert deltas.count("| sql |") == 1 and "| json / sql |" in deltas  # pairs in the adapters' order
+    assert (tmp_path / "retention.png").stat().st_size > 10_000
     rel = result["geometry"]["relative_norm"]
     assert set(rel) == set(adapters) and all(0 < x < 10 for x in rel.values())

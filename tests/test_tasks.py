@@ -25,7 +25,7 @@ def test_words_copied_from_the_input_are_open_vocabulary_and_held_out():
     fit the training data) and every one the test split uses is a held-out word."""
     train = make_split("json", "train", 2000)
     test = make_split("json", "test", 200)
-    for field in ("name", "city"):
+    for field in ("name", "city", "job"):
         words = {e.check["expected"][field] for e in train}
         assert len(words) > 1500  # a pool of 150 names or 120 cities (demo version 3) gives at most that
         assert all(held_out(e.check["expected"][field]) for e in test)
@@ -46,6 +46,21 @@ def test_splits_are_reproducible_and_test_combinations_never_train(task):
     assert not set(test) & train, f"{task}: test combinations seen in training: {sorted(set(test) & train)[:3]}"
     val = make_split(task, "val", 50)
     assert {e.prompt for e in val}.isdisjoint({e.prompt for e in make_split(task, "test", 200)})
+
+
+@pytest.mark.parametrize("task", ["python", "pystr"])
+def test_wide_pools_are_wider_and_still_hold_the_test_combinations_out(task):
+    """The base's corpus draws code constants from wider pools (other value pools than the tasks'), never
+    the test split's combinations; the test split has no wide variant."""
+    narrow = {e.answer for e in make_split(task, "train", 2000)}
+    wide = make_split(task, "train", 2000, wide=True)
+    test = {_combo(e) for e in make_split(task, "test", 200)}
+    assert len({e.answer for e in wide} - narrow) > 10
+    assert not {_combo(e) for e in wide} & test
+    results = run_python_tests_many([(e.answer, e.check["tests"]) for e in wide[:20]])
+    assert all(r.passed for r in results)
+    with pytest.raises(ValueError, match="never the test split"):
+        make_split(task, "test", 5, wide=True)
 
 
 def test_every_gold_answer_scores():
