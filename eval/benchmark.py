@@ -178,10 +178,15 @@ class QualityBenchmark:
               for lam in self.grid.ta_lambdas]  # fmt: skip
         best["task_arithmetic"] = max(ta, key=_objective)
         # TIES: density at lambda 1, then lambda at that density (a coordinate search, 12 points not 36).
-        ties_d = [self._val(f"ties density={d}", mix_node("ties", names, space, density=d), space) for d in self.grid.ties_densities]
+        ties_d = [
+            self._val(f"ties density={d}", mix_node("ties", names, space, density=d), space)
+            for d in self.grid.ties_densities
+        ]
         d_best = max(ties_d, key=_objective)["mix"]["density"]
         ties_l = [
-            self._val(f"ties density={d_best} lambda={lam}", mix_node("ties", names, space, density=d_best, weight=lam), space)
+            self._val(
+                f"ties density={d_best} lambda={lam}", mix_node("ties", names, space, density=d_best, weight=lam), space
+            )
             for lam in self.grid.ties_lambdas
         ]
         best["ties"] = max([r for r in ties_d if r["mix"]["density"] == d_best] + ties_l, key=_objective)

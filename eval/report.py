@@ -73,7 +73,9 @@ def to_markdown(result: dict) -> str:
         labels = list(dict.fromkeys(r["label"] for rows_ in search.values() for r in rows_))
         by = {(space, r["label"]): r for space, rows_ in search.items() for r in rows_}
         for label in labels:
-            cells = [_ret(by[(sp, label)]["mean_retention"]) if (sp, label) in by else "" for sp in ("dense", "lowrank")]
+            cells = [
+                _ret(by[(sp, label)]["mean_retention"]) if (sp, label) in by else "" for sp in ("dense", "lowrank")
+            ]
             out.append(f"| {label} | {cells[0]} | {cells[1]} |")
         out.append("")
     if "geometry" in result:

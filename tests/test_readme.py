@@ -24,7 +24,9 @@ from tests.server_harness import running_server
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 TOKEN = "change-me"  # what the README exports
-pytestmark = pytest.mark.skipif(not (DEMO_DIR / "base" / "model.safetensors").is_file(), reason="models/demo not trained")
+pytestmark = pytest.mark.skipif(
+    not (DEMO_DIR / "base" / "model.safetensors").is_file(), reason="models/demo not trained"
+)
 
 
 def try_it_section() -> str:
@@ -126,3 +128,11 @@ def test_all_tasks_is_pinned_by_default_and_listed():
     assert config_from_args(args).pin_file == DEMO_DIR / "pins.yaml"
     args = build_parser().parse_args(["serve", "--adapters", "/elsewhere"])
     assert config_from_args(args).pin_file is None  # the demo's pins name the demo's adapters only
+
+
+def test_the_default_pin_is_the_recommended_mix_of_the_committed_table():
+    import yaml
+
+    pins = yaml.safe_load((DEMO_DIR / "pins.yaml").read_text())
+    recommended = json.loads((README.parent / "eval" / "results" / "recommended_mix.json").read_text())
+    assert pins == {"all-tasks": recommended}
