@@ -127,5 +127,5 @@ def plot_results(result: dict, out: Path) -> None:
     ax.set(xlabel="density / lambda / drop rate", ylabel="mean retention (validation split)", ylim=(0, 1.1))
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=110, bbox_inches="tight")
     plt.close(fig)
