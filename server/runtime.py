@@ -11,6 +11,9 @@ sequence's own mix:
 
 Rows are grouped by mix into contiguous segments (the scheduler sorts them), so each mix costs two
 small matrix products per layer (Punica / S-LoRA's segmented gather, without a custom kernel).
+Fewer ops per layer: [q|k|v] and [gate|up] run as one GEMM each (weights concatenated at load, the
+projections' own weights turned into views of them), RMSNorm is one fused op, and the rotary cos / sin
+are computed once per forward and applied to q's and k's heads in one pass (``bench/ops.py`` counts).
 
 Batch invariance: greedy tokens must not depend on the rest of the batch. Decode attention reads each
 slot up to the batch's longest sequence (rounded up to a block) with the tail masked; masked keys add
@@ -68,6 +71,33 @@ class PreparedLora:
             for proj, r0, r1, B_T in g.members:
                 out[f"model.layers.{layer}.{prefix}.{proj}"] = (g.A_T[:, r0:r1].T, B_T.T)
         return out
+
+
+@dataclass(frozen=True)
+class FusedLinear:
+    """Projections that read the same input as one weight (``[q|k|v]``, ``[gate|up]``): one GEMM, not three."""
+
+    weight: torch.Tensor  # [sum of outs, in]
+    bias: torch.Tensor | None
+    sizes: tuple[int, ...]  # each member's output features, in ``GROUPS`` order
+
+
+def fuse_linears(linears: Sequence[torch.nn.Linear]) -> FusedLinear:
+    """Concatenate the members' weights (and biases) and make each member's parameters views into the
+    result, so the fused copy does not double the weights' memory."""
+    with torch.no_grad():
+        sizes = tuple(lin.out_features for lin in linears)
+        weight = torch.cat([lin.weight for lin in linears])
+        biased = [lin.bias is not None for lin in linears]
+        bias = None
+        if any(biased):
+            zero = linears[0].weight.new_zeros
+            bias = torch.cat([lin.bias if lin.bias is not None else zero(lin.out_features) for lin in linears])
+        for j, (lin, w) in enumerate(zip(linears, weight.split(sizes), strict=True)):
+            lin.weight = torch.nn.Parameter(w, requires_grad=False)
+            if bias is not None and biased[j]:
+                lin.bias = torch.nn.Parameter(bias.split(sizes)[j], requires_grad=False)
+    return FusedLinear(weight, bias, sizes)
 
 
 class ServingError(RuntimeError):
@@ -144,6 +174,12 @@ class ModelRuntime:
         self.linears: dict[str, torch.nn.Linear] = {
             f"model.layers.{i}.{p}": layer.get_submodule(p) for i, layer in enumerate(self.layers) for p in PROJECTIONS
         }
+        # [q|k|v] and [gate|up] as one GEMM each; the per-projection linears stay as views (shapes, o / down).
+        self.fused = {
+            f"{i}.{group}": fuse_linears([self.linears[f"model.layers.{i}.{sub}.{p}"] for p in GROUPS[group]])
+            for i in range(len(self.layers))
+            for group, sub in (("qkv", "self_attn"), ("gateup", "mlp"))
+        }
         self.heads = config.num_attention_heads
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
@@ -178,23 +214,37 @@ class ModelRuntime:
                 out = outs[proj] if whole else outs[proj][seg.start : seg.end]
                 out.add_(t[..., r0:r1] @ B_T)
 
-    def _qkv(self, i: int, x: torch.Tensor, positions: torch.Tensor, segments: Sequence[Segment]):
-        """q [B, H, T, d], k and v [B, KV, T, d] with rotary embeddings applied."""
-        b, t, _ = x.shape
-        p = f"model.layers.{i}.self_attn."
-        outs = {n: self._base(p + n, x) for n in GROUPS["qkv"]}
-        self._side(f"{i}.qkv", x, outs, segments)
-        q = outs["q_proj"].view(b, t, self.heads, self.head_dim).transpose(1, 2)
-        k = outs["k_proj"].view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = outs["v_proj"].view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+    def _rotary(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin ``[B, T, 1, d]`` for ``positions``: once per forward, shared by every layer and head."""
         cos, sin = self.rotary(x, positions)  # [B, T, d]
-        cos, sin = cos.unsqueeze(1).to(q.dtype), sin.unsqueeze(1).to(q.dtype)
-        return _rope(q, cos, sin), _rope(k, cos, sin), v
+        return cos.unsqueeze(2).to(x.dtype), sin.unsqueeze(2).to(x.dtype)
+
+    @staticmethod
+    def _norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The model's RMSNorm as one fused op (HF's module runs eight: casts, pow, mean, rsqrt, muls).
+        Equal in fp32; in bf16 it rounds once where HF rounds twice (at most 1 ulp apart)."""
+        return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.variance_epsilon)
+
+    def _qkv(self, i: int, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], segments: Sequence[Segment]):
+        """q [B, H, T, d], k and v [B, KV, T, d] with rotary embeddings (``rope``: cos, sin) applied."""
+        b, t, _ = x.shape
+        fused = self.fused[f"{i}.qkv"]
+        qkv = F.linear(x, fused.weight, fused.bias)
+        self._side(f"{i}.qkv", x, dict(zip(GROUPS["qkv"], qkv.split(fused.sizes, dim=-1), strict=True)), segments)
+        heads = qkv.view(b, t, self.heads + 2 * self.kv_heads, self.head_dim)
+        cos, sin = rope
+        qk = _rope(heads[:, :, : self.heads + self.kv_heads], cos, sin)  # q's and k's heads in one pass
+        q = qk[:, :, : self.heads].transpose(1, 2)
+        k = qk[:, :, self.heads :].transpose(1, 2)
+        return q, k, heads[:, :, self.heads + self.kv_heads :].transpose(1, 2)
 
     def _mlp_block(self, i: int, h: torch.Tensor, segments: Sequence[Segment]) -> torch.Tensor:
         layer, p = self.layers[i], f"model.layers.{i}.mlp."
-        x = layer.post_attention_layernorm(h)
-        outs = {n: self._base(p + n, x) for n in GROUPS["gateup"]}
+        x = self._norm(layer.post_attention_layernorm, h)
+        fused = self.fused[f"{i}.gateup"]
+        outs = dict(
+            zip(GROUPS["gateup"], F.linear(x, fused.weight, fused.bias).split(fused.sizes, dim=-1), strict=True)
+        )
         self._side(f"{i}.gateup", x, outs, segments)
         act = F.silu(outs["gate_proj"]) * outs["up_proj"]
         down = {"down_proj": self._base(p + "down_proj", act)}
@@ -208,7 +258,7 @@ class ModelRuntime:
         return out["o_proj"]
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.final_norm(h), self.lm_head).float()
+        return F.linear(self._norm(self.final_norm, h), self.lm_head).float()
 
     @torch.inference_mode()
     def prefill(self, slot: int, ids: Sequence[int], lora: PreparedLora | None) -> torch.Tensor:
@@ -219,12 +269,13 @@ class ModelRuntime:
         segments = [Segment(0, 1, lora)]
         h = self.embed[torch.tensor([list(ids)], device=self.device)]
         positions = torch.arange(t, device=self.device).unsqueeze(0)
+        rope = self._rotary(h, positions)
         mask = None
         if self.window is not None and self.window < t:
             j = torch.arange(t, device=self.device)
             mask = (j[None, :] <= j[:, None]) & (j[None, :] > j[:, None] - self.window)
         for i, layer in enumerate(self.layers):
-            q, k, v = self._qkv(i, layer.input_layernorm(h), positions, segments)
+            q, k, v = self._qkv(i, self._norm(layer.input_layernorm, h), rope, segments)
             self.kv.k[i, slot, :, :t] = k[0]
             self.kv.v[i, slot, :, :t] = v[0]
             attn = F.scaled_dot_product_attention(
@@ -254,8 +305,9 @@ class ModelRuntime:
         if self.window is not None:
             valid &= j[None, :] > pos_t[:, None] - self.window
         mask = valid[:, None, None, :]  # [B, 1, 1, window]
+        rope = self._rotary(h, pos_t.unsqueeze(1))
         for i, layer in enumerate(self.layers):
-            q, k, v = self._qkv(i, layer.input_layernorm(h), pos_t.unsqueeze(1), segments)
+            q, k, v = self._qkv(i, self._norm(layer.input_layernorm, h), rope, segments)
             self.kv.k[i, slot_t, :, pos_t] = k[:, :, 0]
             self.kv.v[i, slot_t, :, pos_t] = v[:, :, 0]
             keys, values = self.kv.k[i][slot_t, :, :window], self.kv.v[i][slot_t, :, :window]  # [B, KV, window, d]

@@ -113,3 +113,46 @@ def test_greedy_tokens_do_not_depend_on_the_rest_of_the_batch(runtime, mixes):
     assert together == alone
     # And the mixes matter: the same prompt on another mix generates something else.
     assert _greedy(runtime, [(batch[0][0], None)], mixes)[0] != alone[0]
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "mistral"])
+def test_gqa_and_biased_projections_match_transformers(tmp_path, model_type):
+    """Fused [q|k|v] / [gate|up] GEMMs with grouped KV heads (both) and q/k/v biases (Qwen2)."""
+    import shutil
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from server.runtime import ModelRuntime
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(
+        model_type, vocab_size=1024, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False,
+    )  # fmt: skip
+    hf = AutoModelForCausalLM.from_config(config).eval()
+    if model_type == "qwen2":  # random biases: zeros would hide a misplaced one
+        for layer in hf.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                torch.nn.init.normal_(proj.bias, std=0.5)
+    hf.save_pretrained(tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(DEMO / "base" / name, tmp_path / name)
+    runtime = ModelRuntime(tmp_path, max_seqs=2)
+    fused = runtime.fused["0.qkv"]
+    q_proj = runtime.linears["model.layers.0.self_attn.q_proj"]
+    assert q_proj.weight.untyped_storage().data_ptr() == fused.weight.untyped_storage().data_ptr()  # views, no copy
+    ids = list(range(3, 40))
+    with torch.no_grad():
+        want = hf(torch.tensor([ids])).logits[0]
+    slot = runtime.kv.allocate()
+    got = runtime.prefill(slot, ids[:-4], None)
+    torch.testing.assert_close(got, want[len(ids) - 5], rtol=1e-4, atol=1e-4)
+    for j in range(len(ids) - 4, len(ids)):
+        got = runtime.decode([slot], [ids[j]], [j], [_segment(None)])[0]
+        torch.testing.assert_close(got, want[j], rtol=1e-4, atol=1e-4)
+
+
+def _segment(lora):
+    from server.runtime import Segment
+
+    return Segment(0, 1, lora)

@@ -1,0 +1,149 @@
+"""Decode-step cost proxy: top-level aten ops and wall time of one ``ModelRuntime.decode`` step.
+
+On a GPU every top-level op is at least one kernel launch, so the op count of a decode step is what
+bounds small-batch decode once the weights are read; on a CPU it is the interpreter and dispatch
+overhead a small model shows most. Scenarios, one batch of ``--batch`` rows each (every row's
+sequence already holds ``--context`` tokens):
+
+- ``base``: no adapter;
+- ``1 mix``: every row on one merged mix;
+- ``N mixes``: the rows spread over ``--mixes`` different merged mixes (one segment each).
+
+Mixes are random rank-``--rank`` factors on all seven projections (what the mix cache hands the
+runtime: only the shapes matter here). Ops are counted with ``torch.profiler`` as the aten ops whose
+parent is not an aten op; per layer = the step's count / layers (the embedding and logits included).
+Step time: the median of ``--repeats`` steps after three warm-up rounds, the scenarios taking turns.
+
+    python -m bench.ops --out bench/results/ops-cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from bench.report import write_report
+from server.config import DEMO_DIR
+from server.runtime import PROJECTIONS, ModelRuntime, PreparedLora, Segment
+
+
+def random_mix(runtime: ModelRuntime, rank: int, seed: int) -> PreparedLora:
+    """Random rank-``rank`` factors on every adaptable projection, laid out as the server serves them."""
+    g = torch.Generator().manual_seed(seed)
+    factors = {}
+    for name, shape in runtime.base_shapes().items():
+        out_f, in_f = shape
+        A = torch.randn(rank, in_f, generator=g) / in_f**0.5
+        B = torch.randn(out_f, rank, generator=g) * 0.01
+        factors[name.removesuffix(".weight")] = (A, B)
+    return runtime.lora_to_device(factors)
+
+
+def segments_for(batch: int, mixes: list[PreparedLora | None]) -> list[Segment]:
+    """``batch`` rows split as evenly as possible over ``mixes``, one contiguous segment each."""
+    bounds = [round(i * batch / len(mixes)) for i in range(len(mixes) + 1)]
+    return [Segment(a, b, m) for a, b, m in zip(bounds, bounds[1:], mixes, strict=False) if b > a]
+
+
+def count_top_level_ops(fn) -> int:
+    """Aten ops called by ``fn`` whose caller is not itself an aten op (what dispatches, or launches)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    count = 0
+    for ev in prof.events():
+        parent = ev.cpu_parent
+        if ev.name.startswith("aten::") and (parent is None or not parent.name.startswith("aten::")):
+            count += 1
+    return count
+
+
+def run(model_dir: Path, batch: int, mixes: int, rank: int, context: int, repeats: int) -> dict:
+    runtime = ModelRuntime(model_dir, max_seqs=batch, max_len=max(context + repeats + 16, 64))
+    layers = len(runtime.layers)
+    pool = [random_mix(runtime, rank, seed) for seed in range(mixes)]
+    scenarios = {"base": [None], "1 mix": pool[:1], f"{mixes} mixes": pool}
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, runtime.config.vocab_size, (context,), generator=g).tolist()
+    slots = [runtime.kv.allocate() for _ in range(batch)]
+    for s in slots:  # the base model's KV for every row: the decode step's work does not depend on it
+        runtime.prefill(s, prompt, None)
+    steps = {}
+    for label, scenario_mixes in scenarios.items():
+        segments = segments_for(batch, scenario_mixes)
+        tokens = [int(t) for t in torch.randint(0, runtime.config.vocab_size, (batch,), generator=g)]
+        steps[label] = (len(segments), lambda segments=segments, tokens=tokens: runtime.decode(
+            slots, tokens, [context] * batch, segments))  # fmt: skip
+    ops = {label: count_top_level_ops(step) for label, (_, step) in steps.items()}
+    # Timed round-robin (base, 1 mix, N mixes, base, ...): noise on a shared machine hits every scenario.
+    times: dict[str, list[float]] = {label: [] for label in steps}
+    for i in range(repeats + 3):
+        for label, (_, step) in steps.items():
+            t0 = time.perf_counter()
+            step()
+            if i >= 3:  # warm-up rounds
+                times[label].append(time.perf_counter() - t0)
+    rows = [
+        {"scenario": label, "segments": n_segments, "ops_per_step": ops[label], "ops_per_layer": ops[label] / layers,
+         "step_ms": 1e3 * statistics.median(times[label])}
+        for label, (n_segments, _) in steps.items()
+    ]  # fmt: skip
+    one = next(r for r in rows if r["scenario"] == "1 mix")
+    for r in rows:
+        r["ops_vs_one_mix"] = r["ops_per_step"] / one["ops_per_step"]
+        r["time_vs_one_mix"] = r["step_ms"] / one["step_ms"]
+    return {
+        "model": str(model_dir),
+        "layers": layers,
+        "hidden": runtime.config.hidden_size,
+        "batch": batch,
+        "rank": rank,
+        "context": context,
+        "repeats": repeats,
+        "projections": len(PROJECTIONS),
+        "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "rows": rows,
+    }
+
+
+def to_markdown(result: dict) -> str:
+    lines = [
+        f"# Decode-step ops and time ({result['machine']})",
+        "",
+        f"Model `{Path(result['model']).name}` ({result['layers']} layers, hidden {result['hidden']}); batch "
+        f"{result['batch']}, every row at position {result['context']}; mixes of rank {result['rank']} on all "
+        f"{result['projections']} projections; step time = median of {result['repeats']} steps.",
+        "",
+        "| scenario | segments | top-level aten ops / step | per layer | vs one mix | step ms | vs one mix |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"| {r['scenario']} | {r['segments']} | {r['ops_per_step']} | {r['ops_per_layer']:.1f} | "
+            f"{r['ops_vs_one_mix']:.2f}x | {r['step_ms']:.2f} | {r['time_vs_one_mix']:.2f}x |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=DEMO_DIR / "base", help="HF model directory (default: the demo)")
+    parser.add_argument("--batch", type=int, default=8, help="rows in the decode batch (default 8)")
+    parser.add_argument("--mixes", type=int, default=8, help="distinct mixes in the many-mix scenario (default 8)")
+    parser.add_argument("--rank", type=int, default=16, help="rank of each random mix (default 16)")
+    parser.add_argument("--context", type=int, default=32, help="tokens already in every row's KV (default 32)")
+    parser.add_argument("--repeats", type=int, default=50, help="timed steps per scenario (default 50)")
+    parser.add_argument("--out", default="bench/results/ops-cpu", help="writes OUT.json and OUT.md")
+    args = parser.parse_args(argv)
+    if not 1 <= args.mixes <= args.batch:
+        parser.error("--mixes must be between 1 and --batch")
+    result = run(args.model, args.batch, args.mixes, args.rank, args.context, args.repeats)
+    write_report(args.out, result, to_markdown)
+
+
+if __name__ == "__main__":
+    main()
