@@ -93,10 +93,11 @@ def fuse_linears(linears: Sequence[torch.nn.Linear]) -> FusedLinear:
         if any(biased):
             zero = linears[0].weight.new_zeros
             bias = torch.cat([lin.bias if lin.bias is not None else zero(lin.out_features) for lin in linears])
-        for j, (lin, w) in enumerate(zip(linears, weight.split(sizes), strict=True)):
+        biases = bias.split(sizes) if bias is not None else [None] * len(linears)
+        for lin, w, b, has_bias in zip(linears, weight.split(sizes), biases, biased, strict=True):
             lin.weight = torch.nn.Parameter(w, requires_grad=False)
-            if bias is not None and biased[j]:
-                lin.bias = torch.nn.Parameter(bias.split(sizes)[j], requires_grad=False)
+            if has_bias:
+                lin.bias = torch.nn.Parameter(b, requires_grad=False)
     return FusedLinear(weight, bias, sizes)
 
 
