@@ -7,10 +7,10 @@ sequence already holds ``--context`` tokens):
 
 - ``base``: no adapter;
 - ``1 mix``: every row on one merged mix;
-- ``N mixes``: the rows spread over ``--mixes`` different merged mixes (one segment each).
+- ``N mixes``: the rows spread over ``--mixes`` different merged mixes.
 
 Mixes are random rank-``--rank`` factors on all seven projections (what the mix cache hands the
-runtime: only the shapes matter here). Ops are counted with ``torch.profiler`` as the aten ops whose
+runtime: only the shapes matter here), loaded in the runtime's mix pool before timing. Ops are counted with ``torch.profiler`` as the aten ops whose
 parent is not an aten op; per layer = the step's count / layers (the embedding and logits included).
 Step time: the median of ``--repeats`` steps after three warm-up rounds, the scenarios taking turns.
 
@@ -29,7 +29,9 @@ import torch
 
 from bench.report import write_report
 from server.config import DEMO_DIR
-from server.runtime import PROJECTIONS, ModelRuntime, PreparedLora, Segment
+from server.kv_cache import bytes_per_block
+from server.lora_pool import PreparedLora
+from server.runtime import PROJECTIONS, DecodeRow, ModelRuntime, PrefillChunk
 
 
 def random_mix(runtime: ModelRuntime, rank: int, seed: int) -> PreparedLora:
@@ -44,10 +46,21 @@ def random_mix(runtime: ModelRuntime, rank: int, seed: int) -> PreparedLora:
     return runtime.lora_to_device(factors)
 
 
-def segments_for(batch: int, mixes: list[PreparedLora | None]) -> list[Segment]:
-    """``batch`` rows split as evenly as possible over ``mixes``, one contiguous segment each."""
-    bounds = [round(i * batch / len(mixes)) for i in range(len(mixes) + 1)]
-    return [Segment(a, b, m) for a, b, m in zip(bounds, bounds[1:], mixes, strict=False) if b > a]
+def slots_for(batch: int, slots: list[int]) -> list[int]:
+    """``batch`` rows split as evenly as possible over the pool ``slots``, in slot order."""
+    bounds = [round(i * batch / len(slots)) for i in range(len(slots) + 1)]
+    return [s for a, b, s in zip(bounds, bounds[1:], slots, strict=False) for _ in range(b - a)]
+
+
+def _kv_bytes(model_dir: Path, batch: int, max_len: int, block_size: int = 16) -> int:
+    """A KV cache for ``batch`` full contexts (plus the reserved block)."""
+    from transformers import AutoConfig
+
+    c = AutoConfig.from_pretrained(model_dir)
+    kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    per_block = bytes_per_block(c.num_hidden_layers, block_size, kv_heads, head_dim, torch.float32)
+    return per_block * (batch * -(-max_len // block_size) + 1)
 
 
 def count_top_level_ops(fn) -> int:
@@ -63,21 +76,24 @@ def count_top_level_ops(fn) -> int:
 
 
 def run(model_dir: Path, batch: int, mixes: int, rank: int, context: int, repeats: int) -> dict:
-    runtime = ModelRuntime(model_dir, max_seqs=batch, max_len=max(context + repeats + 16, 64))
+    max_len = max(context + 16, 64)
+    runtime = ModelRuntime(
+        model_dir, max_len=max_len, max_loras=mixes, kv_cache_bytes=_kv_bytes(model_dir, batch, max_len)
+    )
     layers = len(runtime.layers)
-    pool = [random_mix(runtime, rank, seed) for seed in range(mixes)]
-    scenarios = {"base": [None], "1 mix": pool[:1], f"{mixes} mixes": pool}
+    pool = [runtime.pool.acquire(random_mix(runtime, rank, seed)) for seed in range(mixes)]
+    scenarios = {"base": [0], "1 mix": pool[:1], f"{mixes} mixes": pool}
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, runtime.config.vocab_size, (context,), generator=g).tolist()
-    slots = [runtime.kv.allocate() for _ in range(batch)]
-    for s in slots:  # the base model's KV for every row: the decode step's work does not depend on it
-        runtime.prefill(s, prompt, None)
+    tables = [runtime.kv.allocate(runtime.kv.blocks_for(context + 1)) for _ in range(batch)]
+    # The base model's KV for every row: the decode step's work does not depend on it.
+    runtime.prefill([PrefillChunk(prompt, 0, t) for t in tables])
     steps = {}
-    for label, scenario_mixes in scenarios.items():
-        segments = segments_for(batch, scenario_mixes)
+    for label, scenario_slots in scenarios.items():
+        slots = slots_for(batch, scenario_slots)
         tokens = [int(t) for t in torch.randint(0, runtime.config.vocab_size, (batch,), generator=g)]
-        steps[label] = (len(segments), lambda segments=segments, tokens=tokens: runtime.decode(
-            slots, tokens, [context] * batch, segments))  # fmt: skip
+        rows = [DecodeRow(tok, context, t, s) for tok, t, s in zip(tokens, tables, slots, strict=True)]
+        steps[label] = (len(set(slots) - {0}), lambda rows=rows: runtime.decode(rows))
     ops = {label: count_top_level_ops(step) for label, (_, step) in steps.items()}
     # Timed round-robin (base, 1 mix, N mixes, base, ...): noise on a shared machine hits every scenario.
     times: dict[str, list[float]] = {label: [] for label in steps}
@@ -88,9 +104,9 @@ def run(model_dir: Path, batch: int, mixes: int, rank: int, context: int, repeat
             if i >= 3:  # warm-up rounds
                 times[label].append(time.perf_counter() - t0)
     rows = [
-        {"scenario": label, "segments": n_segments, "ops_per_step": ops[label], "ops_per_layer": ops[label] / layers,
+        {"scenario": label, "mixes": n_mixes, "ops_per_step": ops[label], "ops_per_layer": ops[label] / layers,
          "step_ms": 1e3 * statistics.median(times[label])}
-        for label, (n_segments, _) in steps.items()
+        for label, (n_mixes, _) in steps.items()
     ]  # fmt: skip
     one = next(r for r in rows if r["scenario"] == "1 mix")
     for r in rows:
@@ -118,12 +134,12 @@ def to_markdown(result: dict) -> str:
         f"{result['batch']}, every row at position {result['context']}; mixes of rank {result['rank']} on all "
         f"{result['projections']} projections; step time = median of {result['repeats']} steps.",
         "",
-        "| scenario | segments | top-level aten ops / step | per layer | vs one mix | step ms | vs one mix |",
+        "| scenario | mixes in the batch | top-level aten ops / step | per layer | vs one mix | step ms | vs one mix |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         lines.append(
-            f"| {r['scenario']} | {r['segments']} | {r['ops_per_step']} | {r['ops_per_layer']:.1f} | "
+            f"| {r['scenario']} | {r['mixes']} | {r['ops_per_step']} | {r['ops_per_layer']:.1f} | "
             f"{r['ops_vs_one_mix']:.2f}x | {r['step_ms']:.2f} | {r['time_vs_one_mix']:.2f}x |"
         )
     return "\n".join(lines) + "\n"

@@ -277,7 +277,8 @@ def run(seconds: float, clients: int = 6, max_tokens: int = 24, seed: int = 0) -
         "expected_4xx": {str(k): v for k, v in soak.expected_4xx.items()},
         "errors": dict(soak.errors), "wrong_outputs": soak.errors.get("wrong output", 0),
         "rss_before_mb": round(memory["rss_before"] / 2**20, 1), "rss_after_mb": round(memory["rss_after"] / 2**20, 1),
-        "kv_slots_free_after": cache["free_kv_slots"], "cache_bytes_after": cache["bytes"],
+        "kv_blocks_free_after": cache["kv_blocks_free"], "kv_blocks": cache["kv_blocks"],
+        "cache_bytes_after": cache["bytes"],
         "cache_budget_bytes": cache["budget_bytes"], "cache_entries_after": len(cache["entries"]),
         "leases_after": sum(e["leases"] for e in cache["entries"]), "server_exit_code": exit_code,
     }  # fmt: skip
@@ -288,7 +289,7 @@ def to_markdown(r: dict) -> str:
     lines = [f"Soak: {r['seconds']:g} s of load ({r['wall_seconds']} s with references), {r['clients']} clients.", "",
              "| what | value |", "|---|---|"]  # fmt: skip
     for key in ("requests_total", "faults_total", "wrong_outputs", "rss_before_mb", "rss_after_mb",
-                "kv_slots_free_after", "cache_bytes_after", "cache_budget_bytes", "leases_after", "server_exit_code"):  # fmt: skip
+                "kv_blocks_free_after", "kv_blocks", "cache_bytes_after", "cache_budget_bytes", "leases_after", "server_exit_code"):  # fmt: skip
         lines.append(f"| {key} | {r[key]} |")
     for title, key in (("requests by kind", "requests"), ("faults injected", "faults"),
                        ("expected 4xx by status", "expected_4xx"), ("errors (must be empty)", "errors")):  # fmt: skip
@@ -311,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
         out.with_suffix(".md").write_text(to_markdown(report))
     print(to_markdown(report))
-    ok = not report["errors"] and report["kv_slots_free_after"] == 8 and report["leases_after"] == 0
+    ok = not report["errors"] and report["kv_blocks_free_after"] == report["kv_blocks"] and report["leases_after"] == 0
     return 0 if ok else 1
 
 

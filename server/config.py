@@ -32,11 +32,18 @@ class ServeConfig:
     dtype: str = "float32"
     host: str = "127.0.0.1"
     port: int = 8000
-    max_batch: int = 32  # running sequences (each holds one KV slot)
-    max_len: int | None = None  # tokens per KV slot (default: the model's context)
+    max_batch: int = 32  # running sequences
+    max_len: int | None = None  # longest sequence, prompt + completion (default: the model's context)
     max_waiting: int = 256  # queued requests before 429
-    max_prefill_tokens: int = 2048
-    cache_bytes: int = 512 << 20  # merged-mix LRU budget (pinned mixes count but are never evicted)
+    max_prefill_tokens: int = 512  # prompt tokens per engine step; longer prompts are chunked
+    kv_cache_bytes: int | None = None  # paged KV pool (default: CUDA, a share of free memory; CPU, 32 x 4096 tokens)
+    block_size: int = 16  # tokens per KV block
+    max_loras: int = 8  # distinct mixes in the running batch (slots of the device mix pool)
+    memory_utilization: float = 0.9  # CUDA: share of device memory for weights, KV cache and mixes
+    cuda_graphs: bool = True  # CUDA: decode steps replay captured graphs
+    # Merged-mix LRU budget (pinned mixes count but are never evicted); default: CPU 512 MiB, CUDA a
+    # share of what the weights leave free.
+    cache_bytes: int | None = None
     max_rank: int | None = None  # re-factor served deltas to at most this rank (default: their own)
     merge_threads: int = 1
     pin_file: Path | None = None

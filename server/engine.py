@@ -1,14 +1,17 @@
 """The engine: continuous batching over the model runtime, one step at a time.
 
 Each step (run in a worker thread, so the event loop keeps serving HTTP):
-1. drops cancelled sequences and frees their KV slots;
-2. admits waiting requests while a slot and the batch budget allow, prefilling each (its first
-   token comes out of the prefill);
-3. decodes one token for every other running sequence in a single batched forward, rows sorted by
-   mix so each mix is one contiguous segment of the LoRA side path.
+1. drops cancelled sequences and frees their KV blocks and mix slot;
+2. prefills up to ``max_prefill_tokens`` prompt tokens in one forward: first the rest of prompts
+   already started, then new admissions (a request is admitted when a batch place, the KV blocks for
+   its prompt plus ``max_tokens`` and a mix-pool slot are free; first come, first served). A long
+   prompt goes in chunks over several steps, so running streams keep getting a token every step; a
+   prompt's last chunk yields its first token;
+3. decodes one token for every other running sequence in a single batched forward (rows sorted by
+   mix-pool slot, the pooled side path's order).
 
 Tokens go back to the request's asyncio queue through ``call_soon_threadsafe``. Detokenisation and
-stop strings are handled here, so a stopped sequence frees its slot at once.
+stop strings are handled here, so a stopped sequence frees its blocks at once.
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from server.lora_pool import PreparedLora
 from server.metrics import Metrics
-from server.runtime import ModelRuntime, PreparedLora, Segment
+from server.runtime import DecodeRow, ModelRuntime, PrefillChunk
 from server.sampling import SamplingParams, make_generator, sample_next
 
 log = logging.getLogger("mixserve.engine")
@@ -66,7 +70,9 @@ class _Sequence:
     req: GenerationRequest
     queue: asyncio.Queue[TokenEvent]
     arrival: float
-    slot: int = -1
+    blocks: list[int] = field(default_factory=list)  # KV block table (reserved for prompt + max_tokens)
+    lora_slot: int = -1  # the mix's slot in the runtime's pool while running
+    prefilled: int = 0  # prompt tokens already in the KV cache
     tokens: list[int] = field(default_factory=list)
     emitted_chars: int = 0
     pending_ids: list[int] = field(default_factory=list)
@@ -79,7 +85,7 @@ class _Sequence:
     generator: torch.Generator | None = None
 
     @property
-    def position(self) -> int:  # tokens already in the KV slot
+    def position(self) -> int:  # tokens already in the KV cache when decoding
         return len(self.req.prompt_ids) + len(self.tokens) - 1
 
 
@@ -110,15 +116,16 @@ class Engine:
         *,
         max_batch: int = 32,
         max_waiting: int = 256,
-        max_prefill_tokens: int = 2048,
+        max_prefill_tokens: int = 512,
     ) -> None:
         self.runtime, self.metrics = runtime, metrics
-        self.max_batch = min(max_batch, runtime.kv.free_slots)
+        self.max_batch = max_batch
         self.max_waiting = max_waiting
-        # Prompt tokens prefilled per step (at least one prompt): bounds the stall of running sequences.
+        # Prompt tokens prefilled per step: bounds the stall of running sequences (long prompts are chunked).
         self.max_prefill_tokens = max_prefill_tokens
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []
+        self._prefilling: list[_Sequence] = []  # running, prompt not all in the KV cache yet (admission order)
         self._ids = itertools.count()
         self._lock = threading.Lock()  # guards _waiting between the loop and the step thread
         self._wake = asyncio.Event()
@@ -196,8 +203,10 @@ class Engine:
                 # One worker-thread hop per busy period, not per token: the thread keeps stepping
                 # while there is work; arrivals and aborts reach it through the queue and flags.
                 await asyncio.to_thread(self._step_while_busy)
-            except Exception:  # the step already failed its sequences; keep serving the rest
+            except Exception as exc:  # a bug outside the forward passes: fail what is running, keep serving
                 log.exception("engine step failed")
+                for seq in list(self._running):
+                    self._finish(seq, "error", error=f"engine step failed: {exc}")
 
     # ---------------------------------------------------------------------------------------- step
     def _step_while_busy(self) -> None:
@@ -213,46 +222,73 @@ class Engine:
             for seq in [s for s in self._waiting if s.cancelled]:
                 self._waiting.remove(seq)
                 self._finish(seq, "abort")
-        admitted = self._admit()
-        decoding = sorted((s for s in self._running if s not in admitted), key=lambda s: s.req.mix_key)
+        prefilled = self._prefill(self._schedule_prefill())
+        decoding = sorted((s for s in self._running if s.tokens and s.id not in prefilled), key=lambda s: s.lora_slot)
         if decoding:
             self._decode(decoding)
         self._update_gauges()
 
-    def _admit(self) -> list[_Sequence]:
-        admitted: list[_Sequence] = []
-        budget = self.max_prefill_tokens
-        while len(self._running) < self.max_batch and self.runtime.kv.free_slots:
+    def _blocks_needed(self, seq: _Sequence) -> int:
+        tokens = min(len(seq.req.prompt_ids) + seq.req.params.max_tokens, self.runtime.max_len)
+        return self.runtime.kv.blocks_for(tokens)
+
+    def _schedule_prefill(self) -> list[tuple[_Sequence, int]]:
+        """``(sequence, prompt tokens)`` to prefill this step: started prompts first, then admissions."""
+        budget, work = self.max_prefill_tokens, []
+        for seq in self._prefilling:
+            n = min(len(seq.req.prompt_ids) - seq.prefilled, budget)
+            if n <= 0:
+                break
+            work.append((seq, n))
+            budget -= n
+        kv, pool = self.runtime.kv, self.runtime.pool
+        while budget > 0 and len(self._running) < self.max_batch:
             with self._lock:
-                if not self._waiting or (admitted and len(self._waiting[0].req.prompt_ids) > budget):
+                if not self._waiting:
                     break
-                seq = self._waiting.popleft()
-            budget -= len(seq.req.prompt_ids)
-            seq.slot = self.runtime.kv.allocate()
+                seq = self._waiting[0]
+                needed = self._blocks_needed(seq)
+                if needed > kv.free_blocks or not pool.can_acquire(seq.req.lora):
+                    break  # first come, first served: wait for blocks or a mix slot to free up
+                self._waiting.popleft()
+            seq.blocks = kv.allocate(needed)
+            seq.lora_slot = pool.acquire(seq.req.lora)
             self._running.append(seq)
-            admitted.append(seq)
-            try:
-                logits = self.runtime.prefill(seq.slot, seq.req.prompt_ids, seq.req.lora)
-            except Exception as exc:
-                log.exception("prefill failed")
+            self._prefilling.append(seq)
+            n = min(len(seq.req.prompt_ids), budget)
+            work.append((seq, n))
+            budget -= n
+        return work
+
+    def _prefill(self, work: list[tuple[_Sequence, int]]) -> set[int]:
+        """Run the chunks in one forward; sequences whose prompt completed get their first token (their
+        ids are returned: they decode from the next step on)."""
+        if not work:
+            return set()
+        chunks = [PrefillChunk(s.req.prompt_ids[s.prefilled : s.prefilled + n], s.prefilled, s.blocks, s.lora_slot)
+                  for s, n in work]  # fmt: skip
+        try:
+            logits = self.runtime.prefill(chunks)
+        except Exception as exc:
+            log.exception("prefill failed")
+            for seq, _ in work:
                 self._finish(seq, "error", error=str(exc))
+            return set()
+        now, done = time.perf_counter(), set()
+        for row, (seq, n) in enumerate(work):
+            seq.prefilled += n
+            if seq.prefilled < len(seq.req.prompt_ids):
                 continue
-            now = time.perf_counter()
+            self._prefilling.remove(seq)
+            done.add(seq.id)
             self.metrics.ttft.labels(seq.req.mix_label).observe(now - seq.arrival)
-            self._append(seq, sample_next(logits, seq.req.params, seq.generator), now)
-        return admitted
+            self._append(seq, sample_next(logits[row], seq.req.params, seq.generator), now)
+        return done
 
     def _decode(self, seqs: list[_Sequence]) -> None:
-        segments, start = [], 0
-        for _key, group in itertools.groupby(seqs, key=lambda s: s.req.mix_key):
-            members = list(group)
-            segments.append(Segment(start, start + len(members), members[0].req.lora))
-            start += len(members)
         self.metrics.batch_size.observe(len(seqs))
         try:
-            logits = self.runtime.decode(
-                [s.slot for s in seqs], [s.tokens[-1] for s in seqs], [s.position for s in seqs], segments
-            )
+            logits = self.runtime.decode([DecodeRow(s.tokens[-1], s.position, s.blocks, s.lora_slot) for s in seqs])
         except Exception as exc:
             log.exception("decode failed")
             for seq in seqs:
@@ -282,7 +318,7 @@ class Engine:
         if finish is None and len(seq.tokens) >= params.max_tokens:
             finish = "length"
         if finish is None and seq.position + 1 >= self.runtime.max_len:
-            finish = "length"  # the KV slot is full
+            finish = "length"  # the context is full
         # Hold back what could still become a stop string (incomplete UTF-8 never reaches `text`).
         hold = 0 if finish else max((len(s) - 1 for s in params.stop), default=0)
         end = max(seq.emitted_chars, len(text) - hold)
@@ -314,9 +350,14 @@ class Engine:
         seq.finished = True
         if seq in self._running:
             self._running.remove(seq)
-        if seq.slot >= 0:
-            self.runtime.kv.release(seq.slot)
-            seq.slot = -1
+        if seq in self._prefilling:
+            self._prefilling.remove(seq)
+        if seq.blocks:
+            self.runtime.kv.free(seq.blocks)
+            seq.blocks = []
+        if seq.lora_slot >= 0:
+            self.runtime.pool.release(seq.lora_slot)
+            seq.lora_slot = -1
         self.metrics.requests.labels(reason).inc()
         if reason in ("stop", "length"):
             self.metrics.e2e.labels(seq.req.mix_label).observe(time.perf_counter() - seq.arrival)
@@ -331,6 +372,8 @@ class Engine:
             self._loop.call_soon_threadsafe(seq.queue.put_nowait, event)
 
     def _update_gauges(self) -> None:
+        kv = self.runtime.kv
+        self.metrics.kv_usage.set(1 - kv.free_blocks / kv.usable_blocks)
         self.metrics.running.set(len(self._running))
         self.metrics.waiting.set(len(self._waiting))
         self.metrics.set_lora_info(

@@ -40,6 +40,7 @@ class Metrics:
         self.running = Gauge(p + "requests_running", "Sequences in the running batch.", registry=r)
         self.waiting = Gauge(p + "requests_waiting", "Requests waiting for admission.", registry=r)
         self.batch_size = Histogram(p + "batch_size", "Sequences per decode step.", buckets=BATCH_BUCKETS, registry=r)
+        self.kv_usage = Gauge(p + "kv_cache_usage_ratio", "Share of KV-cache blocks in use.", registry=r)
         self.merge_seconds = Histogram(p + "merge_seconds", "Time to merge a mix.", ["method", "space"],
                                        buckets=MERGE_BUCKETS, registry=r)  # fmt: skip
         self.cache_hits = Counter(p + "mix_cache_hits", "Mix cache hits.", registry=r)

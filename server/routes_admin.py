@@ -90,4 +90,6 @@ async def cache(state: StateDep):
     ]
     return {"budget_bytes": state.cache.budget_bytes, "bytes": state.cache.nbytes, "entries": entries,
             "merges": state.cache.merges_started, "kv_cache_bytes": state.runtime.kv.nbytes,
-            "free_kv_slots": state.runtime.kv.free_slots}  # fmt: skip
+            "kv_block_size": state.runtime.kv.block_size, "kv_blocks": state.runtime.kv.usable_blocks,
+            "kv_blocks_free": state.runtime.kv.free_blocks, "mix_pool_slots": state.runtime.pool.max_loras,
+            "mix_pool_bytes": state.runtime.pool.nbytes}  # fmt: skip

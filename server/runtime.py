@@ -1,76 +1,50 @@
-"""The model runtime: the resident base model, its KV cache slots and the batched LoRA side path.
+"""The model runtime: the resident base model, its paged KV cache and the pooled LoRA side path.
 
 It owns every tensor of the serving path; it knows nothing about requests, HTTP or scheduling.
 
 The forward pass is written here (gpt-fast style) over the weights of a Hugging Face Llama-family
-model (Llama, Mistral, Qwen2: the same module names), so that one decode step can run sequences of
-different lengths, each in its own KV-cache slot, and each adapted linear layer can add every
-sequence's own mix:
+model (Llama, Mistral, Qwen2: the same module names). A step's tokens are packed into one
+``[tokens, hidden]`` batch (decode: one token per sequence; prefill: chunks of several prompts), so
+every linear layer is one GEMM over all of them, plus every row's own mix through the pool:
 
-    y = x W^T (+ b) + sum over mixes m of  (x_m A_m^T) B_m^T      (x_m: the rows of the sequences on m)
+    y = x W^T (+ b) + (x A_slot(row)^T) B_slot(row)^T       (two grouped products per input group)
 
-Rows are grouped by mix into contiguous segments (the scheduler sorts them), so each mix costs two
-small matrix products per layer (Punica / S-LoRA's segmented gather, without a custom kernel).
-Fewer ops per layer: [q|k|v] and [gate|up] run as one GEMM each (weights concatenated at load, the
-projections' own weights turned into views of them), RMSNorm is one fused op, and the rotary cos / sin
-are computed once per forward and applied to q's and k's heads in one pass (``bench/ops.py`` counts).
+whatever the number of distinct mixes in the step (``lora_pool.py``). Fewer ops per layer: [q|k|v]
+and [gate|up] run as one GEMM each (weights concatenated at load, the projections' own weights turned
+into views of them), RMSNorm is one fused op, rotary cos / sin are computed once per step and applied
+to q's and k's heads in place (three ops), and keys and values go to the cache in one write.
 
-Batch invariance: greedy tokens must not depend on the rest of the batch. Decode attention reads each
-slot up to the batch's longest sequence (rounded up to a block) with the tail masked; masked keys add
-exact zeros, so only the batch size of the matrix products varies (tests check the tokens).
+Nothing in a step reads a device value back to the host: positions, block tables and row groups are
+known on the host and copied in. Batch invariance: greedy tokens must not depend on the rest of the
+batch. Decode attention reads each row's own blocks, padded to the batch's widest row rounded up to a
+power of two (at least ``MIN_KEYS`` keys), the tail masked; masked keys add exact zeros and the kernels
+walk keys in fixed blocks from position 0, so only the batch size of the products varies (tested).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F  # noqa: N812 - the usual name
 
+from server.kv_cache import NULL_BLOCK, PagedKVCache, bytes_per_block, check_fits
+from server.lora_pool import (
+    GROUPS,
+    LoraFactorsByModule,
+    LoraPool,
+    PreparedLora,
+    SidePlan,
+    group_prefix,
+    prepare_lora,
+)
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
-WINDOW_BLOCK = 64  # decode attention reads keys in multiples of this
+MIN_KEYS = 64  # decode attention reads at least this many keys per row
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")  # fmt: skip
-
-# module name -> (A [r, in], B [out, r] with the LoRA scale folded in)
-LoraFactorsByModule = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
-# Projections that read the same input share one A product: [q|k|v] and [gate|up].
-GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gateup": ("gate_proj", "up_proj"),
-          "down": ("down_proj",)}  # fmt: skip
-
-
-@dataclass(frozen=True)
-class LoraGroup:
-    """One layer's projections that share an input: ``t = x A_cat^T`` once, then ``y_j += t_j B_j^T``."""
-
-    A_T: torch.Tensor  # [in, sum of the members' ranks]
-    members: tuple[tuple[str, int, int, torch.Tensor], ...]  # (projection, rank start, rank end, B_j^T [r_j, out])
-
-
-class PreparedLora:
-    """A merged mix laid out for the side path: per layer and input group, on the serving device."""
-
-    def __init__(self, groups: dict[str, LoraGroup]) -> None:
-        self.groups = groups
-
-    @property
-    def nbytes(self) -> int:
-        return sum(
-            g.A_T.numel() * g.A_T.element_size() + sum(b.numel() * b.element_size() for *_, b in g.members)
-            for g in self.groups.values()
-        )
-
-    def module_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """``{module: (A, B)}`` back from the grouped layout (for inspection and tests)."""
-        out = {}
-        for key, g in self.groups.items():
-            layer, group = key.split(".")
-            prefix = "self_attn" if group in ("qkv", "o") else "mlp"
-            for proj, r0, r1, B_T in g.members:
-                out[f"model.layers.{layer}.{prefix}.{proj}"] = (g.A_T[:, r0:r1].T, B_T.T)
-        return out
 
 
 @dataclass(frozen=True)
@@ -102,59 +76,35 @@ def fuse_linears(linears: Sequence[torch.nn.Linear]) -> FusedLinear:
 
 
 class ServingError(RuntimeError):
-    """The model cannot be served (unsupported architecture, no free KV slot, prompt too long)."""
+    """The model cannot be served (unsupported architecture, no room, prompt too long)."""
 
 
 @dataclass(frozen=True)
-class Segment:
-    """Rows ``start:end`` of a batch share one mix (``None``: the base model alone)."""
+class PrefillChunk:
+    """Prompt tokens ``ids`` of one sequence at positions ``start ...``; earlier ones are in its blocks."""
 
+    ids: Sequence[int]
     start: int
-    end: int
-    lora: PreparedLora | None
+    blocks: Sequence[int]  # the sequence's block table
+    lora_slot: int = 0  # its mix's slot in the pool (0: the base model)
 
 
-class KVCache:
-    """Fixed slots of ``max_len`` positions per layer: memory is bounded at construction."""
+@dataclass(frozen=True)
+class DecodeRow:
+    """One running sequence's next input token at ``position`` (that many tokens are in its blocks)."""
 
-    def __init__(self, layers: int, slots: int, kv_heads: int, max_len: int, head_dim: int, dtype, device) -> None:
-        shape = (layers, slots, kv_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.max_len = max_len
-        self._free = list(range(slots - 1, -1, -1))
-
-    @property
-    def nbytes(self) -> int:
-        return 2 * self.k.numel() * self.k.element_size()
-
-    @property
-    def free_slots(self) -> int:
-        return len(self._free)
-
-    def allocate(self) -> int:
-        if not self._free:
-            raise ServingError("no free KV-cache slot")
-        return self._free.pop()
-
-    def release(self, slot: int) -> None:
-        if slot in self._free:
-            raise ValueError(f"KV slot {slot} released twice")
-        self._free.append(slot)
+    token: int
+    position: int
+    blocks: Sequence[int]
+    lora_slot: int = 0
 
 
 class ModelRuntime:
-    """A Llama-family causal LM kept resident, with ``max_seqs`` KV slots of ``max_len`` tokens."""
+    """A Llama-family causal LM kept resident, a paged KV cache and a pool of ``max_loras`` mix slots."""
 
-    def __init__(
-        self,
-        model_dir: str | Path,
-        *,
-        device: str = "cpu",
-        dtype: torch.dtype = torch.float32,
-        max_seqs: int = 32,
-        max_len: int | None = None,
-    ) -> None:
+    def __init__(self, model_dir: str | Path, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                 **options) -> None:  # fmt: skip
+        """Load a model directory; ``options`` as :meth:`from_model`'s."""
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         config = AutoConfig.from_pretrained(model_dir)
@@ -162,10 +112,40 @@ class ModelRuntime:
             raise ServingError(
                 f"model type {config.model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
             )
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
-        self.config, self.device, self.dtype = config, torch.device(device), dtype
-        self.name = Path(model_dir).name
+        self._setup(hf, AutoTokenizer.from_pretrained(model_dir), Path(model_dir).name, **options)
+
+    @classmethod
+    def from_model(cls, hf: torch.nn.Module, tokenizer=None, name: str = "model", **options) -> ModelRuntime:
+        """Serve a transformers model already in memory (its device and dtype), e.g. random weights."""
+        runtime = cls.__new__(cls)
+        runtime._setup(hf.eval(), tokenizer, name, **options)
+        return runtime
+
+    def _setup(
+        self,
+        hf: torch.nn.Module,
+        tokenizer,
+        name: str,
+        *,
+        max_len: int | None = None,
+        kv_cache_bytes: int | None = None,
+        block_size: int = 16,
+        max_loras: int = 8,
+        default_kv_tokens: int = 32 * 4096,
+        memory_utilization: float = 0.9,
+        reserve_bytes: int | None = None,
+        cuda_graphs: bool = True,
+    ) -> None:
+        """``kv_cache_bytes`` None: on CUDA, ``memory_utilization`` of the device less what the weights use
+        and ``reserve_bytes`` for merged mixes, the mix pool and activations (default: 15% of what the
+        weights leave); elsewhere room for ``default_kv_tokens`` tokens (at most 32 full contexts).
+        ``cuda_graphs``: on CUDA, decode steps replay captured graphs (``cuda_graphs.py``)."""
+        config = hf.config
+        if config.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ServingError(f"model type {config.model_type!r} is not supported")
+        self.tokenizer, self.name, self.config = tokenizer, name, config
+        self.device, self.dtype = hf.lm_head.weight.device, hf.lm_head.weight.dtype
         inner = hf.model
         self.embed = inner.embed_tokens.weight
         self.final_norm = inner.norm
@@ -177,17 +157,61 @@ class ModelRuntime:
         }
         # [q|k|v] and [gate|up] as one GEMM each; the per-projection linears stay as views (shapes, o / down).
         self.fused = {
-            f"{i}.{group}": fuse_linears([self.linears[f"model.layers.{i}.{sub}.{p}"] for p in GROUPS[group]])
+            f"{i}.{group}": fuse_linears([self.linears[group_prefix(i, group) + p] for p in GROUPS[group]])
             for i in range(len(self.layers))
-            for group, sub in (("qkv", "self_attn"), ("gateup", "mlp"))
+            for group in ("qkv", "gateup")
         }
         self.heads = config.num_attention_heads
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
         self.max_len = min(max_len or config.max_position_embeddings, config.max_position_embeddings)
-        self.kv = KVCache(len(self.layers), max_seqs, self.kv_heads, self.max_len, self.head_dim, dtype, self.device)
         self._hf = hf  # keeps the parameters alive
+        self.kv = self._make_kv_cache(kv_cache_bytes, block_size, default_kv_tokens, memory_utilization, reserve_bytes)
+        self._kv_tokens = [self.kv.layer(i) for i in range(len(self.layers))]  # [positions, 2 KV, d] views
+        self._kv_blocks = [t.view(self.kv.num_blocks, block_size, *t.shape[1:]) for t in self._kv_tokens]
+        shapes = {k: tuple(lin.weight.shape) for k, lin in self.linears.items()}
+        self.pool = LoraPool(
+            {f"{i}.{g}": (shapes[group_prefix(i, g) + names[0]][1], names,
+                          [shapes[group_prefix(i, g) + n][0] for n in names])
+             for i in range(len(self.layers)) for g, names in GROUPS.items()},
+            max_loras, self.dtype, self.device,
+        )  # fmt: skip
+        self.graphs = None
+        if cuda_graphs and self.device.type == "cuda":
+            from server.cuda_graphs import DecodeGraphs
+
+            self.graphs = DecodeGraphs(self, capture=True)
+
+    def _make_kv_cache(self, budget: int | None, block_size: int, default_tokens: int, utilization: float,
+                       reserve: int | None) -> PagedKVCache:  # fmt: skip
+        per_block = bytes_per_block(len(self.layers), block_size, self.kv_heads, self.head_dim, self.dtype)
+        self.reserved_bytes = 0
+        if budget is not None:
+            note = f"--kv-cache-mb {budget / 2**20:g}"
+        elif self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            available = int(utilization * total) - (total - free)
+            self.reserved_bytes = int(0.15 * available) if reserve is None else reserve
+            budget = available - self.reserved_bytes
+            note = (f"{utilization:.0%} of {total / 2**30:.1f} GiB less {(total - free) / 2**30:.1f} GiB in use "
+                    f"and {self.reserved_bytes / 2**30:.1f} GiB for merged mixes and activations")  # fmt: skip
+        else:
+            tokens = min(default_tokens, 32 * self.max_len)
+            budget = per_block * (-(-tokens // block_size) + 1)
+            note = f"default: {tokens} tokens"
+        blocks = budget // per_block
+        if blocks < 2:
+            raise ServingError(f"the KV cache gets {budget / 2**20:.1f} MiB ({note}): not even one block of "
+                               f"{per_block / 2**20:.2f} MiB; give it more memory (--kv-cache-mb)")  # fmt: skip
+        cache = PagedKVCache(
+            len(self.layers), blocks, block_size, self.kv_heads, self.head_dim, self.dtype, self.device
+        )
+        try:
+            check_fits(self.max_len, cache, note)
+        except ValueError as exc:
+            raise ServingError(str(exc)) from None
+        return cache
 
     # ----------------------------------------------------------------------------------- inspection
     def base_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -198,131 +222,8 @@ class ModelRuntime:
     def weight_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self._hf.parameters())
 
-    # -------------------------------------------------------------------------------------- forward
-    def _base(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        lin = self.linears[name]
-        return F.linear(x, lin.weight, lin.bias)
-
-    def _side(self, key: str, x: torch.Tensor, outs: dict[str, torch.Tensor], segments: Sequence[Segment]) -> None:
-        """Add each segment's mix to the outputs of one input group, in place."""
-        for seg in segments:
-            group = seg.lora.groups.get(key) if seg.lora is not None else None
-            if group is None:
-                continue
-            whole = seg.start == 0 and seg.end == x.shape[0]
-            t = (x if whole else x[seg.start : seg.end]) @ group.A_T
-            for proj, r0, r1, B_T in group.members:
-                out = outs[proj] if whole else outs[proj][seg.start : seg.end]
-                out.add_(t[..., r0:r1] @ B_T)
-
-    def _rotary(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin ``[B, T, 1, d]`` for ``positions``: once per forward, shared by every layer and head."""
-        cos, sin = self.rotary(x, positions)  # [B, T, d]
-        return cos.unsqueeze(2).to(x.dtype), sin.unsqueeze(2).to(x.dtype)
-
-    @staticmethod
-    def _norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """The model's RMSNorm as one fused op (HF's module runs eight: casts, pow, mean, rsqrt, muls).
-        Equal in fp32; in bf16 it rounds once where HF rounds twice (at most 1 ulp apart)."""
-        return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.variance_epsilon)
-
-    def _qkv(self, i: int, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], segments: Sequence[Segment]):
-        """q [B, H, T, d], k and v [B, KV, T, d] with rotary embeddings (``rope``: cos, sin) applied."""
-        b, t, _ = x.shape
-        fused = self.fused[f"{i}.qkv"]
-        qkv = F.linear(x, fused.weight, fused.bias)
-        self._side(f"{i}.qkv", x, dict(zip(GROUPS["qkv"], qkv.split(fused.sizes, dim=-1), strict=True)), segments)
-        heads = qkv.view(b, t, self.heads + 2 * self.kv_heads, self.head_dim)
-        cos, sin = rope
-        qk = _rope(heads[:, :, : self.heads + self.kv_heads], cos, sin)  # q's and k's heads in one pass
-        q = qk[:, :, : self.heads].transpose(1, 2)
-        k = qk[:, :, self.heads :].transpose(1, 2)
-        return q, k, heads[:, :, self.heads + self.kv_heads :].transpose(1, 2)
-
-    def _mlp_block(self, i: int, h: torch.Tensor, segments: Sequence[Segment]) -> torch.Tensor:
-        layer, p = self.layers[i], f"model.layers.{i}.mlp."
-        x = self._norm(layer.post_attention_layernorm, h)
-        fused = self.fused[f"{i}.gateup"]
-        outs = dict(
-            zip(GROUPS["gateup"], F.linear(x, fused.weight, fused.bias).split(fused.sizes, dim=-1), strict=True)
-        )
-        self._side(f"{i}.gateup", x, outs, segments)
-        act = F.silu(outs["gate_proj"]) * outs["up_proj"]
-        down = {"down_proj": self._base(p + "down_proj", act)}
-        self._side(f"{i}.down", act, down, segments)
-        return h + down["down_proj"]
-
-    def _attn_out(self, i: int, attn: torch.Tensor, segments: Sequence[Segment]) -> torch.Tensor:
-        x = _merge_heads(attn)
-        out = {"o_proj": self._base(f"model.layers.{i}.self_attn.o_proj", x)}
-        self._side(f"{i}.o", x, out, segments)
-        return out["o_proj"]
-
-    def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        return F.linear(self._norm(self.final_norm, h), self.lm_head).float()
-
-    @torch.inference_mode()
-    def prefill(self, slot: int, ids: Sequence[int], lora: PreparedLora | None) -> torch.Tensor:
-        """Run a whole prompt in KV slot ``slot``; the logits of its last position, ``[vocab]`` fp32."""
-        t = len(ids)
-        if not 0 < t < self.max_len:
-            raise ServingError(f"prompt of {t} tokens does not fit the {self.max_len}-token context")
-        segments = [Segment(0, 1, lora)]
-        h = self.embed[torch.tensor([list(ids)], device=self.device)]
-        positions = torch.arange(t, device=self.device).unsqueeze(0)
-        rope = self._rotary(h, positions)
-        mask = None
-        if self.window is not None and self.window < t:
-            j = torch.arange(t, device=self.device)
-            mask = (j[None, :] <= j[:, None]) & (j[None, :] > j[:, None] - self.window)
-        for i, layer in enumerate(self.layers):
-            q, k, v = self._qkv(i, self._norm(layer.input_layernorm, h), rope, segments)
-            self.kv.k[i, slot, :, :t] = k[0]
-            self.kv.v[i, slot, :, :t] = v[0]
-            attn = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.kv_heads != self.heads
-            )
-            h = h + self._attn_out(i, attn, segments)
-            h = self._mlp_block(i, h, segments)
-        return self._logits(h[0, -1])
-
-    @torch.inference_mode()
-    def decode(
-        self, slots: Sequence[int], tokens: Sequence[int], positions: Sequence[int], segments: Sequence[Segment]
-    ) -> torch.Tensor:
-        """One token for each sequence (its slot holds ``positions[j]`` earlier tokens): logits ``[B, vocab]``."""
-        dev = self.device
-        slot_t = torch.tensor(list(slots), device=dev)
-        pos_t = torch.tensor(list(positions), device=dev)
-        if int(pos_t.max()) >= self.max_len:
-            raise ServingError(f"a sequence reached the {self.max_len}-token context")
-        h = self.embed[torch.tensor(list(tokens), device=dev)].unsqueeze(1)  # [B, 1, hidden]
-        # Keys up to the batch's longest sequence, rounded up to a block, are read (not the whole
-        # slot): the masked tail contributes exact zeros, and the kernels walk keys in fixed blocks
-        # from position 0, so a row's result does not depend on the others (tested).
-        window = min(self.max_len, -(-(int(pos_t.max()) + 1) // WINDOW_BLOCK) * WINDOW_BLOCK)
-        j = torch.arange(window, device=dev)
-        valid = j[None, :] <= pos_t[:, None]
-        if self.window is not None:
-            valid &= j[None, :] > pos_t[:, None] - self.window
-        mask = valid[:, None, None, :]  # [B, 1, 1, window]
-        rope = self._rotary(h, pos_t.unsqueeze(1))
-        for i, layer in enumerate(self.layers):
-            q, k, v = self._qkv(i, self._norm(layer.input_layernorm, h), rope, segments)
-            self.kv.k[i, slot_t, :, pos_t] = k[:, :, 0]
-            self.kv.v[i, slot_t, :, pos_t] = v[:, :, 0]
-            keys, values = self.kv.k[i][slot_t, :, :window], self.kv.v[i][slot_t, :, :window]  # [B, KV, window, d]
-            attn = F.scaled_dot_product_attention(
-                q, keys, values, attn_mask=mask, enable_gqa=self.kv_heads != self.heads
-            )
-            h = h + self._attn_out(i, attn, segments)
-            h = self._mlp_block(i, h, segments)
-        return self._logits(h[:, -1])
-
     def lora_to_device(self, factors: LoraFactorsByModule) -> PreparedLora:
-        """Merged factors checked against the base shapes, grouped by shared input, in the runtime's
-        device and dtype (A's of one group concatenated; B's transposed for ``t @ B^T``)."""
-        by_module = {}
+        """Merged factors checked against the base shapes, laid out by input group on the serving device."""
         for name, (A, B) in factors.items():
             lin = self.linears.get(name)
             if lin is None:
@@ -331,29 +232,167 @@ class ModelRuntime:
                 raise ServingError(
                     f"module {name!r}: delta {B.shape[0]}x{A.shape[1]} vs weight {tuple(lin.weight.shape)}"
                 )
-            by_module[name] = (A, B)
-        groups = {}
-        for i in range(len(self.layers)):
-            for group, projections in GROUPS.items():
-                prefix = f"model.layers.{i}.{'self_attn' if group in ('qkv', 'o') else 'mlp'}."
-                present = [(p, *by_module[prefix + p]) for p in projections if prefix + p in by_module]
-                if not present:
-                    continue
-                A_cat = torch.cat([A for _, A, _ in present], dim=0)
-                members, r0 = [], 0
-                for p, A, B in present:
-                    members.append((p, r0, r0 + A.shape[0], B.T.to(self.device, self.dtype).contiguous()))
-                    r0 += A.shape[0]
-                groups[f"{i}.{group}"] = LoraGroup(A_cat.T.to(self.device, self.dtype).contiguous(), tuple(members))
-        return PreparedLora(groups)
+        return prepare_lora(factors, len(self.layers), self.device, self.dtype)
+
+    # -------------------------------------------------------------------------------------- forward
+    def _tensor(self, values: list[int], dtype: torch.dtype = torch.long) -> torch.Tensor:
+        """Host ints to the device without waiting for it (pinned memory, asynchronous copy on CUDA)."""
+        t = torch.tensor(values, dtype=dtype)
+        return t if self.device.type == "cpu" else t.pin_memory().to(self.device, non_blocking=True)
+
+    @staticmethod
+    def _norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The model's RMSNorm as one fused op (HF's module runs eight: casts, pow, mean, rsqrt, muls).
+        Equal in fp32; in bf16 it rounds once where HF rounds twice (at most 1 ulp apart)."""
+        return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.variance_epsilon)
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, where: torch.Tensor, side: SidePlan | None,
+                 attend) -> torch.Tensor:  # fmt: skip
+        """Packed tokens (``where``: their cache positions; rows sorted by mix slot) through every layer;
+        ``attend(i, q, heads)`` is layer ``i``'s attention, called after the tokens' keys and values are in
+        the cache. Returns the last hidden states. Device tensors in, so a graph can capture it."""
+        h = self.embed[ids]  # [N, hidden]
+        cos, sin = self.rotary(h, positions[None])  # [1, N, d]
+        half = self.head_dim // 2  # rotate_half(x) = roll(x, half) with the first half's sign in sin
+        cos, sin = (
+            cos[0, :, None].to(h.dtype),
+            torch.cat((-sin[0, :, :half], sin[0, :, half:]), -1)[:, None].to(h.dtype),
+        )
+        for i, layer in enumerate(self.layers):
+            x = self._norm(layer.input_layernorm, h)
+            fused = self.fused[f"{i}.qkv"]
+            qkv = F.linear(x, fused.weight, fused.bias)
+            if side is not None:
+                self.pool.add_side(f"{i}.qkv", x, qkv, side)
+            heads = qkv.view(len(h), self.heads + 2 * self.kv_heads, self.head_dim)
+            qk = heads[:, : self.heads + self.kv_heads]
+            torch.addcmul(qk * cos, qk.roll(half, -1), sin, out=qk)  # rotary, in place
+            self._kv_tokens[i][where] = heads[:, self.heads :]  # keys and values of every token, one write
+            attn = attend(i, heads[:, : self.heads], heads)
+            o = self._base(f"model.layers.{i}.self_attn.o_proj", attn)
+            if side is not None:
+                self.pool.add_side(f"{i}.o", attn, o, side)
+            h = h + o
+            x = self._norm(layer.post_attention_layernorm, h)
+            fused = self.fused[f"{i}.gateup"]
+            gate_up = F.linear(x, fused.weight, fused.bias)
+            if side is not None:
+                self.pool.add_side(f"{i}.gateup", x, gate_up, side)
+            gate, up = gate_up.split(fused.sizes, dim=-1)
+            act = F.silu(gate) * up
+            down = self._base(f"model.layers.{i}.mlp.down_proj", act)
+            if side is not None:
+                self.pool.add_side(f"{i}.down", act, down, side)
+            h = h + down
+        return h
+
+    def _base(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        lin = self.linears[name]
+        return F.linear(x, lin.weight, lin.bias)
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(self._norm(self.final_norm, h), self.lm_head).float()
+
+    def _slot_mapping(self, blocks: Sequence[int], start: int, end: int) -> list[int]:
+        bs = self.kv.block_size
+        return [blocks[p // bs] * bs + p % bs for p in range(start, end)]
+
+    @torch.inference_mode()
+    def prefill(self, chunks: Sequence[PrefillChunk]) -> torch.Tensor:
+        """Several prompts' chunks in one forward: the logits after each chunk's last token, ``[chunks, vocab]``
+        fp32 (in the order given). Each chunk's keys and values go to its blocks."""
+        order = sorted(range(len(chunks)), key=lambda c: chunks[c].lora_slot)
+        ids, positions, where, slots, spans = [], [], [], [], []
+        for c in order:
+            ch = chunks[c]
+            end = ch.start + len(ch.ids)
+            if not ch.ids or end > self.max_len or -(-end // self.kv.block_size) > len(ch.blocks):
+                raise ServingError(f"a prompt chunk {ch.start}:{end} does not fit its blocks or the "
+                                   f"{self.max_len}-token context")  # fmt: skip
+            spans.append((len(ids), len(ids) + len(ch.ids), ch))
+            ids += ch.ids
+            positions += range(ch.start, end)
+            where += self._slot_mapping(ch.blocks, ch.start, end)
+            slots += [ch.lora_slot] * len(ch.ids)
+
+        def attend(i: int, q: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
+            outs = [self._prefill_attention(i, q[a:b], heads[a:b], ch) for a, b, ch in spans]
+            return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+        side = self.pool.plan(slots, self._tensor)
+        h = self._forward(self._tensor(ids), self._tensor(positions), self._tensor(where), side, attend)
+        last = self._tensor([b - 1 for _, b, _ in spans])
+        logits = self._logits(h[last])
+        return logits if order == sorted(order) else logits[self._tensor(_inverse(order))]
+
+    def _prefill_attention(self, i: int, q: torch.Tensor, heads: torch.Tensor, ch: PrefillChunk) -> torch.Tensor:
+        """One chunk's causal attention over its earlier tokens (from the cache) and itself: ``[n, H * d]``."""
+        n, end = len(ch.ids), ch.start + len(ch.ids)
+        if ch.start == 0:
+            kv = heads[:, self.heads :].transpose(0, 1)  # the chunk is the whole history: no cache read
+        else:
+            nb = -(-end // self.kv.block_size)
+            kv = self._kv_blocks[i][self._tensor(list(ch.blocks[:nb]))].flatten(0, 1).transpose(0, 1)
+        mask = None
+        if ch.start > 0 or (self.window is not None and self.window < end):
+            j = torch.arange(kv.shape[1], device=self.device)
+            pos = torch.arange(ch.start, end, device=self.device)[:, None]
+            mask = j[None, :] <= pos
+            if self.window is not None:
+                mask &= j[None, :] > pos - self.window
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1)[None], kv[None, : self.kv_heads], kv[None, self.kv_heads :], attn_mask=mask,
+            is_causal=mask is None, enable_gqa=self.kv_heads != self.heads,
+        )  # fmt: skip
+        return out[0].transpose(0, 1).reshape(n, self.heads * self.head_dim)
+
+    @torch.inference_mode()
+    def decode(self, rows: Sequence[DecodeRow]) -> torch.Tensor:
+        """One token for each running sequence: logits ``[rows, vocab]`` fp32, in the order given."""
+        order = sorted(range(len(rows)), key=lambda r: rows[r].lora_slot)
+        rows = [rows[r] for r in order]
+        if max(r.position for r in rows) >= self.max_len:
+            raise ServingError(f"a sequence reached the {self.max_len}-token context")
+        bs = self.kv.block_size
+        if any(len(r.blocks) <= r.position // bs for r in rows):
+            raise ServingError("a sequence outgrew the KV blocks it was given")
+        # Every row reads the same number of blocks (its own, then the null block): the batch's widest,
+        # rounded up to a power of two so the key width takes few values (and graph buckets).
+        nb = -(-max(MIN_KEYS, 1 << max(r.position for r in rows).bit_length()) // bs)
+        tables = [list(r.blocks[:nb]) + [NULL_BLOCK] * (nb - len(r.blocks[:nb])) for r in rows]
+        where = [r.blocks[r.position // bs] * bs + r.position % bs for r in rows]
+        if self.graphs is not None:
+            logits = self.graphs.run(rows, tables, where)
+        else:
+            side = self.pool.plan([r.lora_slot for r in rows], self._tensor)
+            logits = self._decode_core(self._tensor([r.token for r in rows]), self._tensor([r.position for r in rows]),
+                                       self._tensor(where), self._tensor(tables), side)  # fmt: skip
+        return logits if order == sorted(order) else logits[self._tensor(_inverse(order))]
+
+    def _decode_core(self, ids: torch.Tensor, positions: torch.Tensor, where: torch.Tensor, table: torch.Tensor,
+                     side: SidePlan | None) -> torch.Tensor:  # fmt: skip
+        """The decode step on device tensors (what a CUDA graph captures): ``table`` ``[rows, blocks]``."""
+        b, nb = table.shape
+        keys = nb * self.kv.block_size
+        j = torch.arange(keys, device=self.device)
+        valid = j[None, :] <= positions[:, None]
+        if self.window is not None:
+            valid &= j[None, :] > positions[:, None] - self.window
+        mask = valid[:, None, None, :]  # [B, 1, 1, keys]
+
+        def attend(i: int, q: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
+            kv = self._kv_blocks[i][table].view(b, keys, 2 * self.kv_heads, self.head_dim).transpose(1, 2)
+            out = F.scaled_dot_product_attention(
+                q[:, :, None], kv[:, : self.kv_heads], kv[:, self.kv_heads :], attn_mask=mask,
+                enable_gqa=self.kv_heads != self.heads,
+            )  # fmt: skip
+            return out.view(b, self.heads * self.head_dim)
+
+        return self._logits(self._forward(ids, positions, where, side, attend))
 
 
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
-
-
-def _merge_heads(attn: torch.Tensor) -> torch.Tensor:
-    b, h, t, d = attn.shape
-    return attn.transpose(1, 2).reshape(b, t, h * d)
+def _inverse(order: list[int]) -> list[int]:
+    inverse = [0] * len(order)
+    for row, original in enumerate(order):
+        inverse[original] = row
+    return inverse

@@ -39,14 +39,38 @@ def add_serve_parser(sub) -> None:
     s.add_argument("--host", default=d.host, help="bind address (default: 127.0.0.1)")
     s.add_argument("--port", type=int, default=d.port, help="port (default: 8000)")
     s.add_argument("--max-batch", dest="max_batch", type=int, default=d.max_batch,
-                   help=f"running sequences = KV-cache slots (default {d.max_batch})")  # fmt: skip
-    s.add_argument("--max-len", dest="max_len", type=int, help="tokens per KV slot (default: the model's context)")
+                   help=f"running sequences (default {d.max_batch})")  # fmt: skip
+    s.add_argument("--max-len", dest="max_len", type=int,
+                   help="longest sequence, prompt + completion, in tokens (default: the model's context; refused at "
+                        "start if the KV cache cannot hold one)")  # fmt: skip
+    s.add_argument("--kv-cache-mb", dest="kv_cache_mb", type=float,
+                   help="paged KV-cache size in MiB (default: on CUDA what --memory-utilization leaves after the "
+                        "weights and the mix reserve; on CPU room for --max-batch x 4096 tokens)")  # fmt: skip
+    s.add_argument("--block-size", dest="block_size", type=int, default=d.block_size,
+                   help=f"tokens per KV-cache block (default {d.block_size})")  # fmt: skip
+    s.add_argument(
+        "--max-loras",
+        dest="max_loras",
+        type=int,
+        default=d.max_loras,
+        help=f"distinct mixes in the running batch: slots of the device mix pool (default {d.max_loras})",
+    )
+    s.add_argument(
+        "--no-cuda-graphs",
+        dest="cuda_graphs",
+        action="store_false",
+        help="CUDA: run decode steps eagerly instead of replaying captured CUDA graphs",
+    )
+    s.add_argument("--memory-utilization", dest="memory_utilization", type=float, default=d.memory_utilization,
+                   help=f"CUDA: share of device memory mixserve may use (default {d.memory_utilization})")  # fmt: skip
     s.add_argument("--max-waiting", dest="max_waiting", type=int, default=d.max_waiting,
                    help=f"queued requests before answering 429 (default {d.max_waiting})")  # fmt: skip
     s.add_argument("--max-prefill-tokens", dest="max_prefill_tokens", type=int, default=d.max_prefill_tokens,
-                   help=f"prompt tokens prefilled per engine step (default {d.max_prefill_tokens})")  # fmt: skip
-    s.add_argument("--cache-mb", dest="cache_mb", type=float, default=d.cache_bytes / 2**20,
-                   help=f"merged-mix cache budget in MiB (default {d.cache_bytes >> 20})")  # fmt: skip
+                   help=f"prompt tokens prefilled per engine step, longer prompts go in chunks between decode "
+                        f"steps (default {d.max_prefill_tokens})")  # fmt: skip
+    s.add_argument("--cache-mb", dest="cache_mb", type=float,
+                   help="merged-mix cache budget in MiB (default: 512 on CPU; on CUDA half of the 15%% of free "
+                        "memory held back from the KV cache)")  # fmt: skip
     s.add_argument("--max-rank", dest="max_rank", type=int,
                    help="re-factor served deltas to at most this rank (default: their own rank)")  # fmt: skip
     s.add_argument("--pin-file", dest="pin_file", type=Path,
@@ -76,7 +100,11 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
     return ServeConfig(
         model=args.model, adapters=args.adapters, model_name=args.model_name, device=args.device, dtype=args.dtype,
         host=args.host, port=args.port, max_batch=args.max_batch, max_len=args.max_len, max_waiting=args.max_waiting,
-        max_prefill_tokens=args.max_prefill_tokens, cache_bytes=int(args.cache_mb * 2**20), max_rank=args.max_rank,
+        max_prefill_tokens=args.max_prefill_tokens, max_rank=args.max_rank,
+        cache_bytes=None if args.cache_mb is None else int(args.cache_mb * 2**20),
+        kv_cache_bytes=None if args.kv_cache_mb is None else int(args.kv_cache_mb * 2**20),
+        block_size=args.block_size, max_loras=args.max_loras, memory_utilization=args.memory_utilization,
+        cuda_graphs=args.cuda_graphs,
         pin_file=pin_file, insecure_admin=args.insecure_admin, drain_seconds=args.drain_seconds, limits=limits,
     )  # fmt: skip
 

@@ -55,20 +55,27 @@ class ServerState:
         self.config = config
         dtype = getattr(torch, config.dtype)
         self.runtime = ModelRuntime(
-            config.model, device=config.device, dtype=dtype, max_seqs=config.max_batch, max_len=config.max_len
-        )
+            config.model, device=config.device, dtype=dtype, max_len=config.max_len,
+            kv_cache_bytes=config.kv_cache_bytes, block_size=config.block_size, max_loras=config.max_loras,
+            default_kv_tokens=config.max_batch * 4096, memory_utilization=config.memory_utilization,
+            reserve_bytes=None if config.cache_bytes is None else 2 * config.cache_bytes, cuda_graphs=config.cuda_graphs,
+        )  # fmt: skip
         self.base_name = config.model_name or (
             DEMO_MODEL_NAME
             if Path(config.model).resolve() == (DEMO_DIR / "base").resolve()
             else Path(config.model).name
         )
-        self.metrics = Metrics(max_lora=config.max_batch)
+        self.metrics = Metrics(max_lora=config.max_loras)
         self.registry = AdapterRegistry(
             Path(config.adapters), self.runtime.base_shapes(), config.limits.max_adapter_bytes
         )
         self.adapter_errors = self.registry.load_root()
         self._executor = ThreadPoolExecutor(config.merge_threads, thread_name_prefix="mixserve-merge")
-        self.cache = MixCache(config.cache_bytes, self.metrics, self._executor)
+        # On CUDA the runtime held back a share of free memory for merged mixes, the pool and activations.
+        cache_bytes = config.cache_bytes
+        if cache_bytes is None:
+            cache_bytes = self.runtime.reserved_bytes // 2 if self.runtime.device.type == "cuda" else 512 << 20
+        self.cache = MixCache(cache_bytes, self.metrics, self._executor)
         self.engine = Engine(
             self.runtime,
             self.metrics,

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from bench.ops import count_top_level_ops, main, segments_for
+from bench.ops import count_top_level_ops, main, slots_for
 from server.config import DEMO_DIR
 
 
@@ -21,13 +21,11 @@ def test_counts_only_the_ops_called_at_top_level():
 
 
 @pytest.mark.parametrize(("batch", "n"), [(8, 1), (8, 3), (8, 8), (5, 2)])
-def test_segments_cover_the_batch_contiguously_one_per_mix(batch, n):
-    mixes = [object() for _ in range(n)]
-    segs = segments_for(batch, mixes)
-    assert [s.lora for s in segs] == mixes
-    assert segs[0].start == 0 and segs[-1].end == batch
-    assert all(a.end == b.start for a, b in itertools.pairwise(segs))
-    sizes = [s.end - s.start for s in segs]
+def test_rows_spread_evenly_over_the_mixes_in_slot_order(batch, n):
+    slots = list(range(1, n + 1))
+    rows = slots_for(batch, slots)
+    assert len(rows) == batch and rows == sorted(rows) and set(rows) == set(slots)
+    sizes = [len(list(g)) for _, g in itertools.groupby(rows)]
     assert max(sizes) - min(sizes) <= 1
 
 
@@ -37,7 +35,8 @@ def test_the_bench_runs_end_to_end(tmp_path):
     result = json.loads((tmp_path / "ops.json").read_text())
     rows = {r["scenario"]: r for r in result["rows"]}
     assert set(rows) == {"base", "1 mix", "4 mixes"}
-    assert rows["4 mixes"]["segments"] == 4 and rows["1 mix"]["ops_vs_one_mix"] == 1.0
-    # a mix adds its side path's products to the base model's ops
+    assert rows["4 mixes"]["mixes"] == 4 and rows["base"]["mixes"] == 0 and rows["1 mix"]["ops_vs_one_mix"] == 1.0
+    # a mix adds its side path's products to the base model's ops; more mixes add none
     assert rows["1 mix"]["ops_per_step"] > rows["base"]["ops_per_step"] > 0
+    assert rows["4 mixes"]["ops_per_step"] == rows["1 mix"]["ops_per_step"]
     assert (tmp_path / "ops.md").read_text().startswith("# Decode-step ops")

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(not (DEMO / "base" / "model.safetensors").is_fil
 def runtime():
     from server.runtime import ModelRuntime
 
-    return ModelRuntime(DEMO / "base", max_seqs=8)
+    return ModelRuntime(DEMO / "base", max_loras=4)
 
 
 @pytest.fixture(scope="module")
@@ -39,56 +39,106 @@ def _prompt(runtime, text: str) -> list[int]:
     return runtime.tokenizer(text)["input_ids"]
 
 
-def test_logits_match_transformers_with_the_delta_folded_in(runtime, mixes):
+def _fold(mix) -> torch.nn.Module:
+    """transformers' model with ``mix``'s delta folded into the weights: the per-mix reference."""
     from transformers import AutoModelForCausalLM
 
-    from server.runtime import Segment
-
-    ids = _prompt(runtime, "### task: sql\n### input: how many books have author bemi\n### output:\nSELECT")
     hf = AutoModelForCausalLM.from_pretrained(DEMO / "base", dtype=torch.float32).eval()
     with torch.no_grad():
-        for name, (A, B) in mixes["ties"].module_factors().items():
+        for name, (A, B) in mix.module_factors().items() if mix is not None else ():
             hf.get_submodule(name).weight += B @ A
-        ref = hf(torch.tensor([ids])).logits[0]
-    slot = runtime.kv.allocate()
+    return hf
+
+
+def test_logits_match_transformers_with_the_delta_folded_in(runtime, mixes):
+    from server.runtime import DecodeRow, PrefillChunk
+
+    ids = _prompt(runtime, "### task: sql\n### input: how many books have author bemi\n### output:\nSELECT")
+    with torch.no_grad():
+        ref = _fold(mixes["ties"])(torch.tensor([ids])).logits[0]
+    blocks = runtime.kv.allocate(runtime.kv.blocks_for(len(ids)))
+    slot = runtime.pool.acquire(mixes["ties"])
     try:
-        got = runtime.prefill(slot, ids[:-3], mixes["ties"])
-        torch.testing.assert_close(got, ref[len(ids) - 4], atol=1e-4, rtol=1e-4)
-        for j in range(len(ids) - 3, len(ids)):  # decode the rest one by one from the KV cache
-            got = runtime.decode([slot], [ids[j]], [j], [Segment(0, 1, mixes["ties"])])[0]
+        # The prompt in two chunks (the second reads the first's keys from the cache), then decode.
+        n = len(ids) - 3
+        got = runtime.prefill([PrefillChunk(ids[:7], 0, blocks, slot)])[0]
+        torch.testing.assert_close(got, ref[6], atol=1e-4, rtol=1e-4)
+        got = runtime.prefill([PrefillChunk(ids[7:n], 7, blocks, slot)])[0]
+        torch.testing.assert_close(got, ref[n - 1], atol=1e-4, rtol=1e-4)
+        for j in range(n, len(ids)):  # decode the rest one by one from the KV cache
+            got = runtime.decode([DecodeRow(ids[j], j, blocks, slot)])[0]
             torch.testing.assert_close(got, ref[j], atol=1e-4, rtol=1e-4)
     finally:
-        runtime.kv.release(slot)
+        runtime.kv.free(blocks)
+        runtime.pool.release(slot)
 
 
-def _greedy(runtime, batch: list[tuple[list[int], str | None]], mixes, steps: int = 12) -> list[list[int]]:
-    """Greedy tokens for sequences decoded together; rows grouped by mix into segments."""
-    from server.runtime import Segment
+@pytest.mark.parametrize("masked_rows", [0, 64], ids=["grouped_mm", "masked"])
+def test_pooled_side_path_matches_the_per_mix_reference(runtime, mixes, masked_rows):
+    """Rows on four mixes (and the base) in one prefill and one decode step, given in mixed order:
+    each row's logits equal transformers' with its own mix folded in."""
+    from server.runtime import DecodeRow, PrefillChunk
 
-    slots = [runtime.kv.allocate() for _ in batch]
+    names = ["dense", None, "sql", "ties", "sql", None, "dense", "ties"]
+    texts = ["### task: sql\n### input: how many books have author bemi\n### output:\n",
+             "### task: json\n### input: meet pudo, a pifu aged 37 from boto.\n### output:\n",
+             "the word zasago reversed is"]  # fmt: skip
+    prompts = [[*_prompt(runtime, texts[i % 3]), 5 + i] for i in range(len(names))]
+    refs = {}
+    for m in set(names):
+        hf = _fold(mixes.get(m) if m else None)
+        with torch.no_grad():
+            refs[m] = [hf(torch.tensor([p])).logits[0] for p in prompts]
+    saved, runtime.pool.masked_rows = runtime.pool.masked_rows, masked_rows
+    tables = [runtime.kv.allocate(runtime.kv.blocks_for(len(p))) for p in prompts]
+    slots = [runtime.pool.acquire(mixes.get(m) if m else None) for m in names]
     try:
-        tokens = [
-            [int(runtime.prefill(s, ids, mixes.get(m)).argmax())] for s, (ids, m) in zip(slots, batch, strict=True)
-        ]
-        order = sorted(range(len(batch)), key=lambda i: str(batch[i][1]))
-        segments, start = [], 0
-        for m in sorted({str(b[1]) for b in batch}):
-            n = sum(1 for i in order if str(batch[i][1]) == m)
-            segments.append(Segment(start, start + n, mixes.get(m)))
-            start += n
+        chunks = [PrefillChunk(p[:-1], 0, t, s) for p, t, s in zip(prompts, tables, slots, strict=True)]
+        got = runtime.prefill(chunks)
+        for row, (p, m) in enumerate(zip(prompts, names, strict=True)):
+            torch.testing.assert_close(got[row], refs[m][row][len(p) - 2], atol=1e-4, rtol=1e-4)
+        rows = [DecodeRow(p[-1], len(p) - 1, t, s) for p, t, s in zip(prompts, tables, slots, strict=True)]
+        got = runtime.decode(rows)
+        for row, (p, m) in enumerate(zip(prompts, names, strict=True)):
+            torch.testing.assert_close(got[row], refs[m][row][len(p) - 1], atol=1e-4, rtol=1e-4)
+    finally:
+        runtime.pool.masked_rows = saved
+        for t, s in zip(tables, slots, strict=True):
+            runtime.kv.free(t)
+            runtime.pool.release(s)
+
+
+def _greedy(runtime, batch: list[tuple[list[int], str | None]], mixes, steps: int = 12,
+            chunk: int | None = None) -> list[list[int]]:  # fmt: skip
+    """Greedy tokens for sequences prefilled (in chunks of ``chunk`` tokens) and decoded together."""
+    from server.runtime import DecodeRow, PrefillChunk
+
+    tables = [runtime.kv.allocate(runtime.kv.blocks_for(len(ids) + steps)) for ids, _ in batch]
+    slots = [runtime.pool.acquire(mixes.get(m)) for _, m in batch]
+    try:
+        done, first = [0] * len(batch), {}
+        while True:
+            todo = [i for i, (ids, _) in enumerate(batch) if done[i] < len(ids)]
+            if not todo:
+                break
+            n = [min(len(batch[i][0]) - done[i], chunk or len(batch[i][0])) for i in todo]
+            logits = runtime.prefill([PrefillChunk(batch[i][0][done[i] : done[i] + k], done[i], tables[i], slots[i])
+                                      for i, k in zip(todo, n, strict=True)])  # fmt: skip
+            for row, (i, k) in enumerate(zip(todo, n, strict=True)):
+                done[i] += k
+                if done[i] == len(batch[i][0]):
+                    first[i] = int(logits[row].argmax())
+        tokens = [[first[i]] for i in range(len(batch))]
         for _ in range(steps - 1):
-            logits = runtime.decode(
-                [slots[i] for i in order],
-                [tokens[i][-1] for i in order],
-                [len(batch[i][0]) + len(tokens[i]) - 1 for i in order],
-                segments,
-            )
-            for row, i in enumerate(order):
-                tokens[i].append(int(logits[row].argmax()))
+            logits = runtime.decode([DecodeRow(tokens[i][-1], len(ids) + len(tokens[i]) - 1, tables[i], slots[i])
+                                     for i, (ids, _) in enumerate(batch)])  # fmt: skip
+            for i in range(len(batch)):
+                tokens[i].append(int(logits[i].argmax()))
         return tokens
     finally:
-        for s in slots:
-            runtime.kv.release(s)
+        for t, s in zip(tables, slots, strict=True):
+            runtime.kv.free(t)
+            runtime.pool.release(s)
 
 
 def test_greedy_tokens_do_not_depend_on_the_rest_of_the_batch(runtime, mixes):
@@ -111,6 +161,8 @@ def test_greedy_tokens_do_not_depend_on_the_rest_of_the_batch(runtime, mixes):
     alone = [_greedy(runtime, [b], mixes)[0] for b in batch]
     together = _greedy(runtime, batch, mixes)
     assert together == alone
+    # Chunked prefill (prompts in pieces of 9 tokens, several prompts per forward) generates the same.
+    assert _greedy(runtime, batch, mixes, chunk=9) == alone
     # And the mixes matter: the same prompt on another mix generates something else.
     assert _greedy(runtime, [(batch[0][0], None)], mixes)[0] != alone[0]
 
@@ -122,7 +174,7 @@ def test_gqa_and_biased_projections_match_transformers(tmp_path, model_type):
 
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from server.runtime import ModelRuntime
+    from server.runtime import DecodeRow, ModelRuntime, PrefillChunk
 
     torch.manual_seed(0)
     config = AutoConfig.for_model(
@@ -137,22 +189,43 @@ def test_gqa_and_biased_projections_match_transformers(tmp_path, model_type):
     hf.save_pretrained(tmp_path)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(DEMO / "base" / name, tmp_path / name)
-    runtime = ModelRuntime(tmp_path, max_seqs=2)
+    runtime = ModelRuntime(tmp_path, block_size=8)
     fused = runtime.fused["0.qkv"]
     q_proj = runtime.linears["model.layers.0.self_attn.q_proj"]
     assert q_proj.weight.untyped_storage().data_ptr() == fused.weight.untyped_storage().data_ptr()  # views, no copy
     ids = list(range(3, 40))
     with torch.no_grad():
         want = hf(torch.tensor([ids])).logits[0]
-    slot = runtime.kv.allocate()
-    got = runtime.prefill(slot, ids[:-4], None)
+    blocks = runtime.kv.allocate(runtime.kv.blocks_for(len(ids)))
+    got = runtime.prefill([PrefillChunk(ids[:-4], 0, blocks)])[0]
     torch.testing.assert_close(got, want[len(ids) - 5], rtol=1e-4, atol=1e-4)
     for j in range(len(ids) - 4, len(ids)):
-        got = runtime.decode([slot], [ids[j]], [j], [_segment(None)])[0]
+        got = runtime.decode([DecodeRow(ids[j], j, blocks)])[0]
         torch.testing.assert_close(got, want[j], rtol=1e-4, atol=1e-4)
 
 
-def _segment(lora):
-    from server.runtime import Segment
+@pytest.mark.parametrize("masked_rows", [0, 64], ids=["grouped_mm", "masked"])
+def test_the_static_buffer_decode_of_cuda_graphs_generates_the_same_tokens(runtime, mixes, masked_rows):
+    """The path a CUDA graph captures (padded batch bucket, padding rows on the null block, every pool
+    slot in the side path) run eagerly here: the same greedy tokens as the plain decode, and the padding
+    rows disturb no one's KV cache. (The capture itself needs a GPU.)"""
+    from server.cuda_graphs import DecodeGraphs
 
-    return Segment(0, 1, lora)
+    batch = [(_prompt(runtime, t), m) for t, m in [
+        ("### task: sql\n### input: how many books have author bemi\n### output:\n", "sql"),
+        ("### task: json\n### input: meet pudo, a pifu aged 37 from boto.\n### output:\n", "ties"),
+        ("the word zasago reversed is", None),
+        ("### task: python\n### input: write sum_even(xs) that returns the sum of the even xs\n### output:\n", "dense"),
+        ("### task: sql\n### input: list the title of books\n### output:\n", "sql"),
+    ]]  # fmt: skip
+    saved = runtime.pool.masked_rows
+    runtime.pool.masked_rows = masked_rows
+    try:
+        plain = _greedy(runtime, batch, mixes, steps=8)
+        runtime.graphs = DecodeGraphs(runtime, capture=False)
+        assert _greedy(runtime, batch, mixes, steps=8) == plain  # 5 rows run in the 8-row bucket
+        assert _greedy(runtime, batch[:1], mixes, steps=8) == plain[:1]
+        assert {k[:2] for k in runtime.graphs._graphs} >= {(8, 4), (1, 4)}
+    finally:
+        runtime.graphs = None
+        runtime.pool.masked_rows = saved

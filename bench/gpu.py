@@ -1,0 +1,199 @@
+"""Accelerator benchmark: a random-weight Mistral-7B in bf16 with 8 rank-16 mixes, one script, one run.
+
+What it measures (``bench/gpu.sh`` runs it; every figure is from this run):
+
+1. **Copy bandwidth** of the device (a 1 GiB device-to-device copy: read + written bytes / time).
+2. **bs1 decode**: one sequence (128-token prompt) decoding on one mix; the step time against the
+   bandwidth bound ``weight bytes / copy bandwidth`` (target: >= 70% of the bound).
+3. **32 sequences over 8 mixes vs one mix**: decode-step throughput of a 32-row batch whose rows use
+   8 different rank-16 mixes, against the same batch on one mix (target: >= 0.85x).
+4. **Lowrank TIES merge** of 3 rank-16 adapters over the whole 7B shape (target: < 100 ms).
+
+``--tiny`` runs the same steps on a tiny Mistral shape (on CPU when there is no GPU) so that the script
+is tested end to end in CI; its figures say nothing about a GPU, and the report says so.
+
+    bench/gpu.sh --out bench/results/gpu-h100      # on the GPU machine
+    bench/gpu.sh --tiny --out /tmp/gpu-tiny        # anywhere
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+
+from bench.report import write_report
+from merging.merge import merge_mix
+from merging.spec import parse_mix
+from merging.synthetic import MISTRAL_7B, random_adapter
+
+TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "vocab_size": 1024}  # fmt: skip
+FULL = {"hidden_size": MISTRAL_7B.hidden, "intermediate_size": MISTRAL_7B.intermediate,
+        "num_hidden_layers": MISTRAL_7B.layers, "num_attention_heads": MISTRAL_7B.heads,
+        "num_key_value_heads": MISTRAL_7B.kv_heads, "vocab_size": MISTRAL_7B.vocab}  # fmt: skip
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_seconds(fn, device: torch.device, repeats: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int) -> float:
+    """Bytes per second of a device-to-device copy (each byte read once and written once)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    seconds = _median_seconds(lambda: dst.copy_(src), device, repeats=10)
+    return 2 * nbytes / seconds
+
+
+def build_runtime(shape: dict, device: torch.device, dtype: torch.dtype, max_loras: int, graphs: bool):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from server.runtime import ModelRuntime
+
+    config = AutoConfig.for_model("mistral", max_position_embeddings=4096, sliding_window=None,
+                                  tie_word_embeddings=False, **shape)  # fmt: skip
+    torch.manual_seed(0)
+    with torch.device(device):
+        hf = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    # The KV cache for 32 sequences of 512 tokens is all these measurements need.
+    per_token = 2 * shape["num_hidden_layers"] * shape["num_key_value_heads"] * 128 * 2
+    return ModelRuntime.from_model(hf, max_len=512, kv_cache_bytes=40 * 512 * per_token + (1 << 24),
+                                   max_loras=max_loras, cuda_graphs=graphs)  # fmt: skip
+
+
+def random_mixes(runtime, n: int, rank: int) -> list:
+    out = []
+    for seed in range(n):
+        g = torch.Generator().manual_seed(seed)
+        factors = {}
+        for name, (o, i) in runtime.base_shapes().items():
+            factors[name.removesuffix(".weight")] = (torch.randn(rank, i, generator=g) / i**0.5,
+                                                      torch.randn(o, rank, generator=g) * 0.01)  # fmt: skip
+        out.append(runtime.lora_to_device(factors))
+    return out
+
+
+def decode_rows(runtime, batch: int, slots: list[int], prompt_len: int):
+    """``batch`` sequences with ``prompt_len`` tokens in the cache, rows spread over ``slots``."""
+    from server.runtime import DecodeRow, PrefillChunk
+
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, runtime.config.vocab_size, (prompt_len,), generator=g).tolist()
+    tables = [runtime.kv.allocate(runtime.kv.blocks_for(prompt_len + 1)) for _ in range(batch)]
+    runtime.prefill([PrefillChunk(prompt, 0, t) for t in tables])
+    rows = [DecodeRow(7, prompt_len, t, slots[i * len(slots) // batch]) for i, t in enumerate(tables)]
+    return sorted(rows, key=lambda r: r.lora_slot), tables
+
+
+def decode_measures(runtime, device: torch.device, repeats: int, bound: float) -> list[dict]:
+    """bs1 decode against the bandwidth bound; 32 rows on 8 mixes against 32 rows on one."""
+    slots = [runtime.pool.acquire(m) for m in random_mixes(runtime, 8, rank=16)]
+    rows: list[dict] = []
+    one, tables = decode_rows(runtime, 1, slots[:1], 128)
+    step = _median_seconds(lambda: runtime.decode(one), device, repeats)
+    rows.append({"measure": "bs1 decode step, one mix (ms)", "value": round(1e3 * step, 3),
+                 "target": f">= 70% of the bound ({1e3 * bound:.3f} ms)", "ratio": round(bound / step, 3)})  # fmt: skip
+    for t in tables:
+        runtime.kv.free(t)
+    rows_one, tables = decode_rows(runtime, 32, slots[:1], 128)
+    rows_eight = [r.__class__(r.token, r.position, r.blocks, slots[i // 4]) for i, r in enumerate(rows_one)]
+    t_one = _median_seconds(lambda: runtime.decode(rows_one), device, repeats)
+    t_eight = _median_seconds(lambda: runtime.decode(rows_eight), device, repeats)
+    rows.append({"measure": "32 rows decode step, one mix (ms)", "value": round(1e3 * t_one, 3), "target": "",
+                 "ratio": None})  # fmt: skip
+    rows.append({"measure": "32 rows decode step, 8 mixes (ms)", "value": round(1e3 * t_eight, 3),
+                 "target": ">= 0.85x one mix's throughput", "ratio": round(t_one / t_eight, 3)})  # fmt: skip
+    for t in tables:
+        runtime.kv.free(t)
+    return rows
+
+
+def run(tiny: bool, repeats: int, graphs: bool) -> dict:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16
+    shape = TINY if tiny else FULL
+    t0 = time.perf_counter()
+    bandwidth = copy_bandwidth(device, (1 << 30) if not tiny else (1 << 24))
+    runtime = build_runtime(shape, device, dtype, max_loras=8, graphs=graphs)
+    weight_bytes = runtime.weight_bytes
+    rows = decode_measures(runtime, device, repeats, weight_bytes / bandwidth)
+    del runtime  # free the model before the merge's dense work
+
+    # Lowrank TIES merge of 3 rank-16 adapters over the whole model's shapes.
+    layers = shape["num_hidden_layers"]
+    mshape = MISTRAL_7B if not tiny else None
+    shapes = mshape.module_shapes(layers=layers) if mshape else _tiny_module_shapes(shape)
+    adapters = {f"a{i}": random_adapter(f"a{i}", shapes, rank=16, alpha=32, seed=i, device=device) for i in range(3)}
+    spec = parse_mix({"method": "ties", "density": 0.2, "space": "lowrank",
+                      "children": [{"adapter": a} for a in adapters]})  # fmt: skip
+    merge = _median_seconds(lambda: merge_mix(spec, adapters), device, max(3, repeats // 10), warmup=1)
+    rows.append({"measure": "lowrank TIES merge, 3 adapters, whole model (ms)", "value": round(1e3 * merge, 1),
+                 "target": "< 100 ms", "ratio": None})  # fmt: skip
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} CPU (no GPU)"
+    return {
+        "device": name,
+        "gpu_measured": device.type == "cuda" and not tiny,
+        "shape": "tiny Mistral (--tiny)" if tiny else "Mistral-7B (random weights)",
+        "dtype": "bfloat16",
+        "cuda_graphs": graphs and device.type == "cuda",
+        "torch": torch.__version__,
+        "weight_bytes": weight_bytes,
+        "copy_bandwidth_gb_s": round(bandwidth / 1e9, 1),
+        "rows": rows,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+
+
+def _tiny_module_shapes(shape: dict) -> dict[str, tuple[int, int]]:
+    h, i = shape["hidden_size"], shape["intermediate_size"]
+    kv = shape["num_key_value_heads"] * h // shape["num_attention_heads"]
+    per = {"self_attn.q_proj": (h, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
+           "self_attn.o_proj": (h, h), "mlp.gate_proj": (i, h), "mlp.up_proj": (i, h), "mlp.down_proj": (h, i)}  # fmt: skip
+    return {f"model.layers.{n}.{p}": s for n in range(shape["num_hidden_layers"]) for p, s in per.items()}
+
+
+def to_markdown(result: dict) -> str:
+    lines = [f"# Accelerator benchmark: {result['device']}", ""]
+    if not result["gpu_measured"]:
+        lines += ["**GPU figures not measured**: this run used " + result["shape"] + " on " + result["device"]
+                  + "; it only shows the script runs end to end.", ""]  # fmt: skip
+    lines += [f"{result['shape']}, {result['dtype']}, CUDA graphs {'on' if result['cuda_graphs'] else 'off'}, "
+              f"torch {result['torch']}; weights {result['weight_bytes'] / 2**30:.2f} GiB; device copy bandwidth "
+              f"{result['copy_bandwidth_gb_s']} GB/s; whole run {result['seconds']} s.", "",
+              "| measure | value | ratio | target |", "|---|---|---|---|"]  # fmt: skip
+    lines += [f"| {r['measure']} | {r['value']} | {'' if r['ratio'] is None else r['ratio']} | {r['target']} |"
+              for r in result["rows"]]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiny", action="store_true", help="a tiny Mistral shape (runs on CPU; for tests)")
+    ap.add_argument("--repeats", type=int, default=50, help="timed steps per measure (default 50)")
+    ap.add_argument("--no-cuda-graphs", dest="graphs", action="store_false", help="decode without CUDA graphs")
+    ap.add_argument("--out", default="bench/results/gpu", help="writes OUT.json and OUT.md")
+    args = ap.parse_args(argv)
+    result = run(args.tiny, args.repeats, args.graphs)
+    write_report(args.out, result, to_markdown)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""Decode steps as replayed CUDA graphs: one graph per (batch bucket, key width, mixes or not).
+
+A decode step launches a few hundred small kernels; at small batch their launch cost, not the weights'
+bytes, bounds the step. Captured once, a graph replays them all with one launch (vLLM and gpt-fast do
+the same). What a graph needs, and the runtime provides: no host-device syncs inside the step, and
+every input in a static buffer — token ids, positions, cache positions, block tables, the mix pool's
+row groups. The KV cache and the pool's buffers are allocated once (a pool that grows its rank bumps
+``LoraPool.version`` and the graphs are captured again).
+
+A step of ``B`` rows runs in the graph of the next batch bucket; the padding rows come first, on the
+base model, reading and writing only the reserved null block. Graphs are captured lazily, on the
+first step of each shape, from a side stream and share one memory pool.
+
+With ``capture=False`` the same static-buffer path runs eagerly: that is how CPU tests check it
+against the plain decode (this machine has no GPU; the capture itself runs only on CUDA).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from server.kv_cache import NULL_BLOCK
+from server.lora_pool import SidePlan
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+
+
+@dataclass
+class _Graph:
+    ids: torch.Tensor
+    positions: torch.Tensor
+    where: torch.Tensor
+    table: torch.Tensor
+    groups: torch.Tensor | None  # int32 end row per slot (grouped) or [rows] slot index (masked)
+    graph: object | None = None
+    out: torch.Tensor | None = None
+
+
+class DecodeGraphs:
+    """Static-buffer decode for ``runtime`` (a :class:`~server.runtime.ModelRuntime`)."""
+
+    def __init__(self, runtime, *, capture: bool) -> None:
+        self.runtime, self.capture = runtime, capture
+        self._graphs: dict[tuple, _Graph] = {}
+        self._pool_version = runtime.pool.version
+        self._mempool = torch.cuda.graph_pool_handle() if capture else None
+
+    @staticmethod
+    def bucket(rows: int) -> int:
+        return next((b for b in BATCH_BUCKETS if b >= rows), rows)
+
+    def run(self, rows: Sequence, tables: list[list[int]], where: list[int]) -> torch.Tensor:
+        """Logits for ``rows`` (sorted by mix slot), ``tables`` padded to one width, ``where`` their cache
+        positions."""
+        rt = self.runtime
+        if rt.pool.version != self._pool_version:  # the pool's buffers were reallocated
+            self._graphs.clear()
+            self._pool_version = rt.pool.version
+        b, nb = len(rows), len(tables[0])
+        bp = self.bucket(b)
+        pad = bp - b
+        slots = [0] * pad + [r.lora_slot for r in rows]
+        mixed = any(slots)
+        key = (bp, nb, mixed)
+        g = self._graphs.get(key)
+        if g is None:
+            g = self._graphs[key] = self._new(bp, nb, mixed)
+        host = {
+            "ids": [0] * pad + [r.token for r in rows],
+            "positions": [0] * pad + [r.position for r in rows],
+            "where": [NULL_BLOCK * rt.kv.block_size] * pad + where,
+            "table": [[NULL_BLOCK] * nb] * pad + tables,
+        }
+        if mixed:
+            host["groups"] = self._groups(slots)
+        for name, values in host.items():
+            getattr(g, name).copy_(rt._tensor(values, getattr(g, name).dtype), non_blocking=True)
+        if g.graph is not None:
+            g.graph.replay()
+        else:
+            g.out = rt._decode_core(g.ids, g.positions, g.where, g.table, self._plan(g) if mixed else None)
+        return g.out[pad:].clone()  # the next replay overwrites the static output
+
+    def _groups(self, slots: list[int]) -> list[int]:
+        pool = self.runtime.pool
+        if pool.grouped:
+            return [sum(1 for s in slots if s <= slot) for slot in range(pool.slots)]
+        return slots
+
+    def _plan(self, g: _Graph) -> SidePlan:
+        """Every slot (0 included) as the step's range: static shapes whatever the rows' mixes. A new plan
+        per call: its masks are built in the call (so inside the graph when capturing)."""
+        pool = self.runtime.pool
+        if pool.grouped:
+            return SidePlan(0, 0, pool.slots - 1, True, offs=g.groups)
+        return SidePlan(0, 0, pool.slots - 1, False, own=g.groups, dtype=pool.dtype)
+
+    def _new(self, rows: int, nb: int, mixed: bool) -> _Graph:
+        rt, dev = self.runtime, self.runtime.device
+        zeros = lambda *shape, dtype=torch.long: torch.zeros(*shape, dtype=dtype, device=dev)  # noqa: E731
+        groups = None
+        if mixed:
+            groups = zeros(rt.pool.slots, dtype=torch.int32) + rows if rt.pool.grouped else zeros(rows)
+        # All-padding contents: a capture only writes to the null block.
+        g = _Graph(zeros(rows), zeros(rows), zeros(rows) + NULL_BLOCK * rt.kv.block_size,
+                   zeros(rows, nb) + NULL_BLOCK, groups)  # fmt: skip
+        if not self.capture:
+            return g
+        args = (g.ids, g.positions, g.where, g.table)
+        stream = torch.cuda.Stream(dev)
+        stream.wait_stream(torch.cuda.current_stream(dev))
+        with torch.inference_mode(), torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up: lazy kernel and workspace set-up stays out of the graph
+                rt._decode_core(*args, self._plan(g) if mixed else None)
+        torch.cuda.current_stream(dev).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.inference_mode(), torch.cuda.graph(graph, pool=self._mempool):
+            g.out = rt._decode_core(*args, self._plan(g) if mixed else None)
+        g.graph = graph
+        return g

@@ -1,0 +1,83 @@
+"""The paged KV cache: fixed-size blocks of token positions in one pool, handed out per sequence.
+
+As in vLLM's PagedAttention, a sequence's keys and values live in the blocks of its block table
+(block ``b`` holds positions ``b * block_size ...``), so memory goes to tokens that exist instead of
+``slots x max_len``. One tensor per cache, ``[layers, blocks, block_size, 2 * kv_heads, head_dim]``:
+a token's keys and values are adjacent, so one write per layer stores both (they come out of the
+fused ``[q|k|v]`` projection adjacent too). Block 0 is never handed out: block tables are padded with
+it, and whatever a padded row reads there is masked out.
+
+The pool is sized in bytes (``--kv-cache-mb``; on CUDA by default a fraction of free device memory,
+like vLLM's ``gpu_memory_utilization``), and :func:`check_fits` refuses at start a context that even
+an empty pool could not hold.
+"""
+
+from __future__ import annotations
+
+import torch
+
+NULL_BLOCK = 0
+
+
+class OutOfBlocksError(RuntimeError):
+    """Not enough free KV blocks for what was asked (the engine checks first, so this is a bug guard)."""
+
+
+def bytes_per_block(layers: int, block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    return layers * block_size * 2 * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+class PagedKVCache:
+    """``num_blocks`` blocks of ``block_size`` positions (block 0 reserved) and their free list."""
+
+    def __init__(self, layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str) -> None:  # fmt: skip
+        if num_blocks < 2:
+            raise ValueError(f"a KV cache needs at least 2 blocks (block 0 is reserved), got {num_blocks}")
+        self.block_size, self.num_blocks, self.kv_heads = block_size, num_blocks, kv_heads
+        self.data = torch.zeros(layers, num_blocks, block_size, 2 * kv_heads, head_dim, dtype=dtype, device=device)
+        self._free = list(range(num_blocks - 1, NULL_BLOCK, -1))  # pop() hands out low numbers first
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
+
+    @property
+    def free_blocks(self) -> int:
+        return len(self._free)
+
+    @property
+    def usable_blocks(self) -> int:
+        return self.num_blocks - 1
+
+    @property
+    def capacity_tokens(self) -> int:
+        """Positions an empty pool holds (the longest sequence it could ever take)."""
+        return self.usable_blocks * self.block_size
+
+    def blocks_for(self, tokens: int) -> int:
+        return -(-tokens // self.block_size)
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise OutOfBlocksError(f"{n} KV blocks asked, {len(self._free)} free")
+        return [self._free.pop() for _ in range(n)]
+
+    def free(self, blocks: list[int]) -> None:
+        if any(b == NULL_BLOCK or b in self._free for b in blocks):
+            raise ValueError(f"KV blocks {blocks} freed twice or never allocated")
+        self._free.extend(reversed(blocks))
+
+    def layer(self, i: int) -> torch.Tensor:
+        """Layer ``i``'s cache as ``[blocks * block_size, 2 * kv_heads, head_dim]`` (a view)."""
+        return self.data[i].view(-1, *self.data.shape[-2:])
+
+
+def check_fits(max_len: int, cache: PagedKVCache, budget_note: str) -> None:
+    """Refuse a context longer than the whole pool, saying what would fit."""
+    if max_len > cache.capacity_tokens:
+        raise ValueError(
+            f"--max-len {max_len} does not fit the KV cache: {cache.usable_blocks} blocks of {cache.block_size} "
+            f"tokens hold {cache.capacity_tokens} ({budget_note}); lower --max-len to at most "
+            f"{cache.capacity_tokens} or give the cache more memory (--kv-cache-mb)"
+        )

@@ -1,0 +1,261 @@
+"""The mix pool: the factors of the mixes in the running batch, stacked and rank-padded on the device.
+
+S-LoRA's unified pool with Punica's SGMV semantics. Each layer's input group (``[q|k|v]``, ``o``,
+``[gate|up]``, ``down``) has one ``A`` buffer ``[in, slots x members x R]`` and one ``B_j`` buffer
+per member ``[slots x R, out_j]``, ``R`` the pool's padded rank. Slot 0 is the base model and is never
+read. The rows of a step are sorted by slot (base rows first, skipped) and the step's mixes occupy
+slots ``lo..hi``, so a whole batch's side path is, per input group, one product for ``A`` and one per
+member for ``B`` whatever the number of distinct mixes:
+
+- ``grouped`` (SGMV): ``t = grouped_mm(x, A[lo..hi], offs)``, ``y_j += grouped_mm(t_j, B_j[lo..hi], offs)``,
+  ``offs`` where each slot's rows end. CUDA in bf16 (sm80+), and CPU.
+- ``masked``: ``t = (x @ A[:, lo..hi]) * own``, ``y_j += t_j @ B_j[lo..hi]``, ``own`` zeroing every
+  column block but the row's own slot: dense GEMMs over the step's mixes, for any dtype and device.
+
+Zero-padded ranks and the masked blocks add exact zeros. Each row reads only its own mix's factors
+(grouped), so a step's side-path bytes grow with the number of mixes in it, as they must; its op
+count does not.
+
+Slots are handed out when a mix's first sequence is admitted and stay loaded after its last one
+finishes until another mix needs the slot (least recently used first): a popular mix is copied in
+once. The pool holds a reference to each loaded mix, so a slot never outlives what it copied.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F  # noqa: N812 - the usual name
+
+RANK_ALIGN = 16  # padded ranks are multiples of this: aligned strides, and few regrowths
+# Projections that read the same input share one A product: [q|k|v] and [gate|up].
+GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gateup": ("gate_proj", "up_proj"),
+          "down": ("down_proj",)}  # fmt: skip
+# module name -> (A [r, in], B [out, r] with the LoRA scale folded in)
+LoraFactorsByModule = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+def group_prefix(layer: int, group: str) -> str:
+    return f"model.layers.{layer}.{'self_attn' if group in ('qkv', 'o') else 'mlp'}."
+
+
+@dataclass(frozen=True)
+class LoraGroup:
+    """One layer's projections that share an input: ``t = x A_cat^T`` once, then ``y_j += t_j B_j^T``."""
+
+    A_T: torch.Tensor  # [in, sum of the members' ranks]
+    members: tuple[tuple[str, int, int, torch.Tensor], ...]  # (projection, rank start, rank end, B_j^T [r_j, out])
+
+
+class PreparedLora:
+    """A merged mix laid out by layer and input group on the serving device: what the mix cache holds
+    and the pool copies from."""
+
+    def __init__(self, groups: dict[str, LoraGroup]) -> None:
+        self.groups = groups
+
+    @property
+    def nbytes(self) -> int:
+        return sum(
+            g.A_T.numel() * g.A_T.element_size() + sum(b.numel() * b.element_size() for *_, b in g.members)
+            for g in self.groups.values()
+        )
+
+    def module_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``{module: (A, B)}`` back from the grouped layout (for inspection and tests)."""
+        out = {}
+        for key, g in self.groups.items():
+            layer, group = key.split(".")
+            for proj, r0, r1, B_T in g.members:
+                out[group_prefix(int(layer), group) + proj] = (g.A_T[:, r0:r1].T, B_T.T)
+        return out
+
+
+def prepare_lora(by_module: LoraFactorsByModule, layers: int, device: torch.device, dtype: torch.dtype) -> PreparedLora:
+    """Checked ``{module: (A, B)}`` grouped by shared input (A's of a group concatenated, B's transposed)."""
+    groups = {}
+    for i in range(layers):
+        for group, projections in GROUPS.items():
+            prefix = group_prefix(i, group)
+            present = [(p, *by_module[prefix + p]) for p in projections if prefix + p in by_module]
+            if not present:
+                continue
+            members, r0 = [], 0
+            for p, A, B in present:
+                members.append((p, r0, r0 + A.shape[0], B.T.to(device, dtype).contiguous()))
+                r0 += A.shape[0]
+            A_cat = torch.cat([A for _, A, _ in present], dim=0)
+            groups[f"{i}.{group}"] = LoraGroup(A_cat.T.to(device, dtype).contiguous(), tuple(members))
+    return PreparedLora(groups)
+
+
+class PoolFullError(RuntimeError):
+    """Every slot holds a mix some running sequence uses."""
+
+
+@dataclass
+class SidePlan:
+    """How one step's rows use the pool (built once per step, shared by every layer)."""
+
+    first: int  # rows before this are on the base model: the side path skips them
+    lo: int  # the step's mixes are in slots lo..hi
+    hi: int
+    grouped: bool
+    offs: torch.Tensor | None = None  # grouped: int32 end row (after ``first``) of each slot lo..hi
+    own: torch.Tensor | None = None  # masked: each adapted row's slot - lo (long)
+    dtype: torch.dtype = torch.float32
+    _masks: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def mask(self, width: int) -> torch.Tensor:
+        """``[rows, (hi - lo + 1) x width]``: ones on each row's own slot's columns (once per step and width;
+        built on first use, so inside a captured graph when the step is one)."""
+        if width not in self._masks:
+            one_hot = F.one_hot(self.own, self.hi - self.lo + 1).to(self.dtype)
+            self._masks[width] = one_hot.repeat_interleave(width, dim=1)
+        return self._masks[width]
+
+
+class LoraPool:
+    """``max_loras`` slots of rank-padded factors for every layer's input groups (allocated on first use)."""
+
+    def __init__(self, groups: Mapping[str, tuple[int, Sequence[str], Sequence[int]]], max_loras: int,
+                 dtype: torch.dtype, device: torch.device, masked_rows: int = 64) -> None:  # fmt: skip
+        """``groups``: ``"<layer>.<group>" -> (in features, member projections, member out features)``;
+        steps with at most ``masked_rows`` adapted rows use the masked path on CPU."""
+        if max_loras < 1:
+            raise ValueError("max_loras must be at least 1")
+        self.groups = {k: (n_in, tuple(names), tuple(outs)) for k, (n_in, names, outs) in groups.items()}
+        self.max_loras, self.dtype, self.device, self.masked_rows = max_loras, dtype, device, masked_rows
+        self.rank = 0
+        self.version = 0  # bumped when the buffers are reallocated (captured graphs hold their addresses)
+        self.buffers: dict[str, tuple[torch.Tensor, list[torch.Tensor]]] = {}  # key -> (A, [B_j])
+        self._loaded: dict[int, PreparedLora] = {}  # slot -> the mix copied there
+        self._slot_of: dict[int, int] = {}  # id(PreparedLora) -> slot (the pool keeps the object alive)
+        self._refs: dict[int, int] = {}
+        self._idle: OrderedDict[int, None] = OrderedDict()  # loaded, unreferenced slots, least recent first
+        self._never_used = list(range(max_loras, 0, -1))
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        dims = [d for n_in, _, outs in self.groups.values() for d in (n_in, *outs)]
+        self.grouped = all(d * itemsize % 16 == 0 for d in dims) and (
+            device.type == "cpu" or (dtype == torch.bfloat16 and torch.cuda.get_device_capability(device)[0] >= 8)
+        )
+
+    # ---------------------------------------------------------------------------------------- slots
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for A, Bs in self.buffers.values() for t in (A, *Bs))
+
+    @property
+    def slots(self) -> int:
+        """Slots including slot 0 (the base model)."""
+        return self.max_loras + 1
+
+    def slot_of(self, lora: PreparedLora) -> int | None:
+        return self._slot_of.get(id(lora))
+
+    def can_acquire(self, lora: PreparedLora | None) -> bool:
+        return lora is None or id(lora) in self._slot_of or bool(self._never_used or self._idle)
+
+    def acquire(self, lora: PreparedLora | None) -> int:
+        """The slot holding ``lora`` (copying it in if needed); 0 for the base model. Pair with :meth:`release`."""
+        if lora is None:
+            return 0
+        slot = self._slot_of.get(id(lora))
+        if slot is None:
+            if self._never_used:
+                slot = self._never_used.pop()
+            elif self._idle:
+                slot, _ = self._idle.popitem(last=False)
+                del self._slot_of[id(self._loaded.pop(slot))]
+            else:
+                raise PoolFullError(f"all {self.max_loras} mix slots are in use by running sequences")
+            self._load(slot, lora)
+        self._idle.pop(slot, None)
+        self._refs[slot] = self._refs.get(slot, 0) + 1
+        return slot
+
+    def release(self, slot: int) -> None:
+        if slot == 0:
+            return
+        if self._refs.get(slot, 0) <= 0:
+            raise ValueError(f"mix slot {slot} released more often than acquired")
+        self._refs[slot] -= 1
+        if self._refs[slot] == 0:
+            self._idle[slot] = None
+
+    def _load(self, slot: int, lora: PreparedLora) -> None:
+        rank = max((r1 - r0 for g in lora.groups.values() for _, r0, r1, _ in g.members), default=0)
+        if rank > self.rank:
+            self._grow(-(-rank // RANK_ALIGN) * RANK_ALIGN)
+        self._loaded[slot] = lora
+        self._slot_of[id(lora)] = slot
+        self._copy_in(slot, lora)
+
+    def _grow(self, rank: int) -> None:
+        """Reallocate every buffer at a larger padded rank and copy the loaded mixes back in."""
+        self.rank = rank
+        self.version += 1
+        new = lambda *shape: torch.zeros(*shape, dtype=self.dtype, device=self.device)  # noqa: E731
+        self.buffers = {key: (new(n_in, self.slots * len(names) * rank), [new(self.slots * rank, o) for o in outs])
+                        for key, (n_in, names, outs) in self.groups.items()}  # fmt: skip
+        for slot, lora in self._loaded.items():
+            self._copy_in(slot, lora)
+
+    def _copy_in(self, slot: int, lora: PreparedLora) -> None:
+        r = self.rank
+        for key, (A, Bs) in self.buffers.items():
+            names = self.groups[key][1]
+            width = len(names) * r
+            A[:, slot * width : (slot + 1) * width] = 0
+            for B in Bs:
+                B[slot * r : (slot + 1) * r] = 0
+            group = lora.groups.get(key)
+            for proj, r0, r1, B_T in group.members if group is not None else ():
+                j = names.index(proj)
+                A[:, slot * width + j * r : slot * width + j * r + r1 - r0] = group.A_T[:, r0:r1]
+                Bs[j][slot * r : slot * r + r1 - r0] = B_T
+
+    # ----------------------------------------------------------------------------------- side path
+    def plan(self, row_slots: Sequence[int], to_device) -> SidePlan | None:
+        """The side path's layout for rows with these slots (sorted); None when every row is on the base.
+        ``to_device``: host ints -> device tensor (the runtime's, so nothing waits on the device)."""
+        first = sum(1 for s in row_slots if s == 0)
+        if first == len(row_slots):
+            return None
+        if any(a > b for a, b in itertools.pairwise(row_slots)):
+            raise ValueError("rows must be sorted by mix slot")
+        mixed = row_slots[first:]
+        lo, hi = mixed[0], mixed[-1]
+        grouped = self.grouped and (self.device.type != "cpu" or len(mixed) > self.masked_rows)
+        if grouped:
+            ends, n = [], 0
+            for slot in range(lo, hi + 1):
+                n += mixed.count(slot)
+                ends.append(n)
+            return SidePlan(first, lo, hi, True, offs=to_device(ends, torch.int32))
+        return SidePlan(first, lo, hi, False, own=to_device([s - lo for s in mixed], torch.long), dtype=self.dtype)
+
+    def add_side(self, key: str, x: torch.Tensor, out: torch.Tensor, plan: SidePlan) -> None:
+        """``out += (x A_slot(row)) B_slot(row)`` for the adapted rows (from ``plan.first`` on); ``out`` is
+        the group's fused output (``[q|k|v]``, ``[gate|up]``, ``o``, ``down``)."""
+        A, Bs = self.buffers[key]
+        r, n, sizes = self.rank, len(Bs), self.groups[key][2]
+        if plan.first:
+            x, out = x[plan.first :], out[plan.first :]
+        slots = plan.hi - plan.lo + 1
+        A = A[:, plan.lo * n * r : (plan.hi + 1) * n * r]
+        outs = out.split(sizes, dim=-1) if n > 1 else (out,)
+        if plan.grouped:
+            t = F.grouped_mm(x, A.view(A.shape[0], slots, n * r).transpose(0, 1), offs=plan.offs)
+        else:
+            t = (x @ A).mul_(plan.mask(n * r))  # other slots' column blocks zeroed
+        for j, (B, y) in enumerate(zip(Bs, outs, strict=True)):
+            B = B[plan.lo * r : (plan.hi + 1) * r]
+            if plan.grouped:
+                y.add_(F.grouped_mm(t if n == 1 else t[:, j * r : (j + 1) * r], B.view(slots, r, -1), offs=plan.offs))
+            else:
+                y.add_((t if n == 1 else t.view(len(x), slots, n, r)[:, :, j].reshape(len(x), -1)) @ B)

@@ -1,0 +1,24 @@
+"""``bench/gpu.sh --tiny`` runs end to end without a GPU and says its figures are not GPU figures."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_gpu_bench_runs_at_a_tiny_shape(tmp_path):
+    out = tmp_path / "gpu-tiny"
+    subprocess.run([str(ROOT / "bench" / "gpu.sh"), "--tiny", "--repeats", "2", "--out", str(out)], check=True,
+                   cwd=ROOT, timeout=300)  # fmt: skip
+    result = json.loads(out.with_suffix(".json").read_text())
+    measures = [r["measure"] for r in result["rows"]]
+    assert len(measures) == 4 and any("bs1" in m for m in measures) and any("merge" in m for m in measures)
+    assert all(r["value"] > 0 for r in result["rows"]) and result["copy_bandwidth_gb_s"] > 0
+    assert result["gpu_measured"] is False  # --tiny never counts as a GPU figure
+    if not torch.cuda.is_available():
+        assert "GPU figures not measured" in out.with_suffix(".md").read_text()

@@ -1,0 +1,136 @@
+"""Paged KV cache and the mix pool: allocation, freeing, sizing, slots; admission by free blocks."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from server.kv_cache import NULL_BLOCK, OutOfBlocksError, PagedKVCache, check_fits
+from server.lora_pool import LoraPool, PoolFullError, prepare_lora
+
+DEMO = Path(__file__).resolve().parents[1] / "models" / "demo"
+needs_demo = pytest.mark.skipif(not (DEMO / "base" / "model.safetensors").is_file(), reason="models/demo not trained")
+
+
+def test_blocks_are_handed_out_once_and_come_back():
+    kv = PagedKVCache(layers=2, num_blocks=9, block_size=4, kv_heads=2, head_dim=8, dtype=torch.float32, device="cpu")
+    assert kv.usable_blocks == kv.free_blocks == 8 and kv.capacity_tokens == 32
+    assert kv.blocks_for(1) == 1 and kv.blocks_for(4) == 1 and kv.blocks_for(5) == 2
+    a, b = kv.allocate(3), kv.allocate(5)
+    assert NULL_BLOCK not in a + b and len(set(a + b)) == 8 and kv.free_blocks == 0
+    with pytest.raises(OutOfBlocksError):
+        kv.allocate(1)
+    kv.free(a)
+    with pytest.raises(ValueError, match="twice"):
+        kv.free(a)
+    with pytest.raises(ValueError):
+        kv.free([NULL_BLOCK])
+    assert sorted(kv.allocate(3)) == sorted(a)
+    assert kv.layer(1).shape == (9 * 4, 4, 8)  # [positions, 2 * kv heads, head dim]
+    with pytest.raises(ValueError, match="lower --max-len to at most 32"):
+        check_fits(33, kv, "test budget")
+    check_fits(32, kv, "test budget")
+
+
+@needs_demo
+def test_a_context_the_cache_cannot_hold_is_refused_at_start_saying_what_fits():
+    from server.runtime import ModelRuntime, ServingError
+
+    per_block = 4 * 16 * 2 * 4 * 64 * 4  # demo: layers x block x (k, v) x kv heads x head dim x fp32
+    with pytest.raises(ServingError, match=r"does not fit the KV cache: 10 blocks of 16 tokens hold 160 .*at most 160"):
+        ModelRuntime(DEMO / "base", kv_cache_bytes=11 * per_block)  # the demo's context is 320
+    runtime = ModelRuntime(DEMO / "base", kv_cache_bytes=11 * per_block, max_len=160)
+    assert runtime.kv.capacity_tokens == 160 and runtime.kv.nbytes == 11 * per_block
+
+
+def _mix(rank: int, seed: int, layers: int = 1, width: int = 8) -> object:
+    g = torch.Generator().manual_seed(seed)
+    factors = {}
+    for p, (o, i) in {"self_attn.q_proj": (width, width), "self_attn.v_proj": (4, width),
+                      "mlp.down_proj": (width, 12)}.items():  # fmt: skip
+        factors[f"model.layers.0.{p}"] = (torch.randn(rank, i, generator=g), torch.randn(o, rank, generator=g))
+    return prepare_lora(factors, layers, torch.device("cpu"), torch.float32)
+
+
+def _pool(max_loras: int) -> LoraPool:
+    groups = {"0.qkv": (8, ("q_proj", "k_proj", "v_proj"), (8, 4, 4)), "0.o": (8, ("o_proj",), (8,)),
+              "0.gateup": (8, ("gate_proj", "up_proj"), (12, 12)), "0.down": (12, ("down_proj",), (8,))}  # fmt: skip
+    return LoraPool(groups, max_loras, torch.float32, torch.device("cpu"))
+
+
+def _side(pool: LoraPool, x: torch.Tensor, slots: list[int]) -> list[torch.Tensor]:
+    out = torch.zeros(len(slots), 8 + 4 + 4)
+    plan = pool.plan(slots, lambda values, dtype: torch.tensor(values, dtype=dtype))
+    if plan is not None:
+        pool.add_side("0.qkv", x, out, plan)
+    return list(out.split((8, 4, 4), dim=1))
+
+
+@pytest.mark.parametrize("masked_rows", [0, 64], ids=["grouped", "masked"])
+def test_the_pool_adds_each_rows_own_mix_and_keeps_slots_until_needed(masked_rows):
+    pool = _pool(max_loras=2)
+    pool.masked_rows = masked_rows
+    small, big, third = _mix(4, 0), _mix(20, 1), _mix(8, 2)
+    s_small = pool.acquire(small)
+    assert pool.rank == 16 and pool.acquire(None) == 0
+    x = torch.randn(5, 8)
+    before = _side(pool, x, [0, s_small, s_small, s_small, s_small])
+    s_big = pool.acquire(big)  # a larger rank: every buffer regrows, the loaded mix is copied back
+    assert pool.rank == 32 and s_big != s_small
+    rows = sorted([0, s_small, s_small, s_big, s_big])
+    got = _side(pool, x, rows)
+    for row, slot in enumerate(rows):  # against each row's own factors
+        mix = {0: None, s_small: small, s_big: big}[slot]
+        for j, proj in enumerate(("q_proj", "k_proj", "v_proj")):
+            want = torch.zeros(got[j].shape[1])
+            if mix is not None and f"model.layers.0.self_attn.{proj}" in mix.module_factors():
+                A, B = mix.module_factors()[f"model.layers.0.self_attn.{proj}"]
+                want = x[row] @ A.T @ B.T
+            torch.testing.assert_close(got[j][row], want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(before[0][1:], _side(pool, x, [0] + [s_small] * 4)[0][1:])
+    # Both slots in use: a third mix must wait; once one is released it takes that slot (LRU).
+    assert not pool.can_acquire(third)
+    with pytest.raises(PoolFullError):
+        pool.acquire(third)
+    pool.release(s_small)
+    assert pool.acquire(small) == s_small  # still loaded: no copy, same slot
+    pool.release(s_small)
+    assert pool.can_acquire(third) and pool.acquire(third) == s_small and pool.slot_of(small) is None
+    with pytest.raises(ValueError, match="released more often"):
+        pool.release(s_small)
+        pool.release(s_small)
+
+
+@needs_demo
+def test_admission_waits_for_free_blocks_and_every_block_comes_back():
+    """A cache with room for two requests at a time: six concurrent ones queue, all finish with the text
+    they get alone, at most two ran together, and afterwards every block is free."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from server.config import ServeConfig
+    from tests.server_harness import running_server
+
+    per_block = 4 * 16 * 2 * 4 * 64 * 4
+    config = ServeConfig(model=DEMO / "base", adapters=DEMO / "adapters", admin_token="t", max_len=160,
+                         kv_cache_bytes=13 * per_block, pin_file=None)  # fmt: skip
+    prompts = [f"### task: json\n### input: meet pudo{i}, a pifu aged 3{i} from boto.\n### output:\n" for i in range(6)]
+    with running_server(config) as (url, _app):
+
+        def gen(p: str) -> str:
+            r = httpx.post(url + "/generate", json={"prompt": p, "mix": "json", "max_tokens": 40}, timeout=120)
+            assert r.status_code == 200, r.text
+            return r.json()["text"]
+
+        alone = [gen(p) for p in prompts]
+        with cf.ThreadPoolExecutor(6) as ex:
+            together = list(ex.map(gen, prompts))
+        assert together == alone
+        cache = httpx.get(url + "/admin/cache", headers={"Authorization": "Bearer t"}).json()
+        assert cache["kv_blocks"] == 12 and cache["kv_blocks_free"] == 12
+        batch = {s.labels.get("le"): s.value for f in text_string_to_metric_families(httpx.get(url + "/metrics").text)
+                 if f.name == "mixserve_batch_size" for s in f.samples if s.name.endswith("_bucket")}  # fmt: skip
+        assert batch["2.0"] == batch["+Inf"] > 0  # never more than two sequences decoding together
