@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -32,10 +33,13 @@ def create_app(config: ServeConfig) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.server = None
         app.state.load_error = None
+        # One thread loads the model and then runs every engine step (see Engine).
+        engine_thread = ThreadPoolExecutor(1, thread_name_prefix="mixserve-engine")
 
         async def load() -> None:
             try:
-                state = await asyncio.to_thread(ServerState, config)
+                state = await asyncio.get_running_loop().run_in_executor(engine_thread, ServerState, config,
+                                                                         engine_thread)  # fmt: skip
                 await state.start()
                 app.state.server = state
                 log.info("ready: %s, adapters %s, pins %s", state.base_name, state.registry.names(), sorted(state.pins))
@@ -48,6 +52,7 @@ def create_app(config: ServeConfig) -> FastAPI:
         loader.cancel()
         if app.state.server is not None:
             await app.state.server.shutdown()
+        engine_thread.shutdown(wait=False)
 
     app = FastAPI(title="mixserve", version="0.1.0", lifespan=lifespan)
     app.state.config = config

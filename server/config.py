@@ -41,6 +41,8 @@ class ServeConfig:
     max_loras: int = 8  # distinct mixes in the running batch (slots of the device mix pool)
     memory_utilization: float = 0.9  # CUDA: share of device memory for weights, KV cache and mixes
     cuda_graphs: bool = True  # CUDA: decode steps replay captured graphs
+    # CPU: torch threads for the engine (default: all cores but one, left to HTTP and tokenization).
+    cpu_threads: int | None = None
     # Merged-mix LRU budget (pinned mixes count but are never evicted); default: CPU 512 MiB, CUDA a
     # share of what the weights leave free.
     cache_bytes: int | None = None

@@ -73,6 +73,17 @@ class PagedKVCache:
         return self.data[i].view(-1, *self.data.shape[-2:])
 
 
+def cuda_kv_budget(free: int, total: int, utilization: float, reserve: int | None) -> tuple[int, int, str]:
+    """The KV-cache bytes on a device with ``free`` of ``total`` bytes free once the weights are loaded:
+    ``utilization x total`` less what is in use and ``reserve`` (default 15% of what is left) for
+    merged mixes, the mix pool and activations. Returns (budget, reserve, how it was computed)."""
+    available = int(utilization * total) - (total - free)
+    reserved = int(0.15 * available) if reserve is None else reserve
+    note = (f"{utilization:.0%} of {total / 2**30:.1f} GiB less {(total - free) / 2**30:.1f} GiB in use "
+            f"and {reserved / 2**30:.1f} GiB for merged mixes and activations")  # fmt: skip
+    return available - reserved, reserved, note
+
+
 def check_fits(max_len: int, cache: PagedKVCache, budget_note: str) -> None:
     """Refuse a context longer than the whole pool, saying what would fit."""
     if max_len > cache.capacity_tokens:

@@ -8,9 +8,10 @@ slots ``lo..hi``, so a whole batch's side path is, per input group, one product 
 member for ``B`` whatever the number of distinct mixes:
 
 - ``grouped`` (SGMV): ``t = grouped_mm(x, A[lo..hi], offs)``, ``y_j += grouped_mm(t_j, B_j[lo..hi], offs)``,
-  ``offs`` where each slot's rows end. CUDA in bf16 (sm80+), and CPU.
+  ``offs`` where each slot's rows end. CUDA in bf16 (sm80+), and CPU steps with several mixes.
 - ``masked``: ``t = (x @ A[:, lo..hi]) * own``, ``y_j += t_j @ B_j[lo..hi]``, ``own`` zeroing every
-  column block but the row's own slot: dense GEMMs over the step's mixes, for any dtype and device.
+  column block but the row's own slot: dense GEMMs over the step's mixes, for any dtype and device;
+  CPU steps with one mix (plain GEMMs then).
 
 Zero-padded ranks and the masked blocks add exact zeros. Each row reads only its own mix's factors
 (grouped), so a step's side-path bytes grow with the number of mixes in it, as they must; its op
@@ -123,16 +124,16 @@ class LoraPool:
     """``max_loras`` slots of rank-padded factors for every layer's input groups (allocated on first use)."""
 
     def __init__(self, groups: Mapping[str, tuple[int, Sequence[str], Sequence[int]]], max_loras: int,
-                 dtype: torch.dtype, device: torch.device, masked_rows: int = 64) -> None:  # fmt: skip
-        """``groups``: ``"<layer>.<group>" -> (in features, member projections, member out features)``;
-        steps with at most ``masked_rows`` adapted rows use the masked path on CPU."""
+                 dtype: torch.dtype, device: torch.device) -> None:  # fmt: skip
+        """``groups``: ``"<layer>.<group>" -> (in features, member projections, member out features)``."""
         if max_loras < 1:
             raise ValueError("max_loras must be at least 1")
         self.groups = {k: (n_in, tuple(names), tuple(outs)) for k, (n_in, names, outs) in groups.items()}
-        self.max_loras, self.dtype, self.device, self.masked_rows = max_loras, dtype, device, masked_rows
+        self.max_loras, self.dtype, self.device = max_loras, dtype, device
         self.rank = 0
         self.version = 0  # bumped when the buffers are reallocated (captured graphs hold their addresses)
         self.buffers: dict[str, tuple[torch.Tensor, list[torch.Tensor]]] = {}  # key -> (A, [B_j])
+        self._stacked: dict[str, tuple[torch.Tensor, list[torch.Tensor]]] = {}
         self._loaded: dict[int, PreparedLora] = {}  # slot -> the mix copied there
         self._slot_of: dict[int, int] = {}  # id(PreparedLora) -> slot (the pool keeps the object alive)
         self._refs: dict[int, int] = {}
@@ -202,6 +203,9 @@ class LoraPool:
         new = lambda *shape: torch.zeros(*shape, dtype=self.dtype, device=self.device)  # noqa: E731
         self.buffers = {key: (new(n_in, self.slots * len(names) * rank), [new(self.slots * rank, o) for o in outs])
                         for key, (n_in, names, outs) in self.groups.items()}  # fmt: skip
+        # The same memory as [slots, in, members x R] and [slots, R, out] (grouped_mm's operands).
+        self._stacked = {key: (A.view(A.shape[0], self.slots, -1).transpose(0, 1), [B.view(self.slots, rank, -1) for B in Bs])
+                         for key, (A, Bs) in self.buffers.items()}  # fmt: skip
         for slot, lora in self._loaded.items():
             self._copy_in(slot, lora)
 
@@ -230,7 +234,9 @@ class LoraPool:
             raise ValueError("rows must be sorted by mix slot")
         mixed = row_slots[first:]
         lo, hi = mixed[0], mixed[-1]
-        grouped = self.grouped and (self.device.type != "cpu" or len(mixed) > self.masked_rows)
+        # Masked products cost rows x slots (nothing wasted with one mix: plain GEMMs, no grouped_mm
+        # call overhead, which on CPU is a loop over slots); grouped ones read only each row's own slot.
+        grouped = self.grouped and (self.device.type != "cpu" or hi > lo)
         if grouped:
             ends, n = [], 0
             for slot in range(lo, hi + 1):
@@ -242,20 +248,26 @@ class LoraPool:
     def add_side(self, key: str, x: torch.Tensor, out: torch.Tensor, plan: SidePlan) -> None:
         """``out += (x A_slot(row)) B_slot(row)`` for the adapted rows (from ``plan.first`` on); ``out`` is
         the group's fused output (``[q|k|v]``, ``[gate|up]``, ``o``, ``down``)."""
-        A, Bs = self.buffers[key]
-        r, n, sizes = self.rank, len(Bs), self.groups[key][2]
+        r, sizes = self.rank, self.groups[key][2]
+        n, lo, hi = len(sizes), plan.lo, plan.hi + 1
         if plan.first:
             x, out = x[plan.first :], out[plan.first :]
-        slots = plan.hi - plan.lo + 1
-        A = A[:, plan.lo * n * r : (plan.hi + 1) * n * r]
         outs = out.split(sizes, dim=-1) if n > 1 else (out,)
         if plan.grouped:
-            t = F.grouped_mm(x, A.view(A.shape[0], slots, n * r).transpose(0, 1), offs=plan.offs)
-        else:
-            t = (x @ A).mul_(plan.mask(n * r))  # other slots' column blocks zeroed
+            A3, B3s = self._stacked[key]
+            t = F.grouped_mm(x, A3[lo:hi], offs=plan.offs)
+            for j, (B3, y) in enumerate(zip(B3s, outs, strict=True)):
+                y.add_(F.grouped_mm(t if n == 1 else t[:, j * r : (j + 1) * r], B3[lo:hi], offs=plan.offs))
+            return
+        A, Bs = self.buffers[key]
+        t = x @ A[:, lo * n * r : hi * n * r]
+        if hi - lo > 1:
+            t.mul_(plan.mask(n * r))  # other slots' column blocks zeroed
         for j, (B, y) in enumerate(zip(Bs, outs, strict=True)):
-            B = B[plan.lo * r : (plan.hi + 1) * r]
-            if plan.grouped:
-                y.add_(F.grouped_mm(t if n == 1 else t[:, j * r : (j + 1) * r], B.view(slots, r, -1), offs=plan.offs))
-            else:
-                y.add_((t if n == 1 else t.view(len(x), slots, n, r)[:, :, j].reshape(len(x), -1)) @ B)
+            if n == 1:
+                tj = t
+            elif hi - lo == 1:
+                tj = t[:, j * r : (j + 1) * r]
+            else:  # member j's columns of every slot, slot-major like B_j's rows
+                tj = t.view(len(x), hi - lo, n, r)[:, :, j].reshape(len(x), -1)
+            y.addmm_(tj, B[lo * r : hi * r])

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F  # noqa: N812 - the usual name
 
-from server.kv_cache import NULL_BLOCK, PagedKVCache, bytes_per_block, check_fits
+from server.kv_cache import NULL_BLOCK, PagedKVCache, bytes_per_block, check_fits, cuda_kv_budget
 from server.lora_pool import (
     GROUPS,
     LoraFactorsByModule,
@@ -190,12 +190,8 @@ class ModelRuntime:
         if budget is not None:
             note = f"--kv-cache-mb {budget / 2**20:g}"
         elif self.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.device)
-            available = int(utilization * total) - (total - free)
-            self.reserved_bytes = int(0.15 * available) if reserve is None else reserve
-            budget = available - self.reserved_bytes
-            note = (f"{utilization:.0%} of {total / 2**30:.1f} GiB less {(total - free) / 2**30:.1f} GiB in use "
-                    f"and {self.reserved_bytes / 2**30:.1f} GiB for merged mixes and activations")  # fmt: skip
+            budget, self.reserved_bytes, note = cuda_kv_budget(*torch.cuda.mem_get_info(self.device), utilization,
+                                                               reserve)  # fmt: skip
         else:
             tokens = min(default_tokens, 32 * self.max_len)
             budget = per_block * (-(-tokens // block_size) + 1)

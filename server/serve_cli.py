@@ -61,6 +61,12 @@ def add_serve_parser(sub) -> None:
         action="store_false",
         help="CUDA: run decode steps eagerly instead of replaying captured CUDA graphs",
     )
+    s.add_argument(
+        "--cpu-threads",
+        dest="cpu_threads",
+        type=int,
+        help="CPU: torch threads for the engine (default: all cores but one, left to HTTP)",
+    )
     s.add_argument("--memory-utilization", dest="memory_utilization", type=float, default=d.memory_utilization,
                    help=f"CUDA: share of device memory mixserve may use (default {d.memory_utilization})")  # fmt: skip
     s.add_argument("--max-waiting", dest="max_waiting", type=int, default=d.max_waiting,
@@ -104,7 +110,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         cache_bytes=None if args.cache_mb is None else int(args.cache_mb * 2**20),
         kv_cache_bytes=None if args.kv_cache_mb is None else int(args.kv_cache_mb * 2**20),
         block_size=args.block_size, max_loras=args.max_loras, memory_utilization=args.memory_utilization,
-        cuda_graphs=args.cuda_graphs,
+        cuda_graphs=args.cuda_graphs, cpu_threads=args.cpu_threads,
         pin_file=pin_file, insecure_admin=args.insecure_admin, drain_seconds=args.drain_seconds, limits=limits,
     )  # fmt: skip
 

@@ -7,6 +7,7 @@ import time
 from contextlib import contextmanager
 
 import httpx
+import torch
 import uvicorn
 
 from server.api import create_app
@@ -18,6 +19,7 @@ from server.readiness import free_port
 def running_server(config: ServeConfig, ready_timeout: float = 120.0):
     """Yield the base URL once ``/ready`` is true; stop the server (and its lifespan) afterwards."""
     config.host, config.port = "127.0.0.1", free_port()
+    threads = torch.get_num_threads()  # the server sets torch's (process-wide) CPU threads; tests get theirs back
     app = create_app(config)
     server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -41,3 +43,4 @@ def running_server(config: ServeConfig, ready_timeout: float = 120.0):
     finally:
         server.should_exit = True
         thread.join(30)
+        torch.set_num_threads(threads)

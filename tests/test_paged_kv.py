@@ -9,7 +9,7 @@ import httpx
 import pytest
 import torch
 
-from server.kv_cache import NULL_BLOCK, OutOfBlocksError, PagedKVCache, check_fits
+from server.kv_cache import NULL_BLOCK, OutOfBlocksError, PagedKVCache, bytes_per_block, check_fits, cuda_kv_budget
 from server.lora_pool import LoraPool, PoolFullError, prepare_lora
 
 DEMO = Path(__file__).resolve().parents[1] / "models" / "demo"
@@ -34,6 +34,18 @@ def test_blocks_are_handed_out_once_and_come_back():
     with pytest.raises(ValueError, match="lower --max-len to at most 32"):
         check_fits(33, kv, "test budget")
     check_fits(32, kv, "test budget")
+
+
+def test_defaults_size_a_mistral_7b_cache_to_a_full_context_on_an_80_gb_gpu():
+    """The arithmetic `--device cuda --dtype bfloat16` runs at start (no GPU needed to check it): after
+    14.5 GB of bf16 weights on an 80 GB card, the default budget holds many 32k-token contexts."""
+    gib = 2**30
+    total, weights = 80 * gib, int(14.5e9)
+    budget, reserve, note = cuda_kv_budget(total - weights - gib // 2, total, 0.9, None)  # + CUDA context
+    per_block = bytes_per_block(32, 16, 8, 128, torch.bfloat16)  # Mistral-7B: 32 layers, 8 KV heads of 128
+    tokens = (budget // per_block - 1) * 16
+    assert tokens >= 32768 * 8 and reserve > 4 * gib and "90% of 80.0 GiB" in note
+    assert budget + reserve + weights + gib // 2 <= 0.9 * total + 1
 
 
 @needs_demo
@@ -70,10 +82,10 @@ def _side(pool: LoraPool, x: torch.Tensor, slots: list[int]) -> list[torch.Tenso
     return list(out.split((8, 4, 4), dim=1))
 
 
-@pytest.mark.parametrize("masked_rows", [0, 64], ids=["grouped", "masked"])
-def test_the_pool_adds_each_rows_own_mix_and_keeps_slots_until_needed(masked_rows):
+@pytest.mark.parametrize("grouped", [True, False], ids=["grouped", "masked"])
+def test_the_pool_adds_each_rows_own_mix_and_keeps_slots_until_needed(grouped):
     pool = _pool(max_loras=2)
-    pool.masked_rows = masked_rows
+    pool.grouped = grouped
     small, big, third = _mix(4, 0), _mix(20, 1), _mix(8, 2)
     s_small = pool.acquire(small)
     assert pool.rank == 16 and pool.acquire(None) == 0

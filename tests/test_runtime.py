@@ -73,8 +73,8 @@ def test_logits_match_transformers_with_the_delta_folded_in(runtime, mixes):
         runtime.pool.release(slot)
 
 
-@pytest.mark.parametrize("masked_rows", [0, 64], ids=["grouped_mm", "masked"])
-def test_pooled_side_path_matches_the_per_mix_reference(runtime, mixes, masked_rows):
+@pytest.mark.parametrize("grouped", [True, False], ids=["grouped_mm", "masked"])
+def test_pooled_side_path_matches_the_per_mix_reference(runtime, mixes, grouped):
     """Rows on four mixes (and the base) in one prefill and one decode step, given in mixed order:
     each row's logits equal transformers' with its own mix folded in."""
     from server.runtime import DecodeRow, PrefillChunk
@@ -89,7 +89,7 @@ def test_pooled_side_path_matches_the_per_mix_reference(runtime, mixes, masked_r
         hf = _fold(mixes.get(m) if m else None)
         with torch.no_grad():
             refs[m] = [hf(torch.tensor([p])).logits[0] for p in prompts]
-    saved, runtime.pool.masked_rows = runtime.pool.masked_rows, masked_rows
+    saved, runtime.pool.grouped = runtime.pool.grouped, grouped
     tables = [runtime.kv.allocate(runtime.kv.blocks_for(len(p))) for p in prompts]
     slots = [runtime.pool.acquire(mixes.get(m) if m else None) for m in names]
     try:
@@ -102,7 +102,7 @@ def test_pooled_side_path_matches_the_per_mix_reference(runtime, mixes, masked_r
         for row, (p, m) in enumerate(zip(prompts, names, strict=True)):
             torch.testing.assert_close(got[row], refs[m][row][len(p) - 1], atol=1e-4, rtol=1e-4)
     finally:
-        runtime.pool.masked_rows = saved
+        runtime.pool.grouped = saved
         for t, s in zip(tables, slots, strict=True):
             runtime.kv.free(t)
             runtime.pool.release(s)
@@ -204,8 +204,8 @@ def test_gqa_and_biased_projections_match_transformers(tmp_path, model_type):
         torch.testing.assert_close(got, want[j], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("masked_rows", [0, 64], ids=["grouped_mm", "masked"])
-def test_the_static_buffer_decode_of_cuda_graphs_generates_the_same_tokens(runtime, mixes, masked_rows):
+@pytest.mark.parametrize("grouped", [True, False], ids=["grouped_mm", "masked"])
+def test_the_static_buffer_decode_of_cuda_graphs_generates_the_same_tokens(runtime, mixes, grouped):
     """The path a CUDA graph captures (padded batch bucket, padding rows on the null block, every pool
     slot in the side path) run eagerly here: the same greedy tokens as the plain decode, and the padding
     rows disturb no one's KV cache. (The capture itself needs a GPU.)"""
@@ -218,8 +218,8 @@ def test_the_static_buffer_decode_of_cuda_graphs_generates_the_same_tokens(runti
         ("### task: python\n### input: write sum_even(xs) that returns the sum of the even xs\n### output:\n", "dense"),
         ("### task: sql\n### input: list the title of books\n### output:\n", "sql"),
     ]]  # fmt: skip
-    saved = runtime.pool.masked_rows
-    runtime.pool.masked_rows = masked_rows
+    saved = runtime.pool.grouped
+    runtime.pool.grouped = grouped
     try:
         plain = _greedy(runtime, batch, mixes, steps=8)
         runtime.graphs = DecodeGraphs(runtime, capture=False)
@@ -228,4 +228,4 @@ def test_the_static_buffer_decode_of_cuda_graphs_generates_the_same_tokens(runti
         assert {k[:2] for k in runtime.graphs._graphs} >= {(8, 4), (1, 4)}
     finally:
         runtime.graphs = None
-        runtime.pool.masked_rows = saved
+        runtime.pool.grouped = saved
