@@ -153,8 +153,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rank", type=int, default=16, help="rank of each random mix (default 16)")
     parser.add_argument("--context", type=int, default=32, help="tokens already in every row's KV (default 32)")
     parser.add_argument("--repeats", type=int, default=50, help="timed steps per scenario (default 50)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; the server uses cores - 1)")
     parser.add_argument("--out", default="bench/results/ops-cpu", help="writes OUT.json and OUT.md")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if not 1 <= args.mixes <= args.batch:
         parser.error("--mixes must be between 1 and --batch")
     result = run(args.model, args.batch, args.mixes, args.rank, args.context, args.repeats)

@@ -27,6 +27,7 @@ import itertools
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -83,17 +84,29 @@ class ScenarioResult:
     seconds: float
     timings: list[RequestTiming] = field(default_factory=list)
 
+    rounds_tokens_per_s: list[float] = field(default_factory=list)  # one per round, when several
+
     def summary(self) -> dict:
         tokens = sum(t.tokens for t in self.timings)
         ttft = sorted(t.ttft for t in self.timings)
         itl = sorted(x for t in self.timings for x in t.itl)
+        rate = statistics.median(self.rounds_tokens_per_s) if self.rounds_tokens_per_s else tokens / self.seconds
         return {
             "system": self.system, "scenario": self.scenario, "concurrency": self.concurrency,
             "requests": self.requests, "seconds": round(self.seconds, 3), "tokens": tokens,
-            "tokens_per_s": round(tokens / self.seconds, 1),
+            "tokens_per_s": round(rate, 1), "rounds": len(self.rounds_tokens_per_s) or 1,
             "ttft_p50_ms": _pct(ttft, 50), "ttft_p99_ms": _pct(ttft, 99),
             "itl_p50_ms": _pct(itl, 50), "itl_p99_ms": _pct(itl, 99),
         }  # fmt: skip
+
+
+def pooled(runs: list[ScenarioResult]) -> ScenarioResult:
+    """Rounds of one scenario as one result: tokens/s the median of the rounds', latencies pooled."""
+    first = runs[0]
+    out = ScenarioResult(first.system, first.scenario, first.concurrency, sum(r.requests for r in runs),
+                         sum(r.seconds for r in runs), [t for r in runs for t in r.timings])  # fmt: skip
+    out.rounds_tokens_per_s = [sum(t.tokens for t in r.timings) / r.seconds for r in runs]
+    return out
 
 
 def _pct(sorted_values: list[float], q: float) -> float | None:
@@ -177,7 +190,9 @@ async def _one_request(client: httpx.AsyncClient, url: str, prompt, mix, max_tok
 
 
 async def run_mixserve(url: str, scenario: str, concurrency: int, n: int, max_tokens: int,
-                       model_dir: Path | None = None) -> ScenarioResult:  # fmt: skip
+                       model_dir: Path | None = None, cold_seed: int = 10_000) -> ScenarioResult:  # fmt: skip
+    """One closed-loop scenario; ``cold`` requests use DARE seeds ``cold_seed + i`` (new ones per call,
+    or they would hit the cache)."""
     names = list(MIXES)
     texts = long_prompts(model_dir, n, max_tokens) if scenario == "8-mixes-long" else prompts(n)
 
@@ -189,7 +204,7 @@ async def run_mixserve(url: str, scenario: str, concurrency: int, n: int, max_to
         if scenario in ("8-mixes", "8-mixes-long"):
             return names[i % len(names)]
         # cold: a mix never seen before (another DARE seed), so every request merges
-        return {**MIXES["all-dare-ties"], "seed": 10_000 + i}
+        return {**MIXES["all-dare-ties"], "seed": cold_seed + i}
 
     queue = list(range(n))
     timings: list[RequestTiming] = []
@@ -327,7 +342,8 @@ def to_markdown(result: dict) -> str:
     cols = ["system", "scenario", "concurrency", "requests", "tokens_per_s", "ttft_p50_ms", "ttft_p99_ms",
             "itl_p50_ms", "itl_p99_ms"]  # fmt: skip
     lines = [f"Machine: {result['machine']}; model: {result['model']}; {result['max_tokens']} tokens per request, "
-             "eos ignored; one run.", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]  # fmt: skip
+             f"eos ignored; {result.get('rounds', 1)} rounds per scenario taking turns (tokens/s: the median "
+             "round's; latency percentiles over every round), PEFT naive one round.", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]  # fmt: skip
     lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in result["rows"]]
     lines += ["", "| ratio | value | target |", "|---|---|---|"]
     lines += [f"| {r['ratio']} | {r['value']} | {r['target']} |" for r in result["ratios"]]
@@ -342,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", dest="max_tokens", type=int, default=32)
     ap.add_argument("--requests", type=int, default=0, help="requests per scenario (default: max(8, 2 x c))")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads for server and PEFT")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds per scenario, taking turns; tokens/s is the "
+                    "median round's, latency percentiles pool every round (default 3)")  # fmt: skip
     ap.add_argument("--skip-peft", dest="skip_peft", action="store_true")
     ap.add_argument("--skip-cold", dest="skip_cold", action="store_true", help="skip the merge-per-request scenario")
     ap.add_argument("--skip-long", dest="skip_long", action="store_true", help="skip the mixed-prompt-length scenario")
@@ -352,15 +370,21 @@ def main(argv: list[str] | None = None) -> int:
     levels = [int(c) for c in args.concurrency.split(",")]
     count = {c: args.requests or max(8, 2 * c) for c in levels}
     rows: list[dict] = []
+    cold_seed = 10_000
     server = ServerProcess(args.model, args.adapters, max(levels), args.threads, args.server_args)
     try:
         server.wait_ready()
         for c in levels:
             scenarios = ["base", "one-mix", "8-mixes"] + (["cold"] if not args.skip_cold else [])
             scenarios += ["8-mixes-long"] if c == max(levels) and not args.skip_long else []
+            runs: dict[str, list[ScenarioResult]] = {s: [] for s in scenarios}
+            for _ in range(args.rounds):  # scenarios take turns: machine noise hits each of them
+                for scenario in scenarios:
+                    cold_seed += count[c]
+                    runs[scenario].append(asyncio.run(run_mixserve(server.url, scenario, c, count[c],
+                                                                   args.max_tokens, args.model, cold_seed)))  # fmt: skip
             for scenario in scenarios:
-                result = asyncio.run(run_mixserve(server.url, scenario, c, count[c], args.max_tokens, args.model))
-                r = result.summary()
+                r = pooled(runs[scenario]).summary()
                 print(json.dumps(r), flush=True)
                 rows.append(r)
     finally:
@@ -372,14 +396,17 @@ def main(argv: list[str] | None = None) -> int:
             _add_mix(model, name, spec)
         _generate(model, tok, prompts(1), 4, [next(iter(MIXES))])  # warm-up
         for c in levels:
-            for fn in (run_peft_naive, run_peft_mixed_batch):
-                r = fn(model, tok, c, count[c], args.max_tokens).summary()
-                print(json.dumps(r), flush=True)
-                rows.append(r)
+            r = run_peft_naive(model, tok, c, count[c], args.max_tokens).summary()  # far behind: one round
+            print(json.dumps(r), flush=True)
+            rows.append(r)
+            mixed = [run_peft_mixed_batch(model, tok, c, count[c], args.max_tokens) for _ in range(args.rounds)]
+            r = pooled(mixed).summary()
+            print(json.dumps(r), flush=True)
+            rows.append(r)
     device = "CPU" if not torch.cuda.is_available() else torch.cuda.get_device_name()
     result = {
         "machine": f"{device}, {os.cpu_count()} cores, {platform.processor() or platform.machine()}, torch {torch.__version__}",
-        "model": str(args.model), "max_tokens": args.max_tokens, "threads": args.threads,
+        "model": str(args.model), "max_tokens": args.max_tokens, "threads": args.threads, "rounds": args.rounds,
         "mixes": MIXES, "rows": rows, "ratios": ratios(rows),
     }  # fmt: skip
     write_report(args.out, result, to_markdown)
