@@ -9,7 +9,9 @@ row groups. The KV cache and the pool's buffers are allocated once (a pool that 
 
 A step of ``B`` rows runs in the graph of the next batch bucket; the padding rows come first, on the
 base model, reading and writing only the reserved null block. Graphs are captured lazily, on the
-first step of each shape, from a side stream and share one memory pool.
+first step of each shape, from a side stream, share one memory pool and stop at the last hidden
+states (the ``[rows, vocab]`` logits are computed after the replay, so no per-shape fp32 logits
+buffer stays allocated); capture errors are thread-local, so merges may copy to the device meanwhile.
 
 With ``capture=False`` the same static-buffer path runs eagerly: that is how CPU tests check it
 against the plain decode (this machine has no GPU; the capture itself runs only on CUDA).
@@ -36,7 +38,7 @@ class _Graph:
     table: torch.Tensor
     groups: torch.Tensor | None  # int32 end row per slot (grouped) or [rows] slot index (masked)
     graph: object | None = None
-    out: torch.Tensor | None = None
+    out: torch.Tensor | None = None  # the last hidden states [rows, hidden]
 
 
 class DecodeGraphs:
@@ -81,8 +83,8 @@ class DecodeGraphs:
         if g.graph is not None:
             g.graph.replay()
         else:
-            g.out = rt._decode_core(g.ids, g.positions, g.where, g.table, self._plan(g) if mixed else None)
-        return g.out[pad:].clone()  # the next replay overwrites the static output
+            g.out = rt._decode_core(g.ids, g.positions, g.where, g.table, self._plan(g) if mixed else None, False)
+        return rt._logits(g.out[pad:])  # outside the graph: a new tensor, not the static output
 
     def _groups(self, slots: list[int]) -> list[int]:
         pool = self.runtime.pool
@@ -114,10 +116,11 @@ class DecodeGraphs:
         stream.wait_stream(torch.cuda.current_stream(dev))
         with torch.inference_mode(), torch.cuda.stream(stream):
             for _ in range(2):  # warm-up: lazy kernel and workspace set-up stays out of the graph
-                rt._decode_core(*args, self._plan(g) if mixed else None)
+                rt._decode_core(*args, self._plan(g) if mixed else None, False)
         torch.cuda.current_stream(dev).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.inference_mode(), torch.cuda.graph(graph, pool=self._mempool):
-            g.out = rt._decode_core(*args, self._plan(g) if mixed else None)
+        # thread_local: merges copying mixes to the device on their own thread may run meanwhile.
+        with torch.inference_mode(), torch.cuda.graph(graph, pool=self._mempool, capture_error_mode="thread_local"):
+            g.out = rt._decode_core(*args, self._plan(g) if mixed else None, False)
         g.graph = graph
         return g

@@ -260,8 +260,13 @@ class Engine:
                 if needed > kv.free_blocks or not pool.can_acquire(seq.req.lora):
                     break  # first come, first served: wait for blocks or a mix slot to free up
                 self._waiting.popleft()
-            seq.blocks = kv.allocate(needed)
-            seq.lora_slot = pool.acquire(seq.req.lora)
+            try:
+                seq.lora_slot = pool.acquire(seq.req.lora)  # may copy the mix in (and grow the pool)
+                seq.blocks = kv.allocate(needed)
+            except Exception as exc:
+                log.exception("admission failed")
+                self._finish(seq, "error", error=str(exc))  # frees whatever it got
+                continue
             self._running.append(seq)
             self._prefilling.append(seq)
             n = min(len(seq.req.prompt_ids), budget)
@@ -291,7 +296,7 @@ class Engine:
             self._prefilling.remove(seq)
             done.add(seq.id)
             self.metrics.ttft.labels(seq.req.mix_label).observe(now - seq.arrival)
-            self._append(seq, sample_next(logits[row], seq.req.params, seq.generator), now)
+            self._sample_and_append(seq, logits[row], now)
         return done
 
     def _decode(self, seqs: list[_Sequence]) -> None:
@@ -306,7 +311,16 @@ class Engine:
         now = time.perf_counter()
         for row, seq in enumerate(seqs):
             self.metrics.itl.labels(seq.req.mix_label).observe(now - seq.last_token_time)
-            self._append(seq, sample_next(logits[row], seq.req.params, seq.generator), now)
+            self._sample_and_append(seq, logits[row], now)
+
+    def _sample_and_append(self, seq: _Sequence, logits: torch.Tensor, now: float) -> None:
+        try:
+            token = sample_next(logits, seq.req.params, seq.generator)
+        except Exception as exc:  # fails this sequence only
+            log.exception("sampling failed")
+            self._finish(seq, "error", error=f"sampling failed: {exc}")
+            return
+        self._append(seq, token, now)
 
     def _append(self, seq: _Sequence, token: int, now: float) -> None:
         """Record one generated token, emit the text it completes, finish the sequence if it ends."""

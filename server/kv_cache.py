@@ -37,6 +37,7 @@ class PagedKVCache:
         self.block_size, self.num_blocks, self.kv_heads = block_size, num_blocks, kv_heads
         self.data = torch.zeros(layers, num_blocks, block_size, 2 * kv_heads, head_dim, dtype=dtype, device=device)
         self._free = list(range(num_blocks - 1, NULL_BLOCK, -1))  # pop() hands out low numbers first
+        self._used: set[int] = set()
 
     @property
     def nbytes(self) -> int:
@@ -61,11 +62,14 @@ class PagedKVCache:
     def allocate(self, n: int) -> list[int]:
         if n > len(self._free):
             raise OutOfBlocksError(f"{n} KV blocks asked, {len(self._free)} free")
-        return [self._free.pop() for _ in range(n)]
+        blocks = [self._free.pop() for _ in range(n)]
+        self._used.update(blocks)
+        return blocks
 
     def free(self, blocks: list[int]) -> None:
-        if any(b == NULL_BLOCK or b in self._free for b in blocks):
+        if len(set(blocks)) != len(blocks) or not self._used.issuperset(blocks):
             raise ValueError(f"KV blocks {blocks} freed twice or never allocated")
+        self._used.difference_update(blocks)
         self._free.extend(reversed(blocks))
 
     def layer(self, i: int) -> torch.Tensor:

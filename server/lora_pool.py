@@ -19,12 +19,13 @@ count does not.
 
 Slots are handed out when a mix's first sequence is admitted and stay loaded after its last one
 finishes until another mix needs the slot (least recently used first): a popular mix is copied in
-once. The pool holds a reference to each loaded mix, so a slot never outlives what it copied.
+once. The pool keeps only weak references to the mixes it copied: their memory stays the mix cache's.
 """
 
 from __future__ import annotations
 
 import itertools
+import weakref
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -134,8 +135,8 @@ class LoraPool:
         self.version = 0  # bumped when the buffers are reallocated (captured graphs hold their addresses)
         self.buffers: dict[str, tuple[torch.Tensor, list[torch.Tensor]]] = {}  # key -> (A, [B_j])
         self._stacked: dict[str, tuple[torch.Tensor, list[torch.Tensor]]] = {}
-        self._loaded: dict[int, PreparedLora] = {}  # slot -> the mix copied there
-        self._slot_of: dict[int, int] = {}  # id(PreparedLora) -> slot (the pool keeps the object alive)
+        self._loaded: dict[int, tuple[int, weakref.ref]] = {}  # slot -> (id, weak reference) of the mix there
+        self._slot_of: dict[int, int] = {}  # id(PreparedLora) -> slot
         self._refs: dict[int, int] = {}
         self._idle: OrderedDict[int, None] = OrderedDict()  # loaded, unreferenced slots, least recent first
         self._never_used = list(range(max_loras, 0, -1))
@@ -156,25 +157,33 @@ class LoraPool:
         return self.max_loras + 1
 
     def slot_of(self, lora: PreparedLora) -> int | None:
-        return self._slot_of.get(id(lora))
+        entry = self._loaded.get(self._slot_of.get(id(lora), -1))
+        return self._slot_of[id(lora)] if entry is not None and entry[1]() is lora else None
 
     def can_acquire(self, lora: PreparedLora | None) -> bool:
-        return lora is None or id(lora) in self._slot_of or bool(self._never_used or self._idle)
+        return lora is None or self.slot_of(lora) is not None or bool(self._never_used or self._idle)
 
     def acquire(self, lora: PreparedLora | None) -> int:
-        """The slot holding ``lora`` (copying it in if needed); 0 for the base model. Pair with :meth:`release`."""
-        if lora is None:
+        """The slot holding ``lora`` (copying it in if needed); 0 for the base model (or a mix without
+        factors). Pair with :meth:`release`."""
+        if lora is None or not lora.groups:
             return 0
-        slot = self._slot_of.get(id(lora))
+        slot = self.slot_of(lora)
         if slot is None:
             if self._never_used:
                 slot = self._never_used.pop()
             elif self._idle:
                 slot, _ = self._idle.popitem(last=False)
-                del self._slot_of[id(self._loaded.pop(slot))]
+                old_id, _ = self._loaded.pop(slot)
+                if self._slot_of.get(old_id) == slot:
+                    del self._slot_of[old_id]
             else:
                 raise PoolFullError(f"all {self.max_loras} mix slots are in use by running sequences")
-            self._load(slot, lora)
+            try:
+                self._load(slot, lora)
+            except BaseException:  # e.g. out of device memory growing the pool: the slot stays usable
+                self._never_used.append(slot)
+                raise
         self._idle.pop(slot, None)
         self._refs[slot] = self._refs.get(slot, 0) + 1
         return slot
@@ -192,22 +201,31 @@ class LoraPool:
         rank = max((r1 - r0 for g in lora.groups.values() for _, r0, r1, _ in g.members), default=0)
         if rank > self.rank:
             self._grow(-(-rank // RANK_ALIGN) * RANK_ALIGN)
-        self._loaded[slot] = lora
-        self._slot_of[id(lora)] = slot
         self._copy_in(slot, lora)
+        # A weak reference: an idle slot does not keep a mix the mix cache has evicted alive (its memory
+        # is the cache's to budget); the id is only trusted while the reference still points at it.
+        self._loaded[slot] = (id(lora), weakref.ref(lora))
+        self._slot_of[id(lora)] = slot
 
     def _grow(self, rank: int) -> None:
-        """Reallocate every buffer at a larger padded rank and copy the loaded mixes back in."""
-        self.rank = rank
-        self.version += 1
+        """Reallocate every buffer at a larger padded rank, the loaded slots' factors copied over (the new
+        buffers are built before anything changes: running out of memory leaves the pool as it was)."""
         new = lambda *shape: torch.zeros(*shape, dtype=self.dtype, device=self.device)  # noqa: E731
-        self.buffers = {key: (new(n_in, self.slots * len(names) * rank), [new(self.slots * rank, o) for o in outs])
-                        for key, (n_in, names, outs) in self.groups.items()}  # fmt: skip
+        buffers = {key: (new(n_in, self.slots * len(names) * rank), [new(self.slots * rank, o) for o in outs])
+                   for key, (n_in, names, outs) in self.groups.items()}  # fmt: skip
+        old = self.rank
+        for key, (A, Bs) in buffers.items():
+            if old and key in self.buffers:
+                oA, oBs = self.buffers[key]
+                n = len(Bs)
+                A.view(A.shape[0], self.slots, n, rank)[..., :old] = oA.view(oA.shape[0], self.slots, n, old)
+                for B, oB in zip(Bs, oBs, strict=True):
+                    B.view(self.slots, rank, -1)[:, :old] = oB.view(self.slots, old, -1)
         # The same memory as [slots, in, members x R] and [slots, R, out] (grouped_mm's operands).
         self._stacked = {key: (A.view(A.shape[0], self.slots, -1).transpose(0, 1), [B.view(self.slots, rank, -1) for B in Bs])
-                         for key, (A, Bs) in self.buffers.items()}  # fmt: skip
-        for slot, lora in self._loaded.items():
-            self._copy_in(slot, lora)
+                         for key, (A, Bs) in buffers.items()}  # fmt: skip
+        self.buffers, self.rank = buffers, rank
+        self.version += 1
 
     def _copy_in(self, slot: int, lora: PreparedLora) -> None:
         r = self.rank

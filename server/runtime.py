@@ -366,8 +366,10 @@ class ModelRuntime:
         return logits if order == sorted(order) else logits[self._tensor(_inverse(order))]
 
     def _decode_core(self, ids: torch.Tensor, positions: torch.Tensor, where: torch.Tensor, table: torch.Tensor,
-                     side: SidePlan | None) -> torch.Tensor:  # fmt: skip
-        """The decode step on device tensors (what a CUDA graph captures): ``table`` ``[rows, blocks]``."""
+                     side: SidePlan | None, logits: bool = True) -> torch.Tensor:  # fmt: skip
+        """The decode step on device tensors (what a CUDA graph captures): ``table`` ``[rows, blocks]``.
+        Logits, or with ``logits=False`` the last hidden states (graphs stop there: ``[rows, vocab]`` fp32
+        per captured shape would be memory no budget counts)."""
         b, nb = table.shape
         keys = nb * self.kv.block_size
         j = torch.arange(keys, device=self.device)
@@ -384,7 +386,8 @@ class ModelRuntime:
             )  # fmt: skip
             return out.view(b, self.heads * self.head_dim)
 
-        return self._logits(self._forward(ids, positions, where, side, attend))
+        h = self._forward(ids, positions, where, side, attend)
+        return self._logits(h) if logits else h
 
 
 def _inverse(order: list[int]) -> list[int]:

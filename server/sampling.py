@@ -6,10 +6,13 @@ from dataclasses import dataclass
 
 import torch
 
+# Below this a temperature is greedy (vLLM's _SAMPLING_EPS): dividing fp32 logits by 1e-300 is 0 / 0.
+GREEDY_BELOW = 1e-5
+
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How one request generates. ``temperature == 0`` is greedy (and then ``seed`` is irrelevant)."""
+    """How one request generates. ``temperature`` 0 (below 1e-5) is greedy (and then ``seed`` is irrelevant)."""
 
     max_tokens: int = 64
     temperature: float = 0.0
@@ -21,7 +24,7 @@ class SamplingParams:
 
 def make_generator(params: SamplingParams) -> torch.Generator | None:
     """A CPU generator per request: a seeded request samples the same tokens whatever its batch."""
-    if params.temperature == 0.0:
+    if params.temperature < GREEDY_BELOW:
         return None
     g = torch.Generator()
     if params.seed is not None:
@@ -33,9 +36,11 @@ def make_generator(params: SamplingParams) -> torch.Generator | None:
 
 def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
     """The next token id from fp32 ``logits [vocab]``."""
-    if params.temperature == 0.0 or generator is None:
+    if params.temperature < GREEDY_BELOW or generator is None:
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float().cpu() / params.temperature, dim=-1)
+    # Shift by the max before dividing: a tiny temperature sends the others to -inf, never to inf - inf.
+    logits = logits.float().cpu()
+    probs = torch.softmax((logits - logits.max()) / params.temperature, dim=-1)
     if params.top_p < 1.0:
         sorted_p, order = torch.sort(probs, descending=True)
         # Keep the smallest prefix whose mass reaches top_p (always at least the most likely token).

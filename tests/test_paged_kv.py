@@ -146,3 +146,56 @@ def test_admission_waits_for_free_blocks_and_every_block_comes_back():
         batch = {s.labels.get("le"): s.value for f in text_string_to_metric_families(httpx.get(url + "/metrics").text)
                  if f.name == "mixserve_batch_size" for s in f.samples if s.name.endswith("_bucket")}  # fmt: skip
         assert batch["2.0"] == batch["+Inf"] > 0  # never more than two sequences decoding together
+
+
+def test_a_failed_load_leaves_the_pool_usable_and_idle_slots_do_not_keep_mixes_alive(monkeypatch):
+    import gc
+    import weakref
+
+    pool = _pool(max_loras=1)
+    first = _mix(4, 0)
+    slot = pool.acquire(first)
+    pool.release(slot)
+    ref = weakref.ref(first)
+    del first
+    gc.collect()
+    assert ref() is None  # the idle slot held it only weakly: its memory was the mix cache's to free
+    big = _mix(20, 1)
+
+    def out_of_memory(rank):
+        raise MemoryError("device")
+
+    monkeypatch.setattr(pool, "_grow", out_of_memory)
+    with pytest.raises(MemoryError):
+        pool.acquire(big)  # growing to rank 32 fails: nothing changed
+    assert pool.rank == 16 and pool.can_acquire(big)
+    monkeypatch.undo()
+    assert pool.acquire(big) == slot and pool.rank == 32
+    assert pool.acquire(prepare_lora({}, 1, torch.device("cpu"), torch.float32)) == 0  # a mix with no factors
+
+
+@needs_demo
+def test_a_failed_admission_fails_only_its_request_and_frees_its_blocks():
+    from server.config import ServeConfig
+    from tests.server_harness import running_server
+
+    config = ServeConfig(model=DEMO / "base", adapters=DEMO / "adapters", admin_token="t", pin_file=None)
+    with running_server(config) as (url, app):
+        pool = app.state.server.runtime.pool
+        real = pool.acquire
+        calls = []
+
+        def fails_once(lora):
+            calls.append(lora)
+            if len(calls) == 1:
+                raise MemoryError("out of device memory copying the mix in")
+            return real(lora)
+
+        pool.acquire = fails_once
+        body = {"prompt": "### task: json\n### input: meet pudo, a pifu aged 37 from boto.\n### output:\n",
+                "mix": "json", "max_tokens": 8}  # fmt: skip
+        r = httpx.post(url + "/generate", json=body, timeout=60)
+        assert r.status_code == 500 and "out of device memory" in r.json()["error"]["message"]
+        assert httpx.post(url + "/generate", json=body, timeout=60).status_code == 200  # still serving
+        cache = httpx.get(url + "/admin/cache", headers={"Authorization": "Bearer t"}).json()
+        assert cache["kv_blocks_free"] == cache["kv_blocks"]
