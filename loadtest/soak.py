@@ -11,7 +11,7 @@ first, one request at a time (batch 1). Faults, injected all along:
 - cache pressure: ad-hoc mixes never seen before (a merge each);
 - a bad adapter registered mid-run (a truncated safetensors file in the adapter root).
 
-Pass criteria: no 5xx, no wrong output, no accepted request lost; afterwards every KV slot free,
+Pass criteria: no 5xx, no wrong output, no accepted request lost; afterwards every KV block free,
 the cache within its budget, and the server's RSS back near its warmed-up baseline.
 
     python -m loadtest.soak --seconds 600 --out loadtest/results/soak      # the committed run
