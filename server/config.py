@@ -36,7 +36,9 @@ class ServeConfig:
     max_len: int | None = None  # longest sequence, prompt + completion (default: the model's context)
     max_waiting: int = 256  # queued requests before 429
     max_prefill_tokens: int = 512  # prompt tokens per engine step; longer prompts are chunked
-    kv_cache_bytes: int | None = None  # paged KV pool (default: CUDA, a share of free memory; CPU, 32 x 4096 tokens)
+    kv_cache_bytes: int | None = (
+        None  # paged KV pool (default: CUDA a share of free memory; CPU max_batch x 4096 tokens)
+    )
     block_size: int = 16  # tokens per KV block
     max_loras: int = 8  # distinct mixes in the running batch (slots of the device mix pool)
     memory_utilization: float = 0.9  # CUDA: share of device memory for weights, KV cache and mixes

@@ -14,6 +14,8 @@ an empty pool could not hold.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 NULL_BLOCK = 0
@@ -86,6 +88,20 @@ def cuda_kv_budget(free: int, total: int, utilization: float, reserve: int | Non
     note = (f"{utilization:.0%} of {total / 2**30:.1f} GiB less {(total - free) / 2**30:.1f} GiB in use "
             f"and {reserved / 2**30:.1f} GiB for merged mixes and activations")  # fmt: skip
     return available - reserved, reserved, note
+
+
+def cpu_kv_budget(per_block: int, block_size: int, tokens: int, available: int | None = None) -> tuple[int, str]:
+    """The default KV-cache bytes off CUDA: room for ``tokens`` positions, at most a quarter of the
+    memory available now (a 7B model's 32 x 4096 tokens in fp32 would be 34 GB)."""
+    if available is None:
+        try:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            available = 1 << 62
+    wanted = per_block * (-(-tokens // block_size) + 1)
+    if wanted <= available // 4:
+        return wanted, f"default: {tokens} tokens"
+    return available // 4, f"default: a quarter of the {available / 2**30:.1f} GiB of memory available"
 
 
 def check_fits(max_len: int, cache: PagedKVCache, budget_note: str) -> None:

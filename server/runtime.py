@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F  # noqa: N812 - the usual name
 
-from server.kv_cache import NULL_BLOCK, PagedKVCache, bytes_per_block, check_fits, cuda_kv_budget
+from server.kv_cache import NULL_BLOCK, PagedKVCache, bytes_per_block, check_fits, cpu_kv_budget, cuda_kv_budget
 from server.lora_pool import (
     GROUPS,
     LoraFactorsByModule,
@@ -193,9 +193,7 @@ class ModelRuntime:
             budget, self.reserved_bytes, note = cuda_kv_budget(*torch.cuda.mem_get_info(self.device), utilization,
                                                                reserve)  # fmt: skip
         else:
-            tokens = min(default_tokens, 32 * self.max_len)
-            budget = per_block * (-(-tokens // block_size) + 1)
-            note = f"default: {tokens} tokens"
+            budget, note = cpu_kv_budget(per_block, block_size, min(default_tokens, 32 * self.max_len))
         blocks = budget // per_block
         if blocks < 2:
             raise ServingError(f"the KV cache gets {budget / 2**20:.1f} MiB ({note}): not even one block of "

@@ -21,6 +21,23 @@ mixes.yaml:
 """
 
 
+def _positive(kind):
+    def parse(text: str):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+
+    return parse
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
 def add_serve_parser(sub) -> None:
     s = sub.add_parser(
         "serve",
@@ -43,15 +60,16 @@ def add_serve_parser(sub) -> None:
     s.add_argument("--max-len", dest="max_len", type=int,
                    help="longest sequence, prompt + completion, in tokens (default: the model's context; refused at "
                         "start if the KV cache cannot hold one)")  # fmt: skip
-    s.add_argument("--kv-cache-mb", dest="kv_cache_mb", type=float,
+    s.add_argument("--kv-cache-mb", dest="kv_cache_mb", type=_positive(float),
                    help="paged KV-cache size in MiB (default: on CUDA what --memory-utilization leaves after the "
-                        "weights and the mix reserve; on CPU room for --max-batch x 4096 tokens)")  # fmt: skip
-    s.add_argument("--block-size", dest="block_size", type=int, default=d.block_size,
+                        "weights and the mix reserve; on CPU room for --max-batch x 4096 tokens, at most a quarter of the "
+                        "available memory)")  # fmt: skip
+    s.add_argument("--block-size", dest="block_size", type=_positive(int), default=d.block_size,
                    help=f"tokens per KV-cache block (default {d.block_size})")  # fmt: skip
     s.add_argument(
         "--max-loras",
         dest="max_loras",
-        type=int,
+        type=_positive(int),
         default=d.max_loras,
         help=f"distinct mixes in the running batch: slots of the device mix pool (default {d.max_loras})",
     )
@@ -64,10 +82,10 @@ def add_serve_parser(sub) -> None:
     s.add_argument(
         "--cpu-threads",
         dest="cpu_threads",
-        type=int,
+        type=_positive(int),
         help="CPU: torch threads for the engine (default: all cores but one, left to HTTP)",
     )
-    s.add_argument("--memory-utilization", dest="memory_utilization", type=float, default=d.memory_utilization,
+    s.add_argument("--memory-utilization", dest="memory_utilization", type=_fraction, default=d.memory_utilization,
                    help=f"CUDA: share of device memory mixserve may use (default {d.memory_utilization})")  # fmt: skip
     s.add_argument("--max-waiting", dest="max_waiting", type=int, default=d.max_waiting,
                    help=f"queued requests before answering 429 (default {d.max_waiting})")  # fmt: skip

@@ -9,7 +9,15 @@ import httpx
 import pytest
 import torch
 
-from server.kv_cache import NULL_BLOCK, OutOfBlocksError, PagedKVCache, bytes_per_block, check_fits, cuda_kv_budget
+from server.kv_cache import (
+    NULL_BLOCK,
+    OutOfBlocksError,
+    PagedKVCache,
+    bytes_per_block,
+    check_fits,
+    cpu_kv_budget,
+    cuda_kv_budget,
+)
 from server.lora_pool import LoraPool, PoolFullError, prepare_lora
 
 DEMO = Path(__file__).resolve().parents[1] / "models" / "demo"
@@ -46,6 +54,14 @@ def test_defaults_size_a_mistral_7b_cache_to_a_full_context_on_an_80_gb_gpu():
     tokens = (budget // per_block - 1) * 16
     assert tokens >= 32768 * 8 and reserve > 4 * gib and "90% of 80.0 GiB" in note
     assert budget + reserve + weights + gib // 2 <= 0.9 * total + 1
+
+
+def test_the_cpu_default_takes_at_most_a_quarter_of_available_memory():
+    per_block = bytes_per_block(32, 16, 8, 128, torch.float32)  # a 7B model in fp32: 2 MiB a block
+    budget, note = cpu_kv_budget(per_block, 16, 32 * 4096, available=24 * 2**30)
+    assert budget == 6 * 2**30 and "quarter" in note
+    budget, note = cpu_kv_budget(per_block, 16, 4096, available=24 * 2**30)
+    assert budget == per_block * 257 and note == "default: 4096 tokens"
 
 
 @needs_demo
@@ -199,3 +215,24 @@ def test_a_failed_admission_fails_only_its_request_and_frees_its_blocks():
         assert httpx.post(url + "/generate", json=body, timeout=60).status_code == 200  # still serving
         cache = httpx.get(url + "/admin/cache", headers={"Authorization": "Bearer t"}).json()
         assert cache["kv_blocks_free"] == cache["kv_blocks"]
+
+
+@needs_demo
+def test_the_server_refuses_a_context_its_kv_cache_cannot_hold_and_says_why():
+    from server.config import ServeConfig
+    from tests.server_harness import running_server
+
+    config = ServeConfig(model=DEMO / "base", adapters=DEMO / "adapters", pin_file=None, kv_cache_bytes=1 << 20)
+    with pytest.raises(RuntimeError, match=r"lower --max-len to at most 112"), running_server(config):
+        pass
+
+
+def test_serve_flags_reject_sizes_that_cannot_work(capsys):
+    from server.cli import build_parser
+
+    for flags, needle in ((["--block-size", "0"], "--block-size: must be positive"),
+                          (["--max-loras", "-1"], "--max-loras: must be positive"),
+                          (["--memory-utilization", "1.5"], "must be in (0, 1]")):  # fmt: skip
+        with pytest.raises(SystemExit) as exit_info:
+            build_parser().parse_args(["serve", *flags])  # parsing only: nothing is started
+        assert exit_info.value.code == 2 and needle in capsys.readouterr().err
