@@ -40,6 +40,7 @@ from server.lora_pool import (
     group_prefix,
     prepare_lora,
 )
+from server.paged_attention import chunk_attention, decode_attention, key_mask
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 MIN_KEYS = 64  # decode attention reads at least this many keys per row
@@ -309,8 +310,11 @@ class ModelRuntime:
             where += self._slot_mapping(ch.blocks, ch.start, end)
             slots += [ch.lora_slot] * len(ch.ids)
 
+        history = [self._chunk_blocks(ch, b - a) for a, b, ch in spans]  # once, not per layer
+
         def attend(i: int, q: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
-            outs = [self._prefill_attention(i, q[a:b], heads[a:b], ch) for a, b, ch in spans]
+            outs = [chunk_attention(self._kv_blocks[i], blocks, q[a:b], heads[a:b, self.heads :], ch.start, self.window)
+                    for (a, b, ch), blocks in zip(spans, history, strict=True)]  # fmt: skip
             return outs[0] if len(outs) == 1 else torch.cat(outs)
 
         side = self.pool.plan(slots, self._tensor)
@@ -319,26 +323,9 @@ class ModelRuntime:
         logits = self._logits(h[last])
         return logits if order == sorted(order) else logits[self._tensor(_inverse(order))]
 
-    def _prefill_attention(self, i: int, q: torch.Tensor, heads: torch.Tensor, ch: PrefillChunk) -> torch.Tensor:
-        """One chunk's causal attention over its earlier tokens (from the cache) and itself: ``[n, H * d]``."""
-        n, end = len(ch.ids), ch.start + len(ch.ids)
-        if ch.start == 0:
-            kv = heads[:, self.heads :].transpose(0, 1)  # the chunk is the whole history: no cache read
-        else:
-            nb = -(-end // self.kv.block_size)
-            kv = self._kv_blocks[i][self._tensor(list(ch.blocks[:nb]))].flatten(0, 1).transpose(0, 1)
-        mask = None
-        if ch.start > 0 or (self.window is not None and self.window < end):
-            j = torch.arange(kv.shape[1], device=self.device)
-            pos = torch.arange(ch.start, end, device=self.device)[:, None]
-            mask = j[None, :] <= pos
-            if self.window is not None:
-                mask &= j[None, :] > pos - self.window
-        out = F.scaled_dot_product_attention(
-            q.transpose(0, 1)[None], kv[None, : self.kv_heads], kv[None, self.kv_heads :], attn_mask=mask,
-            is_causal=mask is None, enable_gqa=self.kv_heads != self.heads,
-        )  # fmt: skip
-        return out[0].transpose(0, 1).reshape(n, self.heads * self.head_dim)
+    def _chunk_blocks(self, ch: PrefillChunk, n: int) -> torch.Tensor | None:
+        """The blocks a chunk of ``n`` tokens attends over (None for a first chunk: its own keys suffice)."""
+        return self._tensor(list(ch.blocks[: self.kv.blocks_for(ch.start + n)])) if ch.start else None
 
     @torch.inference_mode()
     def decode(self, rows: Sequence[DecodeRow]) -> torch.Tensor:
@@ -354,7 +341,7 @@ class ModelRuntime:
         # rounded up to a power of two so the key width takes few values (and graph buckets).
         nb = -(-max(MIN_KEYS, 1 << max(r.position for r in rows).bit_length()) // bs)
         tables = [list(r.blocks[:nb]) + [NULL_BLOCK] * (nb - len(r.blocks[:nb])) for r in rows]
-        where = [r.blocks[r.position // bs] * bs + r.position % bs for r in rows]
+        where = [w for r in rows for w in self._slot_mapping(r.blocks, r.position, r.position + 1)]
         if self.graphs is not None:
             logits = self.graphs.run(rows, tables, where)
         else:
@@ -368,21 +355,10 @@ class ModelRuntime:
         """The decode step on device tensors (what a CUDA graph captures): ``table`` ``[rows, blocks]``.
         Logits, or with ``logits=False`` the last hidden states (graphs stop there: ``[rows, vocab]`` fp32
         per captured shape would be memory no budget counts)."""
-        b, nb = table.shape
-        keys = nb * self.kv.block_size
-        j = torch.arange(keys, device=self.device)
-        valid = j[None, :] <= positions[:, None]
-        if self.window is not None:
-            valid &= j[None, :] > positions[:, None] - self.window
-        mask = valid[:, None, None, :]  # [B, 1, 1, keys]
+        mask = key_mask(table.shape[1] * self.kv.block_size, positions, self.window)[:, None, None, :]
 
         def attend(i: int, q: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
-            kv = self._kv_blocks[i][table].view(b, keys, 2 * self.kv_heads, self.head_dim).transpose(1, 2)
-            out = F.scaled_dot_product_attention(
-                q[:, :, None], kv[:, : self.kv_heads], kv[:, self.kv_heads :], attn_mask=mask,
-                enable_gqa=self.kv_heads != self.heads,
-            )  # fmt: skip
-            return out.view(b, self.heads * self.head_dim)
+            return decode_attention(self._kv_blocks[i], table, q, mask)
 
         h = self._forward(ids, positions, where, side, attend)
         return self._logits(h) if logits else h
