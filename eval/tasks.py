@@ -1,12 +1,15 @@
 """Generated tasks for the demo adapters and the quality benchmark: SQL, Python (two families), JSON.
 
 Every example is generated from a seed, so train / validation / test splits are reproducible, and
-the test split is disjoint from training by construction: no test prompt can occur in training.
-Each task holds something out by one stable rule (``held_out``: a crc32 hash, ~20% of all values):
-SQL constants (made-up words drawn afresh per example, numbers), Python (reducer x predicate)
-combinations, string-function (operation x parameter) pairs, JSON people (new held-out names and
-cities with held-out ages). Structures without anything to hold out (an SQL average with no constant,
-``reverse(s)``) appear in training only. The prompt format is shared by all tasks:
+the validation and test splits are disjoint from training by construction: no such prompt can occur
+in training. Each task holds something out by one stable rule (``held_out``: a crc32 hash, ~20% of
+all values): SQL constants (made-up words drawn afresh per example, numbers), Python (reducer x
+predicate) combinations, string-function (operation x parameter) pairs, JSON people (new held-out
+names and cities with held-out ages). The held-out values are split again into a validation half and
+a test half (``side_of``; fixed lists for the few code combinations), so that tuning on the
+validation split measures what the test split measures (generalisation to what training never
+showed) without seeing a single test value or combination. Structures without anything to hold out
+(an SQL average with no constant, ``reverse(s)``) appear in training only. The prompt format is shared by all tasks:
 
     ### task: <sql|python|pystr|json>
     ### input: <question and schema / specification / record>
@@ -16,6 +19,7 @@ cities with held-out ages). Structures without anything to hold out (an SQL aver
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import zlib
@@ -94,8 +98,16 @@ FIRST, JOBS = WORDS["first"], WORDS["job"]
 
 
 def held_out(value: object) -> bool:
-    """Whether a value (word or number) belongs to the test split: a stable ~20% of every pool."""
+    """Whether a value (word or number) is kept out of training: a stable ~20% of every pool."""
     return zlib.crc32(str(value).encode()) % 5 == 0
+
+
+def side_of(value: object) -> Split:
+    """Which split may use a new word: ``train`` (not held out), or the ``val`` / ``test`` half of the
+    held-out ones (a second, independent hash: crc32 is linear, so a second crc32 would correlate)."""
+    if not held_out(value):
+        return "train"
+    return "val" if hashlib.sha256(f"val/{value}".encode()).digest()[0] % 2 == 0 else "test"
 
 
 def fresh_word(rng: random.Random, split: Split) -> str:
@@ -108,13 +120,18 @@ def fresh_word(rng: random.Random, split: Split) -> str:
     """
     while True:
         word = made_up_word(rng)
-        if held_out(word) == (split == "test"):
+        if side_of(word) == split:
             return word
 
 
 def _pick(values: list, rng: random.Random, split: Split):
-    """A value from ``values`` of the split's side: held-out values for test, the others otherwise."""
-    return rng.choice([v for v in values if held_out(v) == (split == "test")])
+    """A value from ``values`` of the split's side: the values not held out for training, the held-out
+    ones alternately for validation and test (in pool order), so that even a pool with two held-out
+    values gives each split one."""
+    if split == "train":
+        return rng.choice([v for v in values if not held_out(v)])
+    held = [v for v in values if held_out(v)]
+    return rng.choice(held[0::2] if split == "val" else held[1::2])
 
 
 # ---------------------------------------------------------------------------------------------- SQL
@@ -207,7 +224,7 @@ SQL_TEST_TEMPLATES = ("select_gt", "select_lt", "count_eq", "sum_where")
 
 
 def sql_example(rng: random.Random, split: Split, open_vocab: bool = True) -> Example:
-    templates = SQL_TEST_TEMPLATES if split == "test" else SQL_TEMPLATES
+    templates = SQL_TEMPLATES if split == "train" else SQL_TEST_TEMPLATES
     template, table = rng.choice(templates), rng.choice(sorted(TABLES))
     question, sql, constants = sql_query(template, table, rng, split, open_vocab)
     schema = f"CREATE TABLE {table} ({', '.join(f'{c} {t}' for c, t in TABLES[table].items())})"
@@ -236,6 +253,15 @@ REDUCERS: dict[str, tuple[str, str, Callable[[list[int]], object]]] = {
     "double": ("the list of the doubled numbers", "[2 * x for x in xs if {cond}]", lambda xs: [2 * x for x in xs]),
 }
 PY_HOLDOUT = {"sum/div", "count/odd", "max/lt", "list/even", "double/gt"}
+# The validation half of the held-out combinations (fixed before any merge was scored on them; the
+# test split keeps the other three).
+PY_VAL_HOLDOUT = {"double/gt", "max/lt"}
+
+
+def _py_side(combo: str) -> Split:
+    if combo not in PY_HOLDOUT:
+        return "train"
+    return "val" if combo in PY_VAL_HOLDOUT else "test"
 
 
 # Wider constant pools for the base's corpus ("other value pools"): with k in 2..9 only, a model can
@@ -246,7 +272,7 @@ PY_K, PY_K_WIDE = (2, 9), (2, 30)
 def python_example(rng: random.Random, split: Split, wide: bool = False) -> Example:
     while True:
         red, pred = rng.choice(sorted(REDUCERS)), rng.choice(sorted(PREDICATES))
-        if (f"{red}/{pred}" in PY_HOLDOUT) == (split == "test"):
+        if _py_side(f"{red}/{pred}") == split:
             break
     k = rng.randint(*(PY_K_WIDE if wide else PY_K))
     en_pred, cond_t, ref_pred = PREDICATES[pred]
@@ -280,18 +306,31 @@ STR_CHARS = "abcdgikmnprstu"
 # (operation, parameter) pairs only the test split uses; every parameter value still appears in its
 # role in training, through the other operations.
 STR_HOLDOUT = {"count": {"a", "k"}, "replace": {"d", "m"}, "starts": {"s", "t"}, "prefix": {3}, "suffix": {2}}
+# The validation half of the held-out pairs (one of each two; the test split keeps the other five).
+STR_VAL_HOLDOUT = {"count": {"a"}, "replace": {"d"}, "starts": {"s"}}
+
+
+def _str_side(op: str, param: object) -> Split:
+    if param not in STR_HOLDOUT.get(op, set()):
+        return "train"
+    return "val" if param in STR_VAL_HOLDOUT.get(op, set()) else "test"
+
+
 STR_K = (1, 2, 3, 4, 5)
 STR_CHARS_WIDE, STR_K_WIDE = "abcdefghijklmnopqrstuvwxy", tuple(range(1, 10))  # the base's corpus only
 
 
 def pystr_example(rng: random.Random, split: Split, wide: bool = False) -> Example:
-    ops = sorted(STR_HOLDOUT) if split == "test" else sorted(STRING_OPS)
-    op = rng.choice(ops)
-    en, expr_t, ref = STRING_OPS[op]
     chars, ks = (STR_CHARS_WIDE, STR_K_WIDE) if wide else (STR_CHARS, STR_K)
-    params = list(chars) if "{c}" in en else list(ks) if "{k}" in en else [None]
-    held = STR_HOLDOUT.get(op, set())
-    param = rng.choice([p for p in params if (p in held) == (split == "test")])
+
+    def params_of(op: str) -> list:
+        en = STRING_OPS[op][0]
+        params = list(chars) if "{c}" in en else list(ks) if "{k}" in en else [None]
+        return [p for p in params if _str_side(op, p) == split]
+
+    op = rng.choice([o for o in sorted(STRING_OPS) if params_of(o)])
+    en, expr_t, ref = STRING_OPS[op]
+    param = rng.choice(params_of(op))
     c = param if isinstance(param, str) else "a"
     k = param if isinstance(param, int) else 1
     name = f"{op}_{param}" if param is not None else op
@@ -351,7 +390,7 @@ WIDE_POOL_TASKS = ("python", "pystr")
 def make_split(
     task: str, split: Split, n: int, seed: int = 0, *, open_vocab: bool = True, wide: bool = False
 ) -> list[Example]:
-    """``n`` examples of ``task``; ``val`` is drawn like ``train`` but from another seed.
+    """``n`` examples of ``task`` from the split's side of the held-out rule (``side_of``).
 
     ``open_vocab=False`` draws the words an answer copies from fixed pools instead of afresh: what
     the base's pre-training shows of the task formats; adapters train and are tested on new words.
@@ -362,7 +401,7 @@ def make_split(
     if wide and split == "test":
         raise ValueError("wide pools are for the base's corpus, never the test split")
     rng = random.Random(f"{task}/{split}/{seed}/{_SPLIT_SEED[split]}")
-    gen_split: Split = "test" if split == "test" else "train"
+    gen_split: Split = split
     kwargs: dict[str, bool] = {"open_vocab": open_vocab} if task in OPEN_VOCAB_TASKS else {}
     if task in WIDE_POOL_TASKS and wide:
         kwargs["wide"] = True

@@ -38,12 +38,23 @@ def _thin_svd_basis(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return U, S[:, None] * Vh
 
 
-def shared_basis(factors: Sequence[LowRankDelta]) -> SharedBasis:
-    """Thin SVDs of the stacked factors, and the children's cores ``M_i = R_B[:, i] R_A[:, i]^T``."""
+def _thin_qr_basis(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    Q, R = torch.linalg.qr(X, mode="reduced")
+    return Q, R
+
+
+def shared_basis(factors: Sequence[LowRankDelta], *, orthogonalize: str = "svd") -> SharedBasis:
+    """Orthonormal bases of the stacked factors, and the children's cores ``M_i = R_B[:, i] R_A[:, i]^T``.
+
+    ``orthogonalize="svd"`` (the default) gives the order-independent reference basis that trimming
+    and dropping need; ``"qr"`` any orthonormal basis of the same spaces, several times cheaper on
+    tall factors, for methods that do not depend on the basis (the spectral ones).
+    """
+    basis_of = _thin_qr_basis if orthogonalize == "qr" else _thin_svd_basis
     B_cat = torch.cat([f.scaled_B() for f in factors], dim=1)  # [out, R]
     A_cat = torch.cat([f.A for f in factors], dim=0)  # [R, in]
-    Q_B, R_B = _thin_svd_basis(B_cat)  # Q_B: [out, rb], R_B: [rb, R]
-    Q_A, R_A = _thin_svd_basis(A_cat.mT)  # Q_A: [in, ra], R_A: [ra, R]
+    Q_B, R_B = basis_of(B_cat)  # Q_B: [out, rb], R_B: [rb, R]
+    Q_A, R_A = basis_of(A_cat.mT)  # Q_A: [in, ra], R_A: [ra, R]
     cores, start = [], 0
     for f in factors:
         stop = start + f.rank

@@ -4,9 +4,10 @@
 differential tests hold it to ``peft.utils.merge_utils``).
 
 ``lowrank``: merge the children's cores in a shared basis of their factors (``lowrank.py``); the
-result has rank <= the sum of the children's ranks. Linear methods are exact there; TIES and DARE
-trim or drop *core* entries, a different (basis-dependent) operator whose distance to the dense
-result is measured in ``bench/``, not assumed.
+result has rank <= the sum of the children's ranks. Linear methods are exact there, and so are the
+spectral ones (TSV-M, Iso-C, Iso-CTS: SVD-based, hence basis-equivariant); TIES, DARE, DELLA and
+Breadcrumbs trim or drop *core* entries, a different (basis-dependent) operator whose distance to the
+dense result is measured in ``bench/``, not assumed.
 
 Modules are merged one at a time, so peak memory is one module's dense tensors, not the model's.
 """
@@ -78,9 +79,10 @@ class _Evaluator:
             return None
         weights = [c.weight for c in node.children]
         method, params = get_method(node.method), node.params()
-        gen = _generator(node.seed or 0, path, ctx.module, self.device) if method.sparsify == "random" else None
+        random = method.sparsify in ("random", "magnitude_sampling")
+        gen = _generator(node.seed or 0, path, ctx.module, self.device) if random else None
         masks = self.keep_masks.get((path, ctx.module))
-        linear = method.sparsify == "none" and not method.sign_consensus
+        linear = method.linear
         divisor = float(sum(weights)) if params.normalize else 1.0
         hint = max(1, node.rank or sum(_rank(c) for c in children))
         if node.space == "dense":
@@ -95,7 +97,8 @@ class _Evaluator:
         if linear and node.rank is None:
             # Linear in the factors: concatenation is exact and needs no basis.
             return concat_weighted(factors, weights, divisor)
-        basis = shared_basis(factors)
+        # Spectral methods are basis-equivariant: any orthonormal basis (a cheaper QR) gives the same delta.
+        basis = shared_basis(factors, orthogonalize="qr" if method.family == "spectral" else "svd")
         core = merge_tensors(method, basis.cores, weights, params, generator=gen, keep_masks=masks)
         delta, kept = from_core(basis, core, node.rank)
         if kept < 1.0:

@@ -4,9 +4,14 @@ Like mergekit's ``generalized_task_arithmetic``, a method is (sparsifier) x (sig
 (normalisation), applied to per-child task vectors ``t_i`` with per-child weights ``w_i``:
 
     t_i'  = sparsify(t_i)                     # none | magnitude trim (TIES) | drop and rescale (DARE)
+                                              # | outliers + smallest out (Breadcrumbs) | rank-sampled (DELLA)
     s     = elect_sign(t_1', ..., t_n')       # only with sign consensus
     out   = disjoint_mean(w_i t_i', s)        # with sign consensus
           | sum_i w_i t_i'  [/ sum_i w_i]     # without (divided only when normalising)
+    out  *= lambda                            # the methods that declare it (mergekit's convention)
+
+The *spectral* family (TSV-M, Iso-C, Iso-CTS) is not elementwise: it merges each module's task
+matrices through their singular vectors (``spectral.py``).
 
 The registry declares each method's hyper-parameters once; the mix schema (``spec.py``) validates
 against these declarations instead of restating them.
@@ -20,19 +25,29 @@ from typing import Literal
 
 import torch
 
+from merging.spectral import iso_c, iso_cts, tsv_merge
 from merging.steps import (
     MajoritySign,
+    agreeing_sum,
     bernoulli_keep_mask,
     blocks,
     disjoint_mean,
     drop_and_rescale,
     elect_sign,
+    l1_rescaled,
+    magnitude_outliers,
+    magnitude_sampling_probs,
     magnitude_threshold,
     trim_below,
     weighted_sum,
 )
 
-Sparsifier = Literal["none", "magnitude", "random"]
+Sparsifier = Literal["none", "magnitude", "random", "magnitude_outliers", "magnitude_sampling"]
+Family = Literal["elementwise", "spectral"]
+# How a sign-consensus method combines: "peft" elects on the unweighted vectors and divides by the
+# count of agreeing entries (TIES, DARE-TIES, as PEFT); "mergekit" elects on the weighted vectors and
+# divides by the agreeing weights only when the method normalises (DELLA, Breadcrumbs-TIES, as mergekit).
+Consensus = Literal["peft", "mergekit"]
 
 
 @dataclass(frozen=True)
@@ -45,6 +60,18 @@ class MergeMethod:
     sparsify: Sparsifier
     sign_consensus: bool
     params: tuple[str, ...]  # the hyper-parameters this method accepts (besides weights)
+    family: Family = "elementwise"
+    consensus: Consensus = "peft"
+    normalize: bool = False  # mergekit-style: divide by the (agreeing) weights
+    defaults: tuple[tuple[str, object], ...] = ()  # per-method overrides of PARAM_DEFAULTS
+
+    @property
+    def linear(self) -> bool:
+        """A weighted sum of the children (exact on concatenated factors, no basis needed)."""
+        return self.family == "elementwise" and self.sparsify == "none" and not self.sign_consensus
+
+    def default(self, param: str) -> object:
+        return dict(self.defaults).get(param, PARAM_DEFAULTS[param])
 
 
 METHODS: dict[str, MergeMethod] = {
@@ -98,16 +125,95 @@ METHODS: dict[str, MergeMethod] = {
             True,
             ("drop_rate", "majority_sign", "seed"),
         ),
+        MergeMethod(
+            "breadcrumbs",
+            "drop the `gamma` largest (outliers) and the smallest entries to keep `density`, weighted sum x `lambda`",
+            "https://arxiv.org/abs/2312.06795",
+            "magnitude_outliers",
+            False,
+            ("density", "gamma", "lambda"),
+            consensus="mergekit",
+            defaults=(("density", 0.9),),
+        ),
+        MergeMethod(
+            "breadcrumbs_ties",
+            "Breadcrumbs' mask, then sign election on the weighted entries and their sum x `lambda`",
+            "https://arxiv.org/abs/2312.06795",
+            "magnitude_outliers",
+            True,
+            ("density", "gamma", "lambda"),
+            consensus="mergekit",
+            defaults=(("density", 0.9),),
+        ),
+        MergeMethod(
+            "della",
+            "keep entries with probability density +- epsilon by magnitude rank per row, L1 rescale, "
+            "sign election, mean over agreeing weights x `lambda`",
+            "https://arxiv.org/abs/2406.11617",
+            "magnitude_sampling",
+            True,
+            ("density", "epsilon", "lambda", "seed"),
+            consensus="mergekit",
+            normalize=True,
+            defaults=(("density", 0.5),),
+        ),
+        MergeMethod(
+            "della_linear",
+            "DELLA's magnitude-ranked sampling and L1 rescale, then weighted sum x `lambda`",
+            "https://arxiv.org/abs/2406.11617",
+            "magnitude_sampling",
+            False,
+            ("density", "epsilon", "lambda", "seed"),
+            consensus="mergekit",
+            defaults=(("density", 0.5),),
+        ),
+        MergeMethod(
+            "tsv",
+            "Task Singular Vectors (TSV-M): each task's top `sv_fraction` singular components, "
+            "decorrelated by orthogonal Procrustes, x `lambda`",
+            "https://arxiv.org/abs/2412.00081",
+            "none",
+            False,
+            ("sv_fraction", "lambda"),
+            family="spectral",
+        ),
+        MergeMethod(
+            "iso_c",
+            "Iso-C: the sum of the task matrices with a flat spectrum (mean singular value) x `lambda`",
+            "https://arxiv.org/abs/2502.04959",
+            "none",
+            False,
+            ("lambda",),
+            family="spectral",
+        ),
+        MergeMethod(
+            "iso_cts",
+            "Iso-CTS: the sum's top `common_fraction` subspace plus each task's own directions, "
+            "orthogonalised, flat spectrum x `lambda`",
+            "https://arxiv.org/abs/2502.04959",
+            "none",
+            False,
+            ("common_fraction", "lambda"),
+            family="spectral",
+        ),
     )
 }
 
-# Defaults for the declared hyper-parameters. TIES' paper keeps the top 20%; DARE's drops 50% and more.
+# Defaults for the declared hyper-parameters (a method may override one in ``defaults``). TIES' paper
+# keeps the top 20%; DARE's drops 50% and more; gamma and epsilon are mergekit's; Iso-CTS' paper uses
+# 0.8 of the space for the common subspace; ``sv_fraction`` None means 1 / the number of children
+# (TSV-M's choice), filled in by the mix schema.
 PARAM_DEFAULTS: dict[str, object] = {
     "density": 0.2,
     "drop_rate": 0.5,
     "majority_sign": "total",
     "normalize": True,
     "seed": 0,
+    "gamma": 0.01,
+    "epsilon": 0.15,
+    "lambda": 1.0,
+    "sv_fraction": None,
+    "common_fraction": 0.8,
 }
 
 
@@ -119,6 +225,11 @@ class MergeParams:
     drop_rate: float = 0.0
     majority_sign: MajoritySign = "total"
     normalize: bool = False
+    gamma: float = 0.01
+    epsilon: float = 0.15
+    lam: float = 1.0
+    sv_fraction: float | None = None  # None: 1 / number of tensors
+    common_fraction: float = 0.8
 
 
 def get_method(name: str) -> MergeMethod:
@@ -140,19 +251,32 @@ def merge_tensors(
 ) -> torch.Tensor:
     """Merge same-shaped task vectors with ``method``; the result is a fresh tensor.
 
-    For DARE methods the drop masks come from ``keep_masks`` if given (one per tensor, True = keep),
-    otherwise they are drawn from ``generator``. Only the trim threshold needs a whole tensor; every
-    other step is elementwise and runs block by block (see ``steps.blocks``).
+    For random methods (DARE, DELLA) the keep masks come from ``keep_masks`` if given (one per
+    tensor, True = keep), otherwise they are drawn from ``generator``. Spectral methods (TSV, Iso)
+    take 2-D matrices and work on their SVDs (``spectral.py``). Elementwise methods need a whole
+    tensor only for thresholds, DELLA's per-row ranks and L1 rescaling; every other step is
+    elementwise and runs block by block (see ``steps.blocks``).
     """
     if not tensors:
         raise ValueError("a merge needs at least one tensor")
     if len(tensors) != len(weights):
         raise ValueError(f"{len(tensors)} tensors but {len(weights)} weights")
-    if method.sparsify == "random" and keep_masks is None and generator is None:
+    random = method.sparsify in ("random", "magnitude_sampling")
+    if random and keep_masks is None and generator is None:
         raise ValueError(f"{method.name} needs a seeded generator or explicit keep masks")
+    if method.family == "spectral":
+        return _merge_spectral(method, tensors, weights, params)
+    if method.sparsify == "magnitude_outliers":
+        tensors = [magnitude_outliers(t, params.density, params.gamma) for t in tensors]
+    elif method.sparsify == "magnitude_sampling":
+        masks_in = keep_masks or [
+            torch.bernoulli(magnitude_sampling_probs(t, params.density, params.epsilon), generator=generator).bool()
+            for t in tensors
+        ]
+        tensors = [l1_rescaled(t, m) for t, m in zip(tensors, masks_in, strict=True)]
     taus = [magnitude_threshold(t, params.density) for t in tensors] if method.sparsify == "magnitude" else None
     flats = [t.reshape(-1) for t in tensors]
-    masks = [m.reshape(-1) for m in keep_masks] if keep_masks is not None else None
+    masks = [m.reshape(-1) for m in keep_masks] if keep_masks is not None and method.sparsify == "random" else None
     out = torch.empty_like(tensors[0])
     out_flat = out.view(-1)
     for blk in blocks(out_flat.numel(), out.device):
@@ -167,13 +291,34 @@ def merge_tensors(
                 else [bernoulli_keep_mask(t.shape, params.drop_rate, generator) for t in parts]
             )
             parts = [drop_and_rescale(t, params.drop_rate, m) for t, m in zip(parts, part_masks, strict=True)]
-        if method.sign_consensus:
+        if method.sign_consensus and method.consensus == "mergekit":
+            weighted = [t * w for t, w in zip(parts, weights, strict=True)]
+            positive = elect_sign(weighted, "total")
+            out_flat[blk] = agreeing_sum(parts, weights, positive, divide=method.normalize)
+        elif method.sign_consensus:
             out_flat[blk] = disjoint_mean(parts, weights, elect_sign(parts, params.majority_sign))
         else:
             out_flat[blk] = weighted_sum(parts, weights)
-    if params.normalize:
+    if params.normalize or (method.normalize and not method.sign_consensus):
         total = float(sum(weights))
         if total == 0.0:
             raise ValueError("normalize=true needs weights that do not sum to zero")
         out.div_(total)
+    if "lambda" in method.params and params.lam != 1.0:
+        out.mul_(params.lam)
     return out
+
+
+def _merge_spectral(
+    method: MergeMethod, tensors: Sequence[torch.Tensor], weights: Sequence[float], params: MergeParams
+) -> torch.Tensor:
+    # The papers merge unweighted task matrices; a child's weight scales its matrix first.
+    weighted = [t * w for t, w in zip(tensors, weights, strict=True)]
+    if method.name == "tsv":
+        fraction = params.sv_fraction if params.sv_fraction is not None else 1.0 / len(weighted)
+        return tsv_merge(weighted, fraction, params.lam)
+    if method.name == "iso_c":
+        return iso_c(weighted, params.lam)
+    if method.name == "iso_cts":
+        return iso_cts(weighted, params.common_fraction, params.lam)
+    raise ValueError(f"no spectral merge named {method.name!r}")

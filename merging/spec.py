@@ -26,6 +26,9 @@ Space = Literal["dense", "lowrank"]
 # Derived from the registry, so the JSON schema (and the server's OpenAPI) lists exactly the methods.
 MethodName = Literal[tuple(METHODS)]
 DEFAULT_SPACE: Space = "lowrank"
+MAX_LAMBDA = 100.0
+# Hyper-parameters whose JSON name is not a Python identifier.
+_ATTR = {"lambda": "lambda_"}
 
 
 def _finite(value: float) -> float:
@@ -48,7 +51,7 @@ class AdapterLeaf(BaseModel):
 class MixNode(BaseModel):
     """An inner node: merge the children with ``method``; hyper-parameters as the method declares."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, serialize_by_alias=True)
 
     method: MethodName = Field(description="; ".join(f"{m.name}: {m.summary}" for m in METHODS.values()))
     children: list[MixTree] = Field(min_length=1)
@@ -58,7 +61,16 @@ class MixNode(BaseModel):
     drop_rate: float | None = Field(None, description="fraction dropped at random (dare_linear, dare_ties)")
     majority_sign: Literal["total", "frequency"] | None = None
     normalize: bool | None = Field(None, description="linear: divide by the sum of weights")
-    seed: int | None = Field(None, ge=0, lt=2**63, description="DARE drop masks are drawn from this seed")
+    seed: int | None = Field(None, ge=0, lt=2**63, description="DARE / DELLA masks are drawn from this seed")
+    gamma: float | None = Field(None, description="breadcrumbs: fraction of the largest magnitudes dropped")
+    epsilon: float | None = Field(None, description="della: keep probabilities span density +- epsilon")
+    lambda_: float | None = Field(
+        None, alias="lambda", description="scales the merged delta (breadcrumbs, della, tsv, iso_c, iso_cts)"
+    )
+    sv_fraction: float | None = Field(
+        None, description="tsv: each task keeps this fraction of the space's singular components (default 1/n)"
+    )
+    common_fraction: float | None = Field(None, description="iso_cts: fraction of the space for the common subspace")
     rank: int | None = Field(None, ge=1, le=65536, description="serve this node's delta at this rank (SVD)")
 
     _check_weight = field_validator("weight")(_finite)
@@ -67,7 +79,8 @@ class MixNode(BaseModel):
     def _fill_declared_params(self) -> MixNode:
         method = METHODS[self.method]
         for param in PARAM_DEFAULTS:
-            given = getattr(self, param)
+            attr = _ATTR.get(param, param)
+            given = getattr(self, attr)
             if param not in method.params:
                 if given is not None:
                     hint = (
@@ -77,11 +90,29 @@ class MixNode(BaseModel):
                     )
                     raise ValueError(f"method {self.method!r} does not take {param!r}{hint}")
             elif given is None:
-                object.__setattr__(self, param, PARAM_DEFAULTS[param])
+                default = method.default(param)
+                if param == "sv_fraction" and default is None:
+                    default = 1.0 / len(self.children)
+                object.__setattr__(self, attr, default)
         if self.density is not None and not 0 < self.density <= 1:
             raise ValueError(f"density must be in (0, 1], got {self.density}")
         if self.drop_rate is not None and not 0 <= self.drop_rate < 1:
             raise ValueError(f"drop_rate must be in [0, 1), got {self.drop_rate}")
+        if self.gamma is not None and not 0 <= self.gamma < 1:
+            raise ValueError(f"gamma must be in [0, 1), got {self.gamma}")
+        if self.epsilon is not None and not (
+            self.epsilon >= 0 and 0 < self.density - self.epsilon and self.density + self.epsilon < 1
+        ):
+            raise ValueError(
+                f"della needs 0 <= epsilon and density +- epsilon inside (0, 1); got density {self.density}, "
+                f"epsilon {self.epsilon}"
+            )
+        if self.lambda_ is not None and not (math.isfinite(self.lambda_) and abs(self.lambda_) <= MAX_LAMBDA):
+            raise ValueError(f"lambda must be a finite number with |lambda| <= {MAX_LAMBDA}, got {self.lambda_}")
+        for name in ("sv_fraction", "common_fraction"):
+            value = getattr(self, name)
+            if value is not None and not 0 < value <= 1:
+                raise ValueError(f"{name} must be in (0, 1], got {value}")
         if self.normalize and sum(c.weight for c in self.children) == 0:
             raise ValueError("linear with normalize=true needs child weights that do not sum to zero")
         return self
@@ -93,6 +124,11 @@ class MixNode(BaseModel):
             drop_rate=self.drop_rate if self.drop_rate is not None else 0.0,
             majority_sign=self.majority_sign or "total",
             normalize=bool(self.normalize),
+            gamma=self.gamma if self.gamma is not None else 0.0,
+            epsilon=self.epsilon if self.epsilon is not None else 0.0,
+            lam=self.lambda_ if self.lambda_ is not None else 1.0,
+            sv_fraction=self.sv_fraction,
+            common_fraction=self.common_fraction if self.common_fraction is not None else 0.8,
         )
 
 
@@ -124,7 +160,7 @@ def parse_mix(value: dict | str | AdapterLeaf | MixNode) -> AdapterLeaf | MixNod
 
 def canonical_json(mix: AdapterLeaf | MixNode) -> str:
     """One string per mix: keys sorted, defaults filled in, parameters the method ignores left out."""
-    return json.dumps(mix.model_dump(exclude_none=True), sort_keys=True, separators=(",", ":"))
+    return json.dumps(mix.model_dump(exclude_none=True, by_alias=True), sort_keys=True, separators=(",", ":"))
 
 
 def mix_hash(mix: AdapterLeaf | MixNode) -> str:

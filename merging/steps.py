@@ -131,6 +131,59 @@ def bernoulli_keep_mask(
     return torch.rand(tuple(shape), generator=generator, device=generator.device) >= drop_rate
 
 
+def magnitude_outliers(tensor: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """Model Breadcrumbs' mask (Davari & Belilovsky 2024, https://arxiv.org/abs/2312.06795), as mergekit
+    defines it: drop the ``n_top = int(gamma * N)`` largest magnitudes (outliers), then the smallest,
+    so that ``k = int(density * N)`` entries survive (``n_top`` shrinks when ``k + n_top > N``).
+
+    Kept: ``tau_low <= |t| < tau_top`` with ``tau_top`` the ``n_top``-th and ``tau_low`` the
+    ``(n_top + k)``-th largest magnitude (ties at a cut-off kept, as in :func:`magnitude_trim`).
+    mergekit keeps ``sort_indices[n_bot:-n_top]``, which is empty when ``n_top == 0`` (every tensor
+    under 100 entries at ``gamma = 0.01``) and so zeroes the whole delta; here ``n_top == 0`` removes
+    no outliers instead. No rescaling (mergekit's breadcrumbs defaults).
+    """
+    if not 0 <= gamma < 1:
+        raise ValueError(f"gamma must be in [0, 1), got {gamma}")
+    if density >= 1:
+        return tensor.clone()
+    n = tensor.numel()
+    k = int(density * n)
+    n_top = min(int(gamma * n), n - k)
+    if k == 0:
+        return torch.zeros_like(tensor)
+    a = tensor.abs()
+    keep = a >= kth_largest_magnitude(tensor, n_top + k)
+    if n_top > 0:
+        keep &= a < kth_largest_magnitude(tensor, n_top)
+    return tensor * keep
+
+
+def magnitude_sampling_probs(tensor: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """DELLA's MAGPRUNE keep probabilities (Deep et al. 2024, https://arxiv.org/abs/2406.11617), as
+    mergekit's ``della_magprune`` computes them: within each row, entries ranked by magnitude get
+    ``p = density - epsilon + 2 epsilon (rank - 1) / (cols - 1)``: the smallest ``density - epsilon``,
+    the largest ``density + epsilon``. A 1-D tensor is one row; a one-column row gets ``density``
+    (mergekit divides 0 by 0 there).
+    """
+    if not (0 < density - epsilon and density + epsilon < 1):
+        raise ValueError(f"DELLA needs density +- epsilon inside (0, 1); got density {density}, epsilon {epsilon}")
+    rows = tensor.reshape(1, -1) if tensor.dim() < 2 else tensor.reshape(tensor.shape[0], -1)
+    cols = rows.shape[1]
+    ranks = rows.abs().argsort(dim=1).argsort(dim=1).to(torch.float32)
+    rank_norm = ranks / (cols - 1) if cols > 1 else torch.full_like(ranks, 0.5)
+    return ((density - epsilon) + rank_norm * (2 * epsilon)).reshape(tensor.shape)
+
+
+def l1_rescaled(tensor: torch.Tensor, keep: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """``t * m * ||t||_1 / ||t * m||_1``: the masked tensor rescaled to its original L1 norm
+    (mergekit's ``rescaled_masked_tensor`` with the L1 norm, what its DELLA methods use)."""
+    masked = tensor * keep.to(tensor.dtype)
+    before, after = tensor.abs().sum(), masked.abs().sum()
+    if float(after) < eps:
+        return masked
+    return masked * (before / after)
+
+
 def elect_sign(tensors: Sequence[torch.Tensor], method: MajoritySign = "total") -> torch.Tensor:
     """TIES "elect": the majority sign per entry, as a boolean tensor (True = positive).
 
@@ -174,6 +227,29 @@ def disjoint_mean(tensors: Sequence[torch.Tensor], weights: Sequence[float], pos
         out.addcmul_(t, agree, value=w)
         count += agree
     return out.div_(count.clamp_(min=1.0))
+
+
+def agreeing_sum(
+    tensors: Sequence[torch.Tensor], weights: Sequence[float], positive: torch.Tensor, *, divide: bool
+) -> torch.Tensor:
+    """mergekit's consensus merge: ``sum_i [agree] w_i t_i``, divided by ``sum_i [agree] w_i`` when
+    ``divide`` (a zero divisor counts as 1). ``positive`` is elected on the *weighted* vectors there
+    (``elect_sign([w_i t_i])``), unlike TIES' :func:`disjoint_mean`, which follows PEFT; with unit
+    weights the two agree.
+    """
+    _check_pairs(tensors, weights)
+    elected = torch.where(positive, 1.0, -1.0).to(tensors[0].dtype)
+    out = torch.zeros_like(tensors[0])
+    mass = torch.zeros_like(tensors[0]) if divide else None
+    agree = torch.empty_like(tensors[0])
+    for t, w in zip(tensors, weights, strict=True):
+        torch.gt(t * (w * elected), 0, out=agree)  # the weighted entry has the elected sign
+        out.addcmul_(t, agree, value=w)
+        if mass is not None:
+            mass.add_(agree, alpha=w)
+    if mass is None:
+        return out
+    return out.div_(torch.where(mass == 0, torch.ones_like(mass), mass))
 
 
 def _check_pairs(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> None:

@@ -68,7 +68,7 @@ def _build_mix(args: argparse.Namespace, names: list[str]):
     from merging.spec import MixNode, parse_mix
 
     if args.mix:
-        given = ("method", "weights", "density", "drop_rate", "majority_sign", "seed")
+        given = ("method", "weights", *_NODE_FLAGS)
         clash = ["--" + k.replace("_", "-") for k in given if getattr(args, k) is not None]
         if clash:
             raise SystemExit(f"mixserve merge: --mix already defines the merge; drop {', '.join(clash)}")
@@ -96,11 +96,16 @@ def _build_mix(args: argparse.Namespace, names: list[str]):
         "space": space,
         "children": [{"adapter": n, "weight": w} for n, w in zip(names, weights, strict=True)],
     }
-    for key in ("density", "drop_rate", "majority_sign", "seed"):
+    for key in _NODE_FLAGS:
         value = getattr(args, key)
         if value is not None:
-            node[key] = value
+            node["lambda" if key == "lam" else key] = value
     return MixNode.model_validate(node)
+
+
+# Merge flags that map to a MixSpec node's hyper-parameters (attribute name on args).
+_NODE_FLAGS = ("density", "drop_rate", "majority_sign", "seed", "gamma", "epsilon", "lam", "sv_fraction",
+               "common_fraction")  # fmt: skip
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
@@ -184,9 +189,7 @@ def cmd_demo_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    from eval.benchmark import run_benchmark, to_markdown
-
+def _demo_adapters(args: argparse.Namespace, command: str) -> tuple[Path, dict[str, Path]]:
     demo = _demo_dir()
     model = Path(args.model) if args.model else demo / "base"
     if args.adapter:
@@ -195,7 +198,33 @@ def cmd_eval(args: argparse.Namespace) -> int:
         root = Path(args.adapters) if args.adapters else demo / "adapters"
         adapters = {p.name: p for p in sorted(root.iterdir()) if (p / "adapter_config.json").is_file()}
     if not adapters:
-        raise SystemExit("mixserve eval: no adapters found (use --adapters DIR or --adapter NAME=PATH)")
+        raise SystemExit(f"mixserve {command}: no adapters found (use --adapters DIR or --adapter NAME=PATH)")
+    return model, adapters
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from eval.tasks import TASKS
+    from eval.tune import TUNABLE_METHODS, SearchSpace
+    from eval.tune_run import run_tune
+
+    model, adapters = _demo_adapters(args, "tune")
+    tasks = args.tasks.split(",") if args.tasks else [t for t in TASKS if t in adapters]
+    if args.tasks and not args.adapter:  # by default merge the adapters the tasks name
+        adapters = {t: adapters[t] for t in tasks if t in adapters}
+    try:
+        methods = tuple(args.methods.split(",")) if args.methods else TUNABLE_METHODS
+        search = SearchSpace(methods=methods, space=args.space)
+        run_tune(model, adapters, tasks, budget=args.budget, n_val=args.n_val, n_test=args.n_test, search=search,
+                 seed=args.seed, out=Path(args.out), report_dir=Path(args.report) if args.report else None)  # fmt: skip
+    except ValueError as exc:
+        raise SystemExit(f"mixserve tune: {exc}") from None
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from eval.benchmark import run_benchmark, to_markdown
+
+    model, adapters = _demo_adapters(args, "eval")
     if args.humaneval is not None:
         return _humaneval(model, adapters, args)
     result = run_benchmark(model, adapters, Path(args.out), n_test=args.n_test, n_val=args.n_val, peft=not args.no_peft)
@@ -239,10 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--adapter", action="append", default=[], metavar="NAME=PATH", help="a PEFT LoRA adapter directory (repeat)"
     )
     m.add_argument("--weights", help="comma-separated weights, one per --adapter, in order (default: all 1.0)")
-    m.add_argument(
-        "--method",
-        help="linear | task_arithmetic | magnitude_prune | ties | dare_linear | dare_ties (default: linear)",
-    )
+    m.add_argument("--method", help="merge method, e.g. linear, task_arithmetic, ties, dare_ties, della, "
+                   "breadcrumbs, tsv, iso_c, iso_cts (default: linear; the README lists all with their papers)")  # fmt: skip
     m.add_argument("--density", type=float, help="fraction kept by magnitude (ties, magnitude_prune; default 0.2)")
     m.add_argument("--drop-rate", dest="drop_rate", type=float, help="fraction dropped at random (dare_*; default 0.5)")
     m.add_argument(
@@ -251,7 +278,15 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["total", "frequency"],
         help="TIES sign election (default: total)",
     )
-    m.add_argument("--seed", type=int, help="seed of the DARE drop masks (default 0)")
+    m.add_argument("--seed", type=int, help="seed of the DARE / DELLA masks (default 0)")
+    m.add_argument("--gamma", type=float, help="breadcrumbs: fraction of the largest magnitudes dropped (default 0.01)")
+    m.add_argument("--epsilon", type=float, help="della: keep probabilities span density +- epsilon (default 0.15)")
+    m.add_argument("--lambda", dest="lam", type=float,
+                   help="scale of the merged delta (breadcrumbs, della, tsv, iso_c, iso_cts; default 1)")  # fmt: skip
+    m.add_argument("--sv-fraction", dest="sv_fraction", type=float,
+                   help="tsv: fraction of the space each adapter keeps (default 1 / number of adapters)")  # fmt: skip
+    m.add_argument("--common-fraction", dest="common_fraction", type=float,
+                   help="iso_cts: fraction of the space for the common subspace (default 0.8)")  # fmt: skip
     m.add_argument(
         "--space", choices=["auto", "dense", "lowrank"], default="auto", help="merge space (default: auto, see below)"
     )
@@ -303,6 +338,34 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--mix", help="with --humaneval: also score this MixSpec JSON file")
     q.add_argument("--device", default="cpu", help="with --humaneval: cpu, cuda, ... (default cpu)")
     q.set_defaults(func=cmd_eval)
+
+    u = sub.add_parser(
+        "tune",
+        help="search a mix's method, weights and knobs on the validation split (Optuna)",
+        description="Search the merge method, per-adapter weights, density / drop rate / gamma / epsilon / "
+        "kept fractions and the overall scale that keep the most of every adapter's skill, on the "
+        "validation split only; then score the best mix once on the test split.",
+        epilog="example:\n  mixserve tune --budget 40 --out best_mix.json --report tune-report\n"
+        "  mixserve merge --adapter sql=... --mix best_mix.json --out merged",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    u.add_argument("--model", help="base model directory (default: the embedded demo model)")
+    u.add_argument("--adapters", help="directory of adapter directories (default: the demo adapters)")
+    u.add_argument("--adapter", action="append", default=[], metavar="NAME=PATH", help="an adapter to merge (repeat)")
+    u.add_argument("--tasks", help="comma-separated tasks to score (default: every task with an adapter of its name)")
+    u.add_argument(
+        "--budget", type=int, default=40, help="trials (default 40; each scores a mix on the validation split)"
+    )
+    u.add_argument("--n-val", dest="n_val", type=int, default=60, help="validation examples per task (default 60)")
+    u.add_argument("--n-test", dest="n_test", type=int, default=200,
+                   help="test examples per task to score the winner on, once (default 200; 0 skips)")  # fmt: skip
+    u.add_argument("--methods", help="comma-separated methods to choose among (default: task_arithmetic, ties, "
+                   "dare_ties, della, breadcrumbs, tsv, iso_c, iso_cts)")  # fmt: skip
+    u.add_argument("--space", choices=["lowrank", "dense"], default="lowrank", help="merge space (default lowrank)")
+    u.add_argument("--seed", type=int, default=0, help="sampler seed (default 0)")
+    u.add_argument("--out", default="best_mix.json", help="where to write the best mix (MixSpec JSON)")
+    u.add_argument("--report", help="directory for tune.json, tune.md and tune.png")
+    u.set_defaults(func=cmd_tune)
 
     add_serve_parser(sub)
 

@@ -35,6 +35,7 @@ class ServeConfig:
     max_batch: int = 32  # running sequences
     max_len: int | None = None  # longest sequence, prompt + completion (default: the model's context)
     max_waiting: int = 256  # queued requests before 429
+    max_tune_jobs: int = 1  # background mix-tuning jobs at once (409 past it)
     max_prefill_tokens: int = 512  # prompt tokens per engine step; longer prompts are chunked
     kv_cache_bytes: int | None = (
         None  # paged KV pool (default: CUDA a share of free memory; CPU max_batch x 4096 tokens)

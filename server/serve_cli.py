@@ -89,6 +89,8 @@ def add_serve_parser(sub) -> None:
                    help=f"CUDA: share of device memory mixserve may use (default {d.memory_utilization})")  # fmt: skip
     s.add_argument("--max-waiting", dest="max_waiting", type=int, default=d.max_waiting,
                    help=f"queued requests before answering 429 (default {d.max_waiting})")  # fmt: skip
+    s.add_argument("--max-tune-jobs", dest="max_tune_jobs", type=int, default=d.max_tune_jobs,
+                   help=f"background mix-tuning jobs (POST /admin/mixes/tune) at once (default {d.max_tune_jobs})")  # fmt: skip
     s.add_argument("--max-prefill-tokens", dest="max_prefill_tokens", type=int, default=d.max_prefill_tokens,
                    help=f"prompt tokens prefilled per engine step, longer prompts go in chunks between decode "
                         f"steps (default {d.max_prefill_tokens})")  # fmt: skip
@@ -124,7 +126,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
     return ServeConfig(
         model=args.model, adapters=args.adapters, model_name=args.model_name, device=args.device, dtype=args.dtype,
         host=args.host, port=args.port, max_batch=args.max_batch, max_len=args.max_len, max_waiting=args.max_waiting,
-        max_prefill_tokens=args.max_prefill_tokens, max_rank=args.max_rank,
+        max_tune_jobs=args.max_tune_jobs, max_prefill_tokens=args.max_prefill_tokens, max_rank=args.max_rank,
         cache_bytes=None if args.cache_mb is None else int(args.cache_mb * 2**20),
         kv_cache_bytes=None if args.kv_cache_mb is None else int(args.kv_cache_mb * 2**20),
         block_size=args.block_size, max_loras=args.max_loras, memory_utilization=args.memory_utilization,

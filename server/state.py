@@ -92,6 +92,9 @@ class ServerState:
             step_executor=engine_executor,
         )
         self.pins: dict[str, PinnedMix] = {}
+        from server.tune_jobs import TuneJobs  # imports this module
+
+        self.tune_jobs = TuneJobs(self, config.max_tune_jobs)
         self.ready = False
         self.started = time.time()
 
@@ -106,6 +109,7 @@ class ServerState:
 
     async def shutdown(self) -> None:
         self.ready = False
+        await self.tune_jobs.shutdown()
         drained = await self.engine.drain(self.config.drain_seconds)
         if not drained:
             log.warning("drain deadline passed with requests in flight; aborting them")
@@ -182,12 +186,17 @@ class ServerState:
 
         return merge
 
-    async def pin(self, name: str, raw: dict | str) -> CacheEntry:
-        """Merge now and pin under ``name`` (replacing an earlier pin of that name)."""
+    def check_pin_name(self, name: str) -> None:
         if not NAME.match(name):
             raise RequestError(400, f"mix name {name!r} must match {NAME.pattern}", "name")
         if name == self.base_name or name in self.registry:
             raise RequestError(409, f"{name!r} is already the name of the base model or an adapter", "name", "conflict")
+        if name == "tune":  # /admin/mixes/tune is the tune jobs' route
+            raise RequestError(409, "'tune' is reserved (the tune jobs' route)", "name", "conflict")
+
+    async def pin(self, name: str, raw: dict | str) -> CacheEntry:
+        """Merge now and pin under ``name`` (replacing an earlier pin of that name)."""
+        self.check_pin_name(name)
         spec = self.validate_spec(raw)
         resolved = ResolvedMix(name, mix_key(spec, self.registry.snapshot()), spec)
         lease = await self.lease(resolved)

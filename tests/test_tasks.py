@@ -44,8 +44,25 @@ def test_splits_are_reproducible_and_test_combinations_never_train(task):
     train = {_combo(e) for e in make_split(task, "train", 2000)}
     test = [_combo(e) for e in make_split(task, "test", 200)]
     assert not set(test) & train, f"{task}: test combinations seen in training: {sorted(set(test) & train)[:3]}"
-    val = make_split(task, "val", 50)
+    val = make_split(task, "val", 200)
     assert {e.prompt for e in val}.isdisjoint({e.prompt for e in make_split(task, "test", 200)})
+    # The validation split holds out like the test split (what training never showed), but its own half.
+    val_combos = {_combo(e) for e in val}
+    assert not val_combos & train, f"{task}: validation combinations seen in training"
+    if task in ("python", "pystr"):
+        assert not val_combos & set(test) and len(val_combos) >= 2, sorted(val_combos)
+
+
+def test_validation_and_test_halves_of_the_held_out_values():
+    from eval.tasks import side_of
+
+    words = [f"w{i}" for i in range(4000)]
+    sides = [side_of(w) for w in words]
+    assert all((s == "train") == (not held_out(w)) for w, s in zip(words, sides, strict=True))
+    assert 0.07 < sides.count("val") / len(words) < 0.13 and 0.07 < sides.count("test") / len(words) < 0.13
+    val_ages = {e.check["expected"]["age"] for e in make_split("json", "val", 300)}
+    test_ages = {e.check["expected"]["age"] for e in make_split("json", "test", 300)}
+    assert val_ages and test_ages and not val_ages & test_ages and all(held_out(a) for a in val_ages | test_ages)
 
 
 @pytest.mark.parametrize("task", ["python", "pystr"])

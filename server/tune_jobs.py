@@ -1,0 +1,204 @@
+"""Mix tuning as a background admin job: the same search as ``mixserve tune``, scored through the engine.
+
+Each trial's mix is validated like any request's, merged through the mix cache and its validation
+prompts run greedily through the engine beside user traffic (at most ``concurrency`` of them in
+flight, so a job never fills the queue users need); serving goes on while a job runs. One job at a
+time by default (409 while one runs). Cancelling stops the search, aborts its in-flight generations
+and drops the job's examples and sampler; the trial mixes it merged stay in the cache as ordinary
+unpinned entries, which the LRU evicts first under pressure. On completion the best mix can be pinned
+under a name. Only the validation split is used; the test split is never touched by a server job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from merging.merge import mix_key
+from server.engine import TokenEvent
+from server.generation import encode_prompt, start_generation
+from server.sampling import SamplingParams
+from server.state import RequestError, ResolvedMix, ServerState
+
+log = logging.getLogger("mixserve.tune")
+MAX_FINISHED_JOBS = 16  # finished jobs kept for GET
+
+
+@dataclass
+class TuneJob:
+    id: str
+    request: dict
+    status: str = "running"  # running | completed | failed | cancelled
+    started: float = field(default_factory=time.time)
+    finished: float | None = None
+    trials_done: int = 0
+    budget: int = 0
+    best: dict | None = None
+    trials: list[dict] = field(default_factory=list)
+    error: str | None = None
+    pinned_as: str | None = None
+    reference: dict[str, float] = field(default_factory=dict)
+    task: asyncio.Task | None = None
+
+    def view(self, *, with_trials: bool = False) -> dict[str, Any]:
+        out = {
+            "id": self.id, "status": self.status, "trials_done": self.trials_done, "budget": self.budget,
+            "started": self.started, "finished": self.finished, "best": self.best, "error": self.error,
+            "pinned_as": self.pinned_as, "validation_reference": self.reference, "request": self.request,
+        }  # fmt: skip
+        if with_trials:
+            out["trials"] = self.trials
+        return out
+
+
+class TuneJobs:
+    """The server's tune jobs (owned by ``ServerState``; one running at a time by default)."""
+
+    def __init__(self, state: ServerState, max_running: int = 1) -> None:
+        self.state, self.max_running = state, max_running
+        self.jobs: dict[str, TuneJob] = {}
+
+    def running(self) -> list[TuneJob]:
+        return [j for j in self.jobs.values() if j.status == "running"]
+
+    def start(self, request: dict) -> TuneJob:
+        """Validate ``request`` (a ``TuneJobRequest`` dump) and start the job; raises ``RequestError``."""
+        from eval.tasks import TASKS
+        from eval.tune import SearchSpace, check_tune_request
+
+        if len(self.running()) >= self.max_running:
+            raise RequestError(409, "a tune job is already running; cancel it (DELETE /admin/mixes/tune/{id}) or "
+                               "wait for it to finish", None, "tune_busy")  # fmt: skip
+        tasks = request["tasks"] or [t for t in TASKS if t in self.state.registry]
+        adapters = request["adapters"] or tasks
+        try:
+            check_tune_request(tasks, TASKS, request["budget"], request["n_val"])
+            search = SearchSpace(
+                methods=tuple(request["methods"]) if request["methods"] else SearchSpace().methods,
+                space=request["space"],
+            )
+        except ValueError as exc:
+            raise RequestError(400, str(exc), None, "invalid_tune_request") from None
+        missing = [t for t in tasks if t not in self.state.registry]
+        if missing:
+            raise RequestError(400, f"no registered adapter named after task(s) {', '.join(missing)}: retention "
+                               "needs each task's own adapter", "tasks", "unknown_adapter")  # fmt: skip
+        # A mix of every adapter the job will merge, checked like any request's (names, bounds).
+        self.state.validate_spec({"method": "task_arithmetic", "children": [{"adapter": a} for a in adapters]})
+        name = request.get("pin_as")
+        if name is not None:
+            self.state.check_pin_name(name)
+        job = TuneJob(
+            uuid.uuid4().hex[:12], {**request, "tasks": tasks, "adapters": adapters}, budget=request["budget"]
+        )
+        job.task = asyncio.create_task(self._run(job, search))
+        self.jobs[job.id] = job
+        self._forget_old()
+        return job
+
+    def get(self, job_id: str) -> TuneJob:
+        if job_id not in self.jobs:
+            raise RequestError(404, f"no tune job {job_id!r}", "id", "not_found")
+        return self.jobs[job_id]
+
+    async def cancel(self, job_id: str) -> TuneJob:
+        job = self.get(job_id)
+        if job.status == "running" and job.task is not None:
+            job.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await job.task
+        return job
+
+    async def shutdown(self) -> None:
+        for job in self.running():
+            await self.cancel(job.id)
+
+    def _forget_old(self) -> None:
+        finished = sorted((j for j in self.jobs.values() if j.status != "running"), key=lambda j: j.finished or 0)
+        for job in finished[: max(0, len(finished) - MAX_FINISHED_JOBS)]:
+            del self.jobs[job.id]
+
+    # -------------------------------------------------------------------------------- the search
+    async def _run(self, job: TuneJob, search) -> None:
+        from eval.tasks import make_split
+        from eval.tune import MixTuner
+
+        req = job.request
+        try:
+            val = {t: make_split(t, "val", req["n_val"]) for t in req["tasks"]}
+            for t in req["tasks"]:
+                job.reference[t] = (await self._score(t, {t: val[t]}))[t]
+            tuner = MixTuner(req["adapters"], job.reference, budget=req["budget"], search=search, seed=req["seed"])
+            while not tuner.done:
+                number, mix = tuner.ask()
+                t0 = time.perf_counter()
+                try:
+                    scores, error = await self._score(mix, val), None
+                except RequestError as exc:  # a mix the server refuses or cannot merge: a failed trial
+                    scores, error = None, exc.message
+                rec = tuner.tell(number, mix, scores, time.perf_counter() - t0, error)
+                job.trials.append({"number": rec.number, "mix": rec.mix, "mean_kept": rec.mean,
+                                   "worst_kept": rec.worst, "seconds": rec.seconds, "error": rec.error})  # fmt: skip
+                job.trials_done = len(tuner.trials)
+                job.best = tuner.summary()["best"]
+            if job.best is None:
+                raise RuntimeError("no trial could be scored")
+            if req.get("pin_as"):
+                await self.state.pin(req["pin_as"], job.best["mix"])
+                job.pinned_as = req["pin_as"]
+            job.status = "completed"
+        except asyncio.CancelledError:
+            job.status = "cancelled"
+            raise
+        except Exception as exc:  # the job fails; the server keeps serving
+            log.exception("tune job %s failed", job.id)
+            job.status, job.error = "failed", f"{type(exc).__name__}: {getattr(exc, 'message', exc)}"
+        finally:
+            job.finished = time.time()
+            job.task = None if job.status != "running" else job.task
+
+    async def _score(self, mix: dict | str, examples: dict) -> dict[str, float]:
+        """Greedy generations of ``examples`` under ``mix`` through the engine, scored per task."""
+        from eval.harness import score
+
+        state = self.state
+        if isinstance(mix, str):
+            resolved = state.resolve(None, mix)
+        else:
+            spec = state.validate_spec(mix)
+            resolved = ResolvedMix("tune", mix_key(spec, state.registry.snapshot()), spec)
+        limit = asyncio.Semaphore(max(1, state.config.max_batch // 2))
+        max_tokens = self.jobs_max_tokens()
+
+        async def one(prompt: str) -> str:
+            # Tokenized as the offline harness does (no special tokens), checked like any request's prompt.
+            ids = encode_prompt(state, state.runtime.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+            async with limit:
+                gen = await start_generation(state, resolved, ids, SamplingParams(max_tokens, 0.0, 1.0, (), None))
+                parts: list[str] = []
+                try:
+                    last: TokenEvent | None = None
+                    async for event in gen.handle.events():
+                        parts.append(event.text)
+                        last = event
+                finally:
+                    gen.handle.abort()  # no-op when finished; frees the sequence when the job is cancelled
+                if last is not None and last.finish_reason == "error":
+                    raise RequestError(500, f"generation failed: {last.error}", None, "generation_failed")
+                return "".join(parts)
+
+        scores = {}
+        for task, exs in examples.items():
+            outputs = await asyncio.gather(*(one(e.prompt) for e in exs))
+            # Code tasks run the generated functions in sandboxed subprocesses: off the event loop.
+            result = await asyncio.to_thread(score, task, exs, outputs)
+            scores[task] = result.accuracy
+        return scores
+
+    def jobs_max_tokens(self) -> int:
+        return min(64, self.state.config.limits.max_tokens, self.state.runtime.max_len // 2)
