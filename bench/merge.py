@@ -33,6 +33,16 @@ METHODS = {
     "ties": {"density": 0.1},
     "dare_ties": {"drop_rate": 0.5},
 }
+# Methods PEFT does not have: timed in the lowrank space only (--lowrank-only). Their dense
+# reference needs full SVDs of every 4096 x 14336 task matrix (minutes per layer on a CPU); that the
+# spectral ones give the same result in both spaces is tested on small shapes (tests/test_spectral.py).
+NEW_METHODS = {
+    "tsv": {},
+    "iso_c": {},
+    "iso_cts": {},
+    "della": {"density": 0.5},
+    "breadcrumbs": {"density": 0.9, "gamma": 0.01},
+}
 
 
 def _sync(device: torch.device) -> None:
@@ -97,6 +107,62 @@ def _warm_up(device: torch.device, methods: list[str]) -> None:
                 }
             )
             merge_mix(spec, {a.name: a for a in tiny})
+
+
+def run_lowrank_only(layers: int, n_adapters: int, rank: int, device: torch.device, repeats: int,
+                     methods: list[str]) -> dict:  # fmt: skip
+    """Lowrank merge time (extrapolated to 32 layers), rank, size and distance to task arithmetic."""
+    shapes = MISTRAL_7B.module_shapes(layers=layers)
+    adapters = [
+        random_adapter(f"a{i}", shapes, rank=rank, alpha=2 * rank, seed=i, device=device) for i in range(n_adapters)
+    ]
+    by_name = {a.name: a for a in adapters}
+    weights = [1.0 + 0.25 * i for i in range(n_adapters)]
+    children = [{"adapter": a.name, "weight": w} for a, w in zip(adapters, weights, strict=True)]
+    scale = MISTRAL_7B.layers / layers
+    tiny = {
+        a.name: a for a in (random_adapter(f"w{i}", {"m": (64, 48)}, rank=4, seed=i, device=device) for i in range(2))
+    }
+    plain = merge_mix(parse_mix({"method": "task_arithmetic", "space": "lowrank", "children": children}), by_name)
+    plain_w = {m: d.dense() for m, d in plain.modules.items()}
+    rows = []
+    for method in methods:
+        params = {**NEW_METHODS, **METHODS}.get(method, {})
+        merge_mix(parse_mix({"method": method, "space": "lowrank", **params,
+                             "children": [{"adapter": "w0"}, {"adapter": "w1"}]}), tiny)  # warm-up  # fmt: skip
+        spec = parse_mix({"method": method, "space": "lowrank", **params, "children": children})
+        t_low, low = _timed(lambda s=spec: merge_mix(s, by_name), device, repeats)
+        low_w = {m: d.dense() for m, d in low.modules.items()}
+        row = {"method": method, "params": params, "lowrank_s": t_low * scale,
+               "lowrank_rank": max(d.rank for d in low.modules.values()), "lowrank_mb": low.nbytes / 1e6 * scale,
+               "lowrank_vs_task_arithmetic": rel_error(low_w, plain_w)}  # fmt: skip
+        rows.append(row)
+        print(f"{method:12s} lowrank {row['lowrank_s']:.2f} s (whole 7B)  rank {row['lowrank_rank']}", flush=True)
+        del low, low_w
+    return {"mode": "lowrank-only", "shape": "Mistral-7B (hidden 4096, intermediate 14336, kv 1024, 7 linear modules/layer)",
+            "layers_run": layers, "extrapolated_to_layers": MISTRAL_7B.layers, "adapters": n_adapters, "rank": rank,
+            "weights": weights, "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
+            else platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(), "repeats": repeats, "torch": torch.__version__, "rows": rows}  # fmt: skip
+
+
+def lowrank_only_markdown(result: dict) -> str:
+    lines = [
+        f"Mistral-7B shapes, {result['adapters']} random rank-{result['rank']} adapters (weights "
+        f"{', '.join(map(str, result['weights']))}), all 7 linear modules; {result['layers_run']} layer(s) run on "
+        f"{result['device']} ({result['device_name']}, {result['threads']} threads), times extrapolated to "
+        f"{result['extrapolated_to_layers']} layers; median of {result['repeats']}. Lowrank space only (see bench/merge.py).",
+        "",
+        "| method | mixserve lowrank, whole 7B | merged rank | merged size | distance to task arithmetic |",
+        "|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        p = ", ".join(f"{k} {v}" for k, v in r["params"].items())
+        name = f"{r['method']} ({p})" if p else r["method"]
+        lines.append(f"| {name} | {r['lowrank_s']:.2f} s | {r['lowrank_rank']} | {r['lowrank_mb']:.0f} MB | "
+                     f"{r['lowrank_vs_task_arithmetic']:.3f} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
 
 
 def run(layers: int, n_adapters: int, rank: int, device: torch.device, repeats: int, methods: list[str]) -> dict:
@@ -210,12 +276,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=1, help="runs per measurement (median)")
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--methods", help=f"comma-separated (default: {','.join(METHODS)}; with --lowrank-only: "
+                        f"{','.join(NEW_METHODS)})")  # fmt: skip
+    parser.add_argument("--lowrank-only", dest="lowrank_only", action="store_true",
+                        help="time only the lowrank space (for methods PEFT does not have)")  # fmt: skip
     parser.add_argument("--out", default="bench/results/merge", help="output path without extension")
     args = parser.parse_args(argv)
-    result = run(
-        args.layers, args.adapters, args.rank, torch.device(args.device), args.repeats, args.methods.split(",")
-    )
+    if args.lowrank_only:
+        methods = args.methods.split(",") if args.methods else list(NEW_METHODS)
+        result = run_lowrank_only(
+            args.layers, args.adapters, args.rank, torch.device(args.device), args.repeats, methods
+        )
+        write_report(args.out, result, lowrank_only_markdown)
+        return 0
+    methods = args.methods.split(",") if args.methods else list(METHODS)
+    result = run(args.layers, args.adapters, args.rank, torch.device(args.device), args.repeats, methods)
     write_report(args.out, result, to_markdown)
     return 0
 

@@ -7,7 +7,7 @@ Rows (test split), every merge with weight 1 per adapter unless the row says oth
   (the normalized accuracy of the TIES paper, Yadav et al. 2023, arXiv:2306.01708);
 - all adapters merged, in the ``dense`` and the ``lowrank`` space: linear average, task arithmetic
   (lambda 1), TIES at the paper's default density 0.2, DARE (dare_linear) and DARE-TIES at drop 0.5,
-  and the tuned rows: task arithmetic's scaling lambda, TIES' density and lambda, DARE-TIES' drop rate,
+  TSV-M, Iso-C, Iso-CTS, DELLA and Breadcrumbs at their defaults, and the tuned rows: task arithmetic's scaling lambda, TIES' density and lambda, DARE-TIES' drop rate,
   each chosen on the *validation* split (``tune_space``);
 - the same four adapters merged by PEFT's ``add_weighted_adapter`` (``peft_rows.py``) with the tuned
   TIES row's hyper-parameters: what users would otherwise run;
@@ -209,6 +209,12 @@ class QualityBenchmark:
                 ("TIES (density 0.2, lambda 1)", mix_node("ties", names, space, density=0.2)),
                 ("DARE (dare_linear, drop 0.5)", mix_node("dare_linear", names, space, drop_rate=0.5)),
                 ("DARE-TIES (drop 0.5)", mix_node("dare_ties", names, space, drop_rate=0.5)),
+                # Methods beyond PEFT, at their papers' / mergekit's defaults (lambda 1).
+                ("TSV-M (sv_fraction 1/n)", mix_node("tsv", names, space)),
+                ("Iso-C", mix_node("iso_c", names, space)),
+                ("Iso-CTS (common_fraction 0.8)", mix_node("iso_cts", names, space)),
+                ("DELLA (density 0.5, epsilon 0.15)", mix_node("della", names, space)),
+                ("Breadcrumbs (density 0.9, gamma 0.01)", mix_node("breadcrumbs", names, space)),
             ]
             for label, mix in fixed:
                 self.run_row(f"{label} [{space}]", "all", mix)

@@ -10,8 +10,8 @@ CLI scores the winner on it once, at the end.
 
 The tuner is ask / tell: :meth:`MixTuner.ask` proposes a MixSpec dict, the caller scores it however
 it generates (the CLI folds it into a transformers model, the server runs it through its own engine)
-and hands the scores to :meth:`MixTuner.tell`. The first trials are the hand-made rows of the
-quality table (task arithmetic at lambda 0.5 and 1, TIES at density 0.2), so the search starts from
+and hands the scores to :meth:`MixTuner.tell`. The first trials are the fixed rows of the quality
+table (every method at its defaults, task arithmetic also at lambda 0.5), so the search starts from
 the best fixed mix instead of having to rediscover it.
 """
 
@@ -56,16 +56,20 @@ class SearchSpace:
     """What the search may choose; bounds are the ones the papers and our quality table explored."""
 
     methods: tuple[str, ...] = TUNABLE_METHODS
-    space: str = "lowrank"
+    space: str = "lowrank"  # or "dense", or "both" (the space is searched too)
     weight: tuple[float, float] = (0.25, 1.5)
-    scale: tuple[float, float] = (0.2, 2.0)
+    scale: tuple[float, float] = (0.2, 3.0)  # the papers' lambda grids (TSV, Iso) go up to 3
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods:
             raise ValueError(f"unknown method(s) {', '.join(unknown) or '(none given)'}; known: {', '.join(METHODS)}")
-        if self.space not in ("dense", "lowrank"):
-            raise ValueError(f"space must be 'dense' or 'lowrank', got {self.space!r}")
+        if self.space not in ("dense", "lowrank", "both"):
+            raise ValueError(f"space must be 'dense', 'lowrank' or 'both', got {self.space!r}")
+
+    @property
+    def spaces(self) -> list[str]:
+        return ["dense", "lowrank"] if self.space == "both" else [self.space]
 
 
 def suggest_mix(trial, names: Sequence[str], search: SearchSpace) -> dict:
@@ -73,7 +77,8 @@ def suggest_mix(trial, names: Sequence[str], search: SearchSpace) -> dict:
     each method keeps its own ranges in the sampler's model)."""
     method = trial.suggest_categorical("method", list(search.methods))
     children = [{"adapter": n, "weight": trial.suggest_float(f"w.{n}", *search.weight, step=0.05)} for n in names]
-    node: dict = {"method": method, "space": search.space, "children": children}
+    space = trial.suggest_categorical("space", search.spaces) if search.space == "both" else search.space
+    node: dict = {"method": method, "space": space, "children": children}
     p = f"{method}."
     if method in ("ties", "magnitude_prune"):
         node["density"] = trial.suggest_float(p + "density", 0.05, 1.0, step=0.05)
@@ -88,7 +93,10 @@ def suggest_mix(trial, names: Sequence[str], search: SearchSpace) -> dict:
         node["density"] = trial.suggest_float(p + "density", 0.1, 1.0, step=0.05)
         node["gamma"] = trial.suggest_float(p + "gamma", 0.0, 0.05, step=0.005)
     elif method == "tsv":
-        node["sv_fraction"] = trial.suggest_float(p + "sv_fraction", 0.1, 1.0, step=0.05)
+        # Each adapter keeps sv_fraction x (sum of ranks) components, at most its own rank: with n
+        # equal ranks everything above 1/n keeps all, so search the share of each adapter's own rank.
+        share = trial.suggest_float(p + "rank_share", 0.1, 1.0, step=0.05)
+        node["sv_fraction"] = share / len(names)  # not rounded: share 1 is exactly the default 1/n
     elif method == "iso_cts":
         node["common_fraction"] = trial.suggest_float(p + "common_fraction", 0.3, 1.0, step=0.05)
     node["weight"] = trial.suggest_float("scale", *search.scale, step=0.05)
@@ -98,7 +106,7 @@ def suggest_mix(trial, names: Sequence[str], search: SearchSpace) -> dict:
 def _rounded(node: dict) -> dict:
     out = {}
     for k, v in node.items():
-        if isinstance(v, float):
+        if isinstance(v, float) and k != "sv_fraction":
             out[k] = round(v, 4)
         elif k == "children":
             out[k] = [_rounded(c) for c in v]
@@ -107,15 +115,29 @@ def _rounded(node: dict) -> dict:
     return out
 
 
+# Each method at its defaults, as trial parameters: the quality table's fixed rows.
+_DEFAULT_POINTS: dict[str, list[dict]] = {
+    "task_arithmetic": [{"scale": 0.5}, {"scale": 1.0}],
+    "ties": [{"ties.density": 0.2}],
+    "dare_ties": [{"dare_ties.drop_rate": 0.5}],
+    "della": [{"della.density": 0.5, "della.epsilon_share": 0.3}],  # epsilon 0.15
+    "breadcrumbs": [{"breadcrumbs.density": 0.9, "breadcrumbs.gamma": 0.01}],
+    "tsv": [{"tsv.rank_share": 1.0}],
+    "iso_c": [{}],
+    "iso_cts": [{"iso_cts.common_fraction": 0.8}],
+}
+
+
 def starting_points(names: Sequence[str], search: SearchSpace) -> list[dict]:
-    """The quality table's hand-made rows, as trial parameters (only methods in the search)."""
+    """The quality table's fixed rows (each method at its defaults, weights 1), as trial parameters."""
     weights = {f"w.{n}": 1.0 for n in names}
-    points = []
-    if "task_arithmetic" in search.methods:
-        points += [{"method": "task_arithmetic", **weights, "scale": s} for s in (0.5, 1.0)]
-    if "ties" in search.methods:
-        points.append({"method": "ties", **weights, "ties.density": 0.2, "scale": 1.0})
-    return points
+    spaces = [{"space": sp} for sp in search.spaces] if search.space == "both" else [{}]
+    return [
+        {"method": m, **weights, "scale": 1.0, **point, **sp}
+        for sp in spaces
+        for m in search.methods
+        for point in _DEFAULT_POINTS.get(m, [{}])
+    ]
 
 
 class MixTuner:

@@ -24,8 +24,8 @@ whose adapter names refer to the --adapter NAME=PATH options.
 
 --space: 'dense' merges the full dW = scale * B @ A (reference semantics, matches PEFT's
 merge_utils); 'lowrank' merges in the shared basis of the adapters' factors (fast; exact for
-linear/task_arithmetic). The default 'auto' is lowrank for linear/task_arithmetic and dense
-for the rest. A dense merge written as --format peft is re-factored by truncated SVD to --rank
+linear/task_arithmetic and the spectral tsv/iso_c/iso_cts). The default 'auto' is lowrank for
+those and dense for the rest. A dense merge written as --format peft is re-factored by truncated SVD to --rank
 (default: sum of the adapters' ranks) and the energy kept is printed.
 """
 
@@ -90,7 +90,8 @@ def _build_mix(args: argparse.Namespace, names: list[str]):
         weights = [1.0] * len(names)
     space = args.space
     if space == "auto":
-        space = "lowrank" if args.method in ("linear", "task_arithmetic") else "dense"
+        # Exact in the low-rank space (and much cheaper there): the linear and the spectral methods.
+        space = "lowrank" if args.method in ("linear", "task_arithmetic", "tsv", "iso_c", "iso_cts") else "dense"
     node = {
         "method": args.method,
         "space": space,
@@ -141,7 +142,13 @@ def cmd_merge(args: argparse.Namespace) -> int:
         report = merge_to_disk(
             mix, adapters, out, fmt=args.format, base=args.base, rank=args.rank, progress=Progress(label)
         )
-    except (ValidationError, AdapterError, BaseModelError, MergeError, ValueError, OSError) as e:
+    except ValidationError as e:  # one sentence, not pydantic's multi-line dump
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"] if not isinstance(p, int) and p not in ("node", "leaf"))
+        msg = first["msg"].removeprefix("Value error, ")
+        print(f"mixserve merge: error: invalid mix: {msg}" + (f" ({where})" if where else ""), file=sys.stderr)
+        return 2
+    except (AdapterError, BaseModelError, MergeError, ValueError, OSError) as e:
         print(f"mixserve merge: error: {e}", file=sys.stderr)
         return 2
     ranks = sorted(set(report.ranks.values()))
@@ -361,7 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="test examples per task to score the winner on, once (default 200; 0 skips)")  # fmt: skip
     u.add_argument("--methods", help="comma-separated methods to choose among (default: task_arithmetic, ties, "
                    "dare_ties, della, breadcrumbs, tsv, iso_c, iso_cts)")  # fmt: skip
-    u.add_argument("--space", choices=["lowrank", "dense"], default="lowrank", help="merge space (default lowrank)")
+    u.add_argument("--space", choices=["lowrank", "dense", "both"], default="lowrank",
+                   help="merge space; 'both' searches it too (default lowrank: what the server merges fastest)")  # fmt: skip
     u.add_argument("--seed", type=int, default=0, help="sampler seed (default 0)")
     u.add_argument("--out", default="best_mix.json", help="where to write the best mix (MixSpec JSON)")
     u.add_argument("--report", help="directory for tune.json, tune.md and tune.png")

@@ -99,7 +99,7 @@ class TuneJobRequest(BaseModel):
     budget: int = Field(20, description="trials (1 to 1000)")
     n_val: int = Field(20, description="validation examples per task (1 to 500)")
     methods: list[str] | None = Field(None, max_length=32, description="methods to choose among (default: all tunable)")
-    space: str = Field("lowrank", description="'lowrank' or 'dense'")
+    space: str = Field("lowrank", description="'lowrank', 'dense' or 'both' (searched)")
     seed: int = Field(0, ge=0, le=2**31 - 1)
     pin_as: str | None = Field(None, description="pin the best mix under this name when the job completes")
 

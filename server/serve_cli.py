@@ -31,6 +31,13 @@ def _positive(kind):
     return parse
 
 
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
 def _fraction(text: str) -> float:
     value = float(text)
     if not 0 < value <= 1:
@@ -89,8 +96,9 @@ def add_serve_parser(sub) -> None:
                    help=f"CUDA: share of device memory mixserve may use (default {d.memory_utilization})")  # fmt: skip
     s.add_argument("--max-waiting", dest="max_waiting", type=int, default=d.max_waiting,
                    help=f"queued requests before answering 429 (default {d.max_waiting})")  # fmt: skip
-    s.add_argument("--max-tune-jobs", dest="max_tune_jobs", type=int, default=d.max_tune_jobs,
-                   help=f"background mix-tuning jobs (POST /admin/mixes/tune) at once (default {d.max_tune_jobs})")  # fmt: skip
+    s.add_argument("--max-tune-jobs", dest="max_tune_jobs", type=_non_negative, default=d.max_tune_jobs,
+                   help=f"background mix-tuning jobs (POST /admin/mixes/tune) at once; 0 disables them "
+                        f"(default {d.max_tune_jobs})")  # fmt: skip
     s.add_argument("--max-prefill-tokens", dest="max_prefill_tokens", type=int, default=d.max_prefill_tokens,
                    help=f"prompt tokens prefilled per engine step, longer prompts go in chunks between decode "
                         f"steps (default {d.max_prefill_tokens})")  # fmt: skip

@@ -71,9 +71,6 @@ class TuneJobs:
         from eval.tasks import TASKS
         from eval.tune import SearchSpace, check_tune_request
 
-        if len(self.running()) >= self.max_running:
-            raise RequestError(409, "a tune job is already running; cancel it (DELETE /admin/mixes/tune/{id}) or "
-                               "wait for it to finish", None, "tune_busy")  # fmt: skip
         tasks = request["tasks"] or [t for t in TASKS if t in self.state.registry]
         adapters = request["adapters"] or tasks
         try:
@@ -90,9 +87,16 @@ class TuneJobs:
                                "needs each task's own adapter", "tasks", "unknown_adapter")  # fmt: skip
         # A mix of every adapter the job will merge, checked like any request's (names, bounds).
         self.state.validate_spec({"method": "task_arithmetic", "children": [{"adapter": a} for a in adapters]})
+        if len(set(adapters)) != len(adapters):
+            raise RequestError(400, "an adapter is named twice", "adapters", "invalid_tune_request")
         name = request.get("pin_as")
         if name is not None:
             self.state.check_pin_name(name)
+        if self.max_running == 0:
+            raise RequestError(409, "tune jobs are disabled on this server (--max-tune-jobs 0)", None, "tune_disabled")
+        if len(self.running()) >= self.max_running:
+            raise RequestError(409, "a tune job is already running; cancel it (DELETE /admin/mixes/tune/{id}) or "
+                               "wait for it to finish", None, "tune_busy")  # fmt: skip
         job = TuneJob(
             uuid.uuid4().hex[:12], {**request, "tasks": tasks, "adapters": adapters}, budget=request["budget"]
         )

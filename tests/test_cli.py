@@ -178,6 +178,9 @@ def test_hierarchical_mix_file(tiny_base, peft_adapters, tmp_path):
         (["--weights", "1,2"], "2 weights for 3 adapters"),
         (["--format", "full", "--base", "/nonexistent"], "not a directory"),
         (["--mix", "mix.json", "--method", "ties"], "--mix already defines the merge; drop --method"),
+        (["--method", "tsv", "--density", "0.5"], "invalid mix: method 'tsv' does not take 'density'"),
+        (["--method", "della", "--epsilon", "0.6"], "density +- epsilon inside (0, 1)"),
+        (["--method", "iso_c", "--lambda", "inf"], "lambda must be a finite number"),
     ],
 )
 def test_bad_arguments_fail_with_a_message_not_a_traceback(peft_adapters, tmp_path, extra, message):
@@ -194,7 +197,8 @@ def test_bad_arguments_fail_with_a_message_not_a_traceback(peft_adapters, tmp_pa
     proc = subprocess.run(args, capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert proc.returncode != 0
     assert message in proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert "Traceback" not in proc.stderr and "pydantic.dev" not in proc.stderr
+    assert len([line for line in proc.stderr.splitlines() if line.startswith("mixserve")]) == 1
 
 
 def test_rank_option_truncates_a_lowrank_merge(tiny_base, peft_adapters, tmp_path, capsys):

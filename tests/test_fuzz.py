@@ -23,7 +23,7 @@ def fuzz_url(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("fuzz") / "adapters"
     shutil.copytree(DEMO / "adapters", root)  # admins may register / pin here without touching the demo
-    config = ServeConfig(model=DEMO / "base", adapters=root, admin_token=TOKEN, max_batch=4,
+    config = ServeConfig(model=DEMO / "base", adapters=root, admin_token=TOKEN, max_batch=4, max_tune_jobs=0,
                          limits=Limits(max_tokens=8, max_prompt_tokens=128))  # fmt: skip
     with running_server(config) as (url, _):
         yield url

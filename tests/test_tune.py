@@ -50,8 +50,16 @@ def test_every_proposed_mix_is_a_valid_mixspec():
 
 def test_search_starts_from_the_tables_rows_finds_the_optimum_and_is_reproducible():
     tuner = _run(40)
-    first = [(t.mix["method"], t.mix.get("weight"), t.mix.get("density")) for t in tuner.trials[:3]]
-    assert first == [("task_arithmetic", 0.5, None), ("task_arithmetic", 1.0, None), ("ties", 1.0, 0.2)]
+    first = [(t.mix["method"], t.mix.get("weight"), t.mix.get("density")) for t in tuner.trials[:4]]
+    assert first == [("task_arithmetic", 0.5, None), ("task_arithmetic", 1.0, None), ("ties", 1.0, 0.2),
+                     ("dare_ties", 1.0, None)]  # fmt: skip
+    defaults = [t.mix for t in tuner.trials[:9]]
+    assert {m["method"] for m in defaults} == set(TUNABLE_METHODS)
+    for mix in defaults:  # every method's first trial is its registry defaults, as in the quality table
+        spec = parse_mix(mix)
+        assert canonical_json(spec) == canonical_json(parse_mix({k: v for k, v in mix.items() if k not in (
+            "density", "drop_rate", "epsilon", "gamma", "sv_fraction", "common_fraction")} | (
+            {"weight": mix["weight"]})))  # fmt: skip
     best = tuner.best()
     assert best.mix["method"] == "ties" and best.mean == max(t.mean for t in tuner.trials)
     assert best.mean > tuner.trials[2].mean  # better than the table's TIES row
@@ -59,6 +67,16 @@ def test_search_starts_from_the_tables_rows_finds_the_optimum_and_is_reproducibl
     assert [canonical_json(parse_mix(t.mix)) for t in again.trials] == [
         canonical_json(parse_mix(t.mix)) for t in tuner.trials
     ]
+
+
+def test_the_space_can_be_searched_too():
+    tuner = MixTuner(NAMES, {n: 1.0 for n in NAMES}, budget=30, search=SearchSpace(space="both"), seed=1)
+    while not tuner.done:
+        number, mix = tuner.ask()
+        tuner.tell(number, mix, fake_scores(mix), 0.0)
+    spaces = [t.mix["space"] for t in tuner.trials]
+    assert spaces[:9] == ["dense"] * 9 and spaces[9:18] == ["lowrank"] * 9  # the defaults in both spaces first
+    assert {parse_mix(t.mix).space for t in tuner.trials} == {"dense", "lowrank"}
 
 
 def test_failed_trials_are_recorded_and_skipped():
