@@ -223,3 +223,21 @@ def test_admin_tune_bad_requests(server, body, status, fragment):
     assert httpx.get(server + "/admin/cache", headers=ADMIN).json()["merges"] == before  # nothing merged or cached
     assert httpx.post(server + "/admin/mixes/tune", json=body).status_code == 401
     assert httpx.get(server + "/admin/mixes/tune/nojob", headers=ADMIN).status_code == 404
+
+
+@needs_demo
+def test_new_methods_serve_in_requests_pins_and_nested_mixes(server):
+    nested = {"method": "tsv", "children": [
+        {"method": "della", "density": 0.5, "children": [{"adapter": "sql"}, {"adapter": "json"}]},
+        {"method": "breadcrumbs", "density": 0.9, "space": "dense", "children": [{"adapter": "pystr"}, {"adapter": "python"}]},
+    ]}  # fmt: skip
+    r = httpx.post(server + "/generate", json={"prompt": "### task: json\n### input: meet pudo, a pifu aged 37 from "
+                                               "boto.\n### output:\n", "mix": nested, "max_tokens": 8}, timeout=120)  # fmt: skip
+    assert r.status_code == 200, r.text
+    pin = {"method": "iso_cts", "lambda": 1.5, "children": [{"adapter": "sql"}, {"adapter": "json"}]}
+    r = httpx.post(server + "/admin/mixes", json={"name": "iso-pin", "mix": pin}, headers=ADMIN, timeout=120)
+    assert r.status_code == 200 and r.json()["method"] == "iso_cts", r.text
+    assert httpx.post(server + "/admin/mixes", json={"name": "tune", "mix": pin}, headers=ADMIN).status_code == 409
+    bad = {"method": "della", "epsilon": 0.9, "children": [{"adapter": "sql"}]}
+    r = httpx.post(server + "/generate", json={"prompt": "x", "mix": bad, "max_tokens": 2})
+    assert r.status_code == 400 and "epsilon" in r.json()["error"]["message"]
