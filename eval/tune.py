@@ -95,8 +95,11 @@ def suggest_mix(trial, names: Sequence[str], search: SearchSpace) -> dict:
     elif method == "tsv":
         # Each adapter keeps sv_fraction x (sum of ranks) components, at most its own rank: with n
         # equal ranks everything above 1/n keeps all, so search the share of each adapter's own rank.
+        # (Exact for equal ranks on modules every adapter touches; share 1 is the default, 1 / the
+        # children that touch each module.)
         share = trial.suggest_float(p + "rank_share", 0.1, 1.0, step=0.05)
-        node["sv_fraction"] = share / len(names)  # not rounded: share 1 is exactly the default 1/n
+        if share < 1.0:
+            node["sv_fraction"] = share / len(names)
     elif method == "iso_cts":
         node["common_fraction"] = trial.suggest_float(p + "common_fraction", 0.3, 1.0, step=0.05)
     node["weight"] = trial.suggest_float("scale", *search.scale, step=0.05)

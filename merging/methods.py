@@ -202,7 +202,7 @@ METHODS: dict[str, MergeMethod] = {
 # Defaults for the declared hyper-parameters (a method may override one in ``defaults``). TIES' paper
 # keeps the top 20%; DARE's drops 50% and more; gamma and epsilon are mergekit's; Iso-CTS' paper uses
 # 0.8 of the space for the common subspace; ``sv_fraction`` None means 1 / the number of children
-# (TSV-M's choice), filled in by the mix schema.
+# that touch the module (TSV-M's 1 / number of tasks), decided per module at merge time.
 PARAM_DEFAULTS: dict[str, object] = {
     "density": 0.2,
     "drop_rate": 0.5,
@@ -228,7 +228,7 @@ class MergeParams:
     gamma: float = 0.01
     epsilon: float = 0.15
     lam: float = 1.0
-    sv_fraction: float | None = None  # None: 1 / number of tensors
+    sv_fraction: float | None = None  # None: 1 / the number of nonzero tensors
     common_fraction: float = 0.8
 
 
@@ -268,7 +268,7 @@ def merge_tensors(
         return _merge_spectral(method, tensors, weights, params)
     if method.sparsify == "magnitude_outliers":
         tensors = [magnitude_outliers(t, params.density, params.gamma) for t in tensors]
-    elif method.sparsify == "magnitude_sampling":
+    elif method.sparsify == "magnitude_sampling" and params.density < 1:  # density 1 keeps all (mergekit)
         masks_in = keep_masks or [
             torch.bernoulli(magnitude_sampling_probs(t, params.density, params.epsilon), generator=generator).bool()
             for t in tensors
@@ -312,13 +312,17 @@ def merge_tensors(
 def _merge_spectral(
     method: MergeMethod, tensors: Sequence[torch.Tensor], weights: Sequence[float], params: MergeParams
 ) -> torch.Tensor:
-    # The papers merge unweighted task matrices; a child's weight scales its matrix first.
-    weighted = [t * w for t, w in zip(tensors, weights, strict=True)]
+    # The papers merge unweighted task matrices; a child's weight scales its matrix first. LAPACK has
+    # no half-precision SVD / QR on the CPU: those run in float32 and come back in the input dtype.
+    dtype = tensors[0].dtype
+    work = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    weighted = [t.to(work) * w for t, w in zip(tensors, weights, strict=True)]
     if method.name == "tsv":
-        fraction = params.sv_fraction if params.sv_fraction is not None else 1.0 / len(weighted)
-        return tsv_merge(weighted, fraction, params.lam)
-    if method.name == "iso_c":
-        return iso_c(weighted, params.lam)
-    if method.name == "iso_cts":
-        return iso_cts(weighted, params.common_fraction, params.lam)
-    raise ValueError(f"no spectral merge named {method.name!r}")
+        out = tsv_merge(weighted, params.sv_fraction, params.lam)
+    elif method.name == "iso_c":
+        out = iso_c(weighted, params.lam)
+    elif method.name == "iso_cts":
+        out = iso_cts(weighted, params.common_fraction, params.lam)
+    else:
+        raise ValueError(f"no spectral merge named {method.name!r}")
+    return out.to(dtype)

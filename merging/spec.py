@@ -68,7 +68,9 @@ class MixNode(BaseModel):
         None, alias="lambda", description="scales the merged delta (breadcrumbs, della, tsv, iso_c, iso_cts)"
     )
     sv_fraction: float | None = Field(
-        None, description="tsv: each task keeps this fraction of the space's singular components (default 1/n)"
+        None,
+        description="tsv: each task keeps this fraction of the space's singular components (default: 1 / the "
+        "children that touch the module)",
     )
     common_fraction: float | None = Field(None, description="iso_cts: fraction of the space for the common subspace")
     rank: int | None = Field(None, ge=1, le=65536, description="serve this node's delta at this rank (SVD)")
@@ -90,18 +92,18 @@ class MixNode(BaseModel):
                     )
                     raise ValueError(f"method {self.method!r} does not take {param!r}{hint}")
             elif given is None:
-                default = method.default(param)
-                if param == "sv_fraction" and default is None:
-                    default = 1.0 / len(self.children)
-                object.__setattr__(self, attr, default)
+                # (sv_fraction's default, None, is decided per module at merge time: 1 / the children
+                # that touch the module.)
+                object.__setattr__(self, attr, method.default(param))
         if self.density is not None and not 0 < self.density <= 1:
             raise ValueError(f"density must be in (0, 1], got {self.density}")
         if self.drop_rate is not None and not 0 <= self.drop_rate < 1:
             raise ValueError(f"drop_rate must be in [0, 1), got {self.drop_rate}")
         if self.gamma is not None and not 0 <= self.gamma < 1:
             raise ValueError(f"gamma must be in [0, 1), got {self.gamma}")
+        # (density 1 keeps everything, whatever epsilon: mergekit's no-op)
         if self.epsilon is not None and not (
-            self.epsilon >= 0 and 0 < self.density - self.epsilon and self.density + self.epsilon < 1
+            self.epsilon >= 0 and (self.density >= 1 or 0 < self.density - self.epsilon < 1 - 2 * self.epsilon)
         ):
             raise ValueError(
                 f"della needs 0 <= epsilon and density +- epsilon inside (0, 1); got density {self.density}, "

@@ -77,7 +77,7 @@ def _check(tensors: Sequence[torch.Tensor]) -> None:
 
 
 def tsv_merge(
-    tensors: Sequence[torch.Tensor], fraction: float, lam: float = 1.0, rtol: float = RANK_RTOL
+    tensors: Sequence[torch.Tensor], fraction: float | None = None, lam: float = 1.0, rtol: float = RANK_RTOL
 ) -> torch.Tensor:
     """TSV-M (Gargiulo et al. 2025, Alg. 1): compress each task, decorrelate, rebuild.
 
@@ -85,12 +85,16 @@ def tsv_merge(
     components; concatenate ``U = [U_1k .. U_nk]``, ``S = diag(S_1k .. S_nk)``, ``V = [V_1k .. V_nk]``;
     replace ``U`` and ``V`` by their polar factors (``polar_factor``: the orthogonal Procrustes
     solution, which removes the interference between tasks' singular vectors) and return
-    ``lam * U_perp S V_perp^T``. The paper's default ``fraction = 1 / n`` fills the space exactly.
+    ``lam * U_perp S V_perp^T``. The paper's ``fraction = 1 / n`` (the default, ``None``) counts only
+    the nonzero tasks, so a module that some children leave untouched is not cut down; with equal
+    ranks it keeps every component of every task (no compression, only the decorrelation).
     """
     _check(tensors)
+    svds = _svds(tensors, rtol)
+    if fraction is None:
+        fraction = 1.0 / max(1, sum(r > 0 for *_, r in svds))
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-    svds = _svds(tensors, rtol)
     d = space_dim(tensors, [r for *_, r in svds])
     per_task = int(fraction * d)
     Us, Ss, Vhs = [], [], []
@@ -151,10 +155,14 @@ def iso_cts(
     if d == 0:
         return torch.zeros_like(tensors[0])
     k = int(d * common_fraction)
-    k = d - round((d - k) / n) * n
+    k = min(d, max(0, d - round((d - k) / n) * n))
     s = (d - k) // n
     total = torch.stack(list(tensors)).sum(0)
     U, S, Vh = thin_svd(total)
+    # The common subspace holds only the sum's nonzero directions: past its rank, LAPACK's singular
+    # vectors are an arbitrary basis of the null space, and projecting the tasks on them would make
+    # the result depend on the basis (dense and lowrank would differ when tasks cancel).
+    k = min(k, numerical_rank(S, rtol))
     Us, Ss, Vhs = [U[:, :k]], [S[:k]], [Vh[:k]]
     if s > 0:
         Uc = U[:, :k]

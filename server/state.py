@@ -191,8 +191,6 @@ class ServerState:
             raise RequestError(400, f"mix name {name!r} must match {NAME.pattern}", "name")
         if name == self.base_name or name in self.registry:
             raise RequestError(409, f"{name!r} is already the name of the base model or an adapter", "name", "conflict")
-        if name == "tune":  # /admin/mixes/tune is the tune jobs' route
-            raise RequestError(409, "'tune' is reserved (the tune jobs' route)", "name", "conflict")
 
     async def pin(self, name: str, raw: dict | str) -> CacheEntry:
         """Merge now and pin under ``name`` (replacing an earlier pin of that name)."""

@@ -27,6 +27,7 @@ from server.state import RequestError, ResolvedMix, ServerState
 
 log = logging.getLogger("mixserve.tune")
 MAX_FINISHED_JOBS = 16  # finished jobs kept for GET
+QUEUE_FULL_RETRIES = 40  # ~1 min of backoff while user traffic keeps the queue full
 
 
 @dataclass
@@ -122,6 +123,13 @@ class TuneJobs:
         for job in self.running():
             await self.cancel(job.id)
 
+    @staticmethod
+    def _settle(job: TuneJob, task: asyncio.Task) -> None:
+        # A task cancelled before its first step never entered _run's try: its job must not stay "running".
+        if job.status == "running":
+            job.status = "cancelled" if task.cancelled() else "failed"
+            job.finished = job.finished or time.time()
+
     def _forget_old(self) -> None:
         finished = sorted((j for j in self.jobs.values() if j.status != "running"), key=lambda j: j.finished or 0)
         for job in finished[: max(0, len(finished) - MAX_FINISHED_JOBS)]:
@@ -153,8 +161,11 @@ class TuneJobs:
             if job.best is None:
                 raise RuntimeError("no trial could be scored")
             if req.get("pin_as"):
-                await self.state.pin(req["pin_as"], job.best["mix"])
-                job.pinned_as = req["pin_as"]
+                try:
+                    await self.state.pin(req["pin_as"], job.best["mix"])
+                    job.pinned_as = req["pin_as"]
+                except RequestError as exc:  # e.g. an adapter registered under that name meanwhile
+                    job.error = f"the search completed but pinning {req['pin_as']!r} failed: {exc.message}"
             job.status = "completed"
         except asyncio.CancelledError:
             job.status = "cancelled"
@@ -183,7 +194,16 @@ class TuneJobs:
             # Tokenized as the offline harness does (no special tokens), checked like any request's prompt.
             ids = encode_prompt(state, state.runtime.tokenizer(prompt, add_special_tokens=False)["input_ids"])
             async with limit:
-                gen = await start_generation(state, resolved, ids, SamplingParams(max_tokens, 0.0, 1.0, (), None))
+                for attempt in range(QUEUE_FULL_RETRIES + 1):
+                    try:
+                        gen = await start_generation(
+                            state, resolved, ids, SamplingParams(max_tokens, 0.0, 1.0, (), None)
+                        )
+                        break
+                    except RequestError as exc:  # users filled the queue: wait, do not fail the trial
+                        if exc.status != 429 or attempt == QUEUE_FULL_RETRIES:
+                            raise
+                        await asyncio.sleep(min(2.0, 0.05 * 2**attempt))
                 parts: list[str] = []
                 try:
                     last: TokenEvent | None = None
@@ -198,7 +218,13 @@ class TuneJobs:
 
         scores = {}
         for task, exs in examples.items():
-            outputs = await asyncio.gather(*(one(e.prompt) for e in exs))
+            # A TaskGroup cancels (and so aborts) the other generations when one fails.
+            try:
+                async with asyncio.TaskGroup() as group:
+                    pending = [group.create_task(one(e.prompt)) for e in exs]
+            except ExceptionGroup as eg:  # the first failure, as the trial's error
+                raise eg.exceptions[0] from None
+            outputs = [p.result() for p in pending]
             # Code tasks run the generated functions in sandboxed subprocesses: off the event loop.
             result = await asyncio.to_thread(score, task, exs, outputs)
             scores[task] = result.accuracy

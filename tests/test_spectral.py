@@ -215,3 +215,47 @@ def test_spectral_methods_nest_and_truncate():
     merged = merge_mix(mix, adapters)
     assert all(d.rank <= 4 for d in merged.modules.values())
     assert all(0 < k <= 1 for k in merged.energy_kept.values())
+
+
+@pytest.mark.parametrize("space", ["dense", "lowrank"])
+def test_tsv_keeps_a_module_that_only_some_children_touch(space):
+    # l.up is touched by sql and python only, l.q by all three: the default fraction counts the
+    # children that touch the module, so no adapter is cut down where others are absent.
+    adapters = _adapters()
+    mix = parse_mix({"method": "tsv", "space": space, "children": [{"adapter": n} for n in adapters]})
+    merged = merge_mix(mix, adapters)
+    for m in ("l.up", "l.down"):
+        got = merged.modules[m].dense()
+        touching = [a for a in adapters.values() if m in a.modules]
+        assert len(touching) == 2
+        # D = 4 + 6 = 10, fraction 1/2: sql keeps its 4 components, python 5 of its 6 (the paper's equal
+        # share of the space); counting the untouching child too (1/3) would keep 3 + 3.
+        assert numerical_rank(torch.linalg.svdvals(got)) == 9
+    one = {"sql": adapters["sql"]}
+    alone = merge_mix(parse_mix({"method": "tsv", "space": space, "children": [{"adapter": "sql"},
+                      {"method": "tsv", "weight": 0.0, "children": [{"adapter": "sql"}]}]}), one)  # fmt: skip
+    for m, d in alone.modules.items():  # a weight-0 child does not halve the other
+        want = adapters["sql"].modules[m].dense()
+        torch.testing.assert_close(d.dense(), want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+
+
+def test_iso_cts_is_basis_independent_when_tasks_cancel():
+    # The sum has a lower rank than the common subspace asks for: the null-space directions LAPACK
+    # returns past that rank are arbitrary and must not be projected on. (Near-cancellation, e.g.
+    # weight -0.999, stays ill-conditioned: directions near the rank threshold get the full flat gain.)
+    adapters = _adapters()
+    children = [{"adapter": "sql"}, {"adapter": "sql", "weight": -1.0}, {"adapter": "python"}]
+    low = merge_mix(parse_mix({"method": "iso_cts", "space": "lowrank", "children": children}), adapters)
+    dense = merge_mix(parse_mix({"method": "iso_cts", "space": "dense", "children": children}), adapters)
+    for m, d in low.modules.items():
+        want = dense.modules[m].dense()
+        torch.testing.assert_close(d.dense(), want, rtol=1e-3, atol=1e-3 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("name", ["tsv", "iso_c", "iso_cts"])
+def test_half_precision_task_matrices(name):
+    tasks = [t.to(torch.bfloat16) for t in _tasks(dtype=torch.float32)]
+    out = merge_tensors(METHODS[name], tasks, [1.0, 1.0, 1.0], MergeParams())
+    assert out.dtype == torch.bfloat16
+    want = merge_tensors(METHODS[name], [t.float() for t in tasks], [1.0, 1.0, 1.0], MergeParams())
+    torch.testing.assert_close(out.float(), want, rtol=2e-2, atol=2e-2 * float(want.abs().max()))
