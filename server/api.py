@@ -6,16 +6,18 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server import routes_admin, routes_openai
+from server.auth import require_api_key
 from server.config import ServeConfig
 from server.generation import collect, encode_prompt, sampling_params, start_generation, stream
 from server.metrics import CONTENT_TYPE
@@ -70,7 +72,8 @@ def create_app(config: ServeConfig) -> FastAPI:
     async def ready(request: Request):
         state = request.app.state.server
         if state is None or not state.ready:
-            reason = request.app.state.load_error or ("shutting down" if state else "loading")
+            # Unauthenticated: the reason names files without the server's directories (full text in the log).
+            reason = redact_paths(request.app.state.load_error or ("shutting down" if state else "loading"))
             return JSONResponse({"ready": False, "reason": reason}, status_code=503)
         return {"ready": True, "model": state.base_name, "adapters": state.registry.names(), "pins": sorted(state.pins)}
 
@@ -78,7 +81,7 @@ def create_app(config: ServeConfig) -> FastAPI:
     async def metrics(state: StateDep):
         return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
-    @app.post("/generate")
+    @app.post("/generate", dependencies=[Depends(require_api_key)])
     async def generate(body: GenerateRequest, request: Request, state: StateDep):
         resolved = state.resolve(None, body.mix)
         params = sampling_params(state, max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
@@ -148,6 +151,14 @@ class BodyLimit:
 
 class _BodyTooLargeError(StarletteHTTPException):
     """An HTTPException, so the route layer answers it (413) even while it parses the body."""
+
+
+_ABS_PATH = re.compile(r"(?<![\w.:/])/(?:[^\s/'\":,()]+/)+([^\s/'\":,()]*)")
+
+
+def redact_paths(text: str) -> str:
+    """Absolute filesystem paths in ``text`` cut down to their last component (``.../model.safetensors``)."""
+    return _ABS_PATH.sub(lambda m: ".../" + m.group(1), text)
 
 
 def _install_errors(app: FastAPI) -> None:

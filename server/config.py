@@ -54,10 +54,12 @@ class ServeConfig:
     pin_file: Path | None = None
     admin_token: str | None = field(default_factory=lambda: os.environ.get("MIXSERVE_ADMIN_TOKEN") or None)
     insecure_admin: bool = False
+    # vLLM's convention: when set, /v1/* and /generate need 'Authorization: Bearer <key>'.
+    api_key: str | None = field(default_factory=lambda: os.environ.get("MIXSERVE_API_KEY") or None)
     model_name: str | None = None  # the name clients use for the base model (default: its directory)
     drain_seconds: float = 30.0
     limits: Limits = field(default_factory=Limits)
 
-    def __repr__(self) -> str:  # never print the token
-        shown = {k: v for k, v in self.__dict__.items() if k != "admin_token"}
-        return f"ServeConfig({shown}, admin_token={'set' if self.admin_token else 'unset'})"
+    def __repr__(self) -> str:  # never print the token or the key
+        shown = {k: v for k, v in self.__dict__.items() if k not in ("admin_token", "api_key")}
+        return f"ServeConfig({shown}, admin_token={'set' if self.admin_token else 'unset'}, api_key={'set' if self.api_key else 'unset'})"

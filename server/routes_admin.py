@@ -1,17 +1,17 @@
 """Admin endpoints behind a bearer token: register adapters, pin / unpin mixes, inspect the cache.
 
-The token comes from ``MIXSERVE_ADMIN_TOKEN`` and is compared in constant time. With no token set
+The token comes from ``MIXSERVE_ADMIN_TOKEN`` and is compared in constant time (``auth.py``). With no token set
 the admin API is refused, unless the server runs with ``--insecure-admin`` (local experiments).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 
 from fastapi import APIRouter, Depends, Request
 
 from merging.adapters import AdapterError
+from server.auth import bearer, secrets_match
 from server.routes_openai import StateDep
 from server.schemas import PinMixRequest, RegisterAdapterRequest, TuneJobRequest
 from server.state import RequestError, ServerState
@@ -24,11 +24,10 @@ def require_admin(request: Request, state: StateDep) -> ServerState:
             return state
         raise RequestError(403, "the admin API is disabled: set MIXSERVE_ADMIN_TOKEN (or run with --insecure-admin)",
                            None, "admin_disabled")  # fmt: skip
-    header = request.headers.get("authorization", "")
-    scheme, _, given = header.partition(" ")
-    if scheme.lower() != "bearer" or not given:
+    given = bearer(request)
+    if given is None:
         raise RequestError(401, "admin endpoints need 'Authorization: Bearer <token>'", None, "unauthorized")
-    if not hmac.compare_digest(given.strip().encode(), token.encode()):
+    if not secrets_match(given, token):
         raise RequestError(403, "wrong admin token", None, "forbidden")
     return state
 

@@ -11,11 +11,13 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
+from server.auth import require_api_key
 from server.generation import Generation, collect, encode_prompt, sampling_params, start_generation, stream
 from server.schemas import ChatCompletionRequest, CompletionRequest
 from server.state import RequestError, ServerState
 
-router = APIRouter()
+# Router-level, so a missing key is answered (401) before anything else, even while the model loads.
+router = APIRouter(dependencies=[Depends(require_api_key)])
 
 
 def get_state(request: Request) -> ServerState:
@@ -144,7 +146,7 @@ def _finish(reason: str | None) -> str | None:
 async def models(state: StateDep):
     created = int(state.started)
     base = {"id": state.base_name, "object": "model", "created": created, "owned_by": "mixserve",
-            "root": str(state.config.model), "parent": None}  # fmt: skip
+            "root": state.base_name, "parent": None}  # fmt: skip
 
     def child(name: str, kind: str) -> dict:
         return {"id": name, "object": "model", "created": created, "owned_by": "mixserve", "root": name,

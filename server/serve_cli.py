@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
 
 from server.config import DEMO_DIR, DTYPES, Limits, ServeConfig
@@ -110,6 +111,9 @@ def add_serve_parser(sub) -> None:
     s.add_argument("--pin-file", dest="pin_file", type=Path,
                    help="YAML of named mixes to merge and pin at start-up (default: with the demo model and "
                         "adapters, the demo's pins.yaml: its recommended all-four mix as `all-tasks`)")  # fmt: skip
+    s.add_argument("--api-key", dest="api_key", default=os.environ.get("MIXSERVE_API_KEY") or None,
+                   help="require 'Authorization: Bearer KEY' on /v1/* and /generate (default: $MIXSERVE_API_KEY; "
+                        "unset = open); /health, /ready and /metrics stay open")  # fmt: skip
     s.add_argument("--insecure-admin", dest="insecure_admin", action="store_true",
                    help="allow the admin API without MIXSERVE_ADMIN_TOKEN (local use only)")  # fmt: skip
     s.add_argument("--drain-seconds", dest="drain_seconds", type=float, default=d.drain_seconds,
@@ -139,7 +143,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         kv_cache_bytes=None if args.kv_cache_mb is None else int(args.kv_cache_mb * 2**20),
         block_size=args.block_size, max_loras=args.max_loras, memory_utilization=args.memory_utilization,
         cuda_graphs=args.cuda_graphs, cpu_threads=args.cpu_threads,
-        pin_file=pin_file, insecure_admin=args.insecure_admin, drain_seconds=args.drain_seconds, limits=limits,
+        pin_file=pin_file, insecure_admin=args.insecure_admin, api_key=args.api_key, drain_seconds=args.drain_seconds, limits=limits,
     )  # fmt: skip
 
 
