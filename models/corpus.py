@@ -125,7 +125,7 @@ def _skill_sample(rng: random.Random) -> str:
 
 
 # The corpus: (kind, share of documents, one document). Skills and format each on their own; the adapters
-# connect them (shared/notes/refinement-regime.md: a base with only one of the two gives adapters that
+# connect them (measured, models/README.md: a base with only one of the two gives adapters that
 # carry the other, and merges lose it).
 CORPUS_MIX = (
     ("skill", 0.45, _skill_sample),

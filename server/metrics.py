@@ -1,6 +1,6 @@
 """Prometheus metrics (prefix ``mixserve_``), one registry per app: no process-global state.
 
-Names follow ``../shared/DESIGN.md``. Labels stay bounded: mixes are labelled by pinned name,
+Names are listed in the README (Metrics). Labels stay bounded: mixes are labelled by pinned name,
 adapter name or ``adhoc``, never per request; ``lora_requests_info`` carries the label set vLLM
 exports (``running_lora_adapters``, ``waiting_lora_adapters``, ``max_lora``) for LoRA-aware routers.
 """
