@@ -143,10 +143,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
             mix, adapters, out, fmt=args.format, base=args.base, rank=args.rank, progress=Progress(label)
         )
     except ValidationError as e:  # one sentence, not pydantic's multi-line dump
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"] if not isinstance(p, int) and p not in ("node", "leaf"))
-        msg = first["msg"].removeprefix("Value error, ")
-        print(f"mixserve merge: error: invalid mix: {msg}" + (f" ({where})" if where else ""), file=sys.stderr)
+        print(f"mixserve merge: error: {one_line(e).replace('invalid value', 'invalid mix', 1)}", file=sys.stderr)
         return 2
     except (AdapterError, BaseModelError, MergeError, ValueError, OSError) as e:
         print(f"mixserve merge: error: {e}", file=sys.stderr)
@@ -199,10 +196,14 @@ def cmd_demo_train(args: argparse.Namespace) -> int:
 def _demo_adapters(args: argparse.Namespace, command: str) -> tuple[Path, dict[str, Path]]:
     demo = _demo_dir()
     model = Path(args.model) if args.model else demo / "base"
+    if not (model / "config.json").is_file():
+        raise SystemExit(f"mixserve {command}: --model {model} is not a model directory (no config.json)")
     if args.adapter:
         adapters = _parse_adapter_args(args.adapter)
     else:
         root = Path(args.adapters) if args.adapters else demo / "adapters"
+        if not root.is_dir():
+            raise SystemExit(f"mixserve {command}: --adapters {root} is not a directory")
         adapters = {p.name: p for p in sorted(root.iterdir()) if (p / "adapter_config.json").is_file()}
     if not adapters:
         raise SystemExit(f"mixserve {command}: no adapters found (use --adapters DIR or --adapter NAME=PATH)")
@@ -261,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     from server.serve_cli import add_serve_parser
 
     parser = argparse.ArgumentParser(prog="mixserve", description="Merge and serve LoRA adapter mixes.")
+    parser.add_argument("--debug", action="store_true", help="show Python tracebacks instead of one-line errors")
     sub = parser.add_subparsers(dest="command", required=True)
 
     m = sub.add_parser(
@@ -380,12 +382,40 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("example", help="write a tiny random base model and three example adapters")
     e.add_argument("--out", default="mixserve-example", help="output directory (default: ./mixserve-example)")
     e.set_defaults(func=cmd_example)
+    for command in sub.choices.values():  # `mixserve merge ... --debug` as well as `mixserve --debug merge ...`
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="show Python tracebacks instead of one-line errors")  # fmt: skip
     return parser
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one sentence: pydantic's first error without its dump and URL, else ``str``."""
+    errors = getattr(exc, "errors", None)
+    if callable(errors) and type(exc).__name__ == "ValidationError":
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"] if not isinstance(p, int) and p not in ("node", "leaf"))
+        return f"invalid value: {first['msg'].removeprefix('Value error, ')}" + (f" ({where})" if where else "")
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if isinstance(exc, (ValueError, OSError)) else f"{type(exc).__name__}: {text}"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    if args.debug:
+        return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print(f"mixserve {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except SystemExit as exc:  # SystemExit("mixserve x: what is wrong"): the message, exit status 2
+        if isinstance(exc.code, str):
+            print(exc.code, file=sys.stderr)
+            return 2
+        raise
+    except (ValueError, OSError, RuntimeError, ImportError) as exc:  # what users can fix: one line
+        print(f"mixserve {args.command}: error: {one_line(exc)} (--debug shows the traceback)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -226,11 +226,11 @@ def test_rank_option_truncates_a_lowrank_merge(tiny_base, peft_adapters, tmp_pat
         torch.testing.assert_close(f.dense(), best, rtol=1e-4, atol=1e-5)
 
 
-def test_refuses_to_write_into_a_non_empty_directory(peft_adapters, tmp_path):
+def test_refuses_to_write_into_a_non_empty_directory(peft_adapters, tmp_path, capsys):
     (tmp_path / "o").mkdir()
     (tmp_path / "o" / "keep.txt").write_text("precious")
-    with pytest.raises(SystemExit, match="not empty"):
-        main(["merge", *_adapter_args(peft_adapters), "--out", str(tmp_path / "o")])
+    assert main(["merge", *_adapter_args(peft_adapters), "--out", str(tmp_path / "o")]) == 2
+    assert "not empty" in capsys.readouterr().err
     assert (tmp_path / "o" / "keep.txt").read_text() == "precious"
 
 
@@ -250,3 +250,28 @@ def test_example_command_writes_mergeable_inputs(tmp_path):
         "full",
     ]
     assert main(args) == 0
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["eval", "--adapters", "/nonexistent-dir", "--no-peft"], "--adapters /nonexistent-dir is not a directory"),
+        (["merge", "--adapter", "a=/nonexistent-adapter", "--out", "OUT"], "nonexistent-adapter"),
+        (["merge", "--adapter", "a=/nonexistent-adapter", "--mix", "missing.json", "--out", "OUT"], "missing.json"),
+        (["tune", "--model", "/nonexistent-model", "--budget", "1", "--out", "OUT/x.json"], "is not a model directory"),
+        (["example", "--out", "FILE/sub"], "error:"),
+    ],
+)
+def test_common_mistakes_are_one_line_for_every_command(tmp_path, argv, message):
+    (tmp_path / "FILE").write_text("a file, not a directory")
+    argv = [a.replace("OUT", str(tmp_path / "o")).replace("FILE", str(tmp_path / "FILE")) for a in argv]
+    proc = subprocess.run([sys.executable, "-m", "server.cli", *argv], capture_output=True, text=True, cwd=tmp_path,
+                          env={"PYTHONPATH": str(Path(__file__).parents[1]), "PATH": "/usr/bin"}, timeout=300)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith(("Loading", "WARNING"))]
+    assert len(lines) == 1 and lines[0].startswith(f"mixserve {argv[0]}: "), proc.stderr
+    assert message in lines[0] and "Traceback" not in proc.stderr and "pydantic.dev" not in proc.stderr
+    debug = subprocess.run([sys.executable, "-m", "server.cli", *argv, "--debug"], capture_output=True, text=True,
+                           cwd=tmp_path, env={"PYTHONPATH": str(Path(__file__).parents[1]), "PATH": "/usr/bin"},
+                           timeout=300)  # fmt: skip
+    assert debug.returncode != 0
