@@ -16,7 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server import routes_admin, routes_openai
+from server import routes_admin, routes_openai, routes_playground
 from server.auth import require_api_key
 from server.config import ServeConfig
 from server.generation import collect, encode_prompt, sampling_params, start_generation, stream
@@ -60,6 +60,7 @@ def create_app(config: ServeConfig) -> FastAPI:
     app.state.config = config
     app.include_router(routes_openai.router)
     app.include_router(routes_admin.router)
+    app.include_router(routes_playground.router)
     _install_errors(app)
 
     app.add_middleware(BodyLimit, limit=config.limits.max_body_bytes)
@@ -93,14 +94,15 @@ def create_app(config: ServeConfig) -> FastAPI:
                 async for ev in stream(gen):
                     out = {"text": ev.text, "token_ids": ev.token_ids, "finish_reason": ev.finish_reason}
                     if ev.finish_reason:
-                        out.update(prompt_tokens=ev.prompt_tokens, completion_tokens=ev.completion_tokens)
+                        out.update(prompt_tokens=ev.prompt_tokens, completion_tokens=ev.completion_tokens,
+                                   **gen.mix_info())  # fmt: skip
                         if ev.error:
                             out["error"] = ev.error
                     yield f"data: {json.dumps(out)}\n\n"
 
             return StreamingResponse(events(), media_type="text/event-stream")
         text, last = await collect(gen, request)
-        return {"text": text, "finish_reason": last.finish_reason, "mix": resolved.label, "mix_key": resolved.key,
+        return {"text": text, "finish_reason": last.finish_reason, **gen.mix_info(),
                 "prompt_tokens": last.prompt_tokens, "completion_tokens": last.completion_tokens}  # fmt: skip
 
     return app

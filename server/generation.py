@@ -24,6 +24,12 @@ class Generation:
     handle: RequestHandle
     resolved: ResolvedMix
     prompt_tokens: int
+    cache: str = "base"  # "hit" / "miss": was the merged mix already cached; "base": no mix
+    merge_seconds: float | None = None  # how long the mix took to merge (when it was merged)
+
+    def mix_info(self) -> dict:
+        return {"mix": self.resolved.label, "mix_key": self.resolved.key, "cache": self.cache,
+                "merge_seconds": self.merge_seconds}  # fmt: skip
 
 
 def sampling_params(state: ServerState, *, max_tokens: int | None, temperature: float, top_p: float,
@@ -85,7 +91,8 @@ async def start_generation(state: ServerState, resolved: ResolvedMix, prompt_ids
             lease.release()
         state.metrics.rejected.labels("draining").inc()
         raise RequestError(503, str(exc), None, "shutting_down") from None
-    return Generation(handle, resolved, len(prompt_ids))
+    cache = "base" if lease is None else "hit" if lease.hit else "miss"
+    return Generation(handle, resolved, len(prompt_ids), cache, lease.entry.mix.seconds if lease else None)
 
 
 async def collect(gen: Generation, request: Request) -> tuple[str, TokenEvent]:

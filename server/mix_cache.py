@@ -58,8 +58,9 @@ class CacheEntry:
 class Lease:
     """A request's hold on a cache entry; release exactly once (idempotent)."""
 
-    def __init__(self, cache: MixCache, entry: CacheEntry) -> None:
+    def __init__(self, cache: MixCache, entry: CacheEntry, hit: bool = False) -> None:
         self._cache, self.entry, self._released = cache, entry, False
+        self.hit = hit  # the merged mix was already cached when the request asked for it
 
     @property
     def factors(self) -> Factors:
@@ -103,7 +104,7 @@ class MixCache:
             entry.hits += 1
             self._entries.move_to_end(key)
             entry.leases += 1
-            return Lease(self, entry)
+            return Lease(self, entry, hit=True)
         future = self._inflight.get(key)
         if future is None:
             self._metrics.cache_misses.inc()
