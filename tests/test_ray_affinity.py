@@ -49,6 +49,29 @@ def _cache_totals(replica_handle) -> tuple[float, float]:
     return sum(s["hits"] for s in stats.values()), sum(s["misses"] for s in stats.values())
 
 
+TOKEN = "ray-admin"
+
+
+def _pin_reaches_every_replica(url: str) -> None:
+    from deploy.ray.app import directory
+
+    admin = {"Authorization": f"Bearer {TOKEN}"}
+    pin = {"name": "everywhere", "mix": {"method": "ties", "density": 0.5, "children": [{"adapter": "sql"},
+                                                                                       {"adapter": "json"}]}}  # fmt: skip
+    r = httpx.post(url + "/admin/mixes", json=pin, headers=admin, timeout=120)
+    assert r.status_code == 200 and r.json()["replicas"] == {"total": 2, "ok": 2, "failed": []}, r.text
+    replicas = ray.get(directory().all.remote())
+    live = [u for u in replicas if httpx.get(u + "/health", timeout=5).status_code == 200]
+    assert len(live) == 2
+    for u in live:  # every replica has the pin, not just one
+        assert "everywhere" in {m["id"] for m in httpx.get(u + "/v1/models").json()["data"]}
+    r = httpx.delete(url + "/admin/mixes/everywhere", headers=admin, timeout=60)
+    assert r.status_code == 200 and r.json()["replicas"]["ok"] == 2
+    for u in live:
+        assert "everywhere" not in {m["id"] for m in httpx.get(u + "/v1/models").json()["data"]}
+    assert httpx.post(url + "/admin/mixes", json=pin).status_code == 401  # the token is still needed
+
+
 def test_two_replicas_same_outputs_and_affinity_keeps_each_mix_on_one_replica():
     from ray import serve
 
@@ -64,12 +87,14 @@ def test_two_replicas_same_outputs_and_affinity_keeps_each_mix_on_one_replica():
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         results = {}
         for affinity in (True, False):
-            replica = MixserveReplica.options(num_replicas=2).bind({"max_batch": 4})
+            replica = MixserveReplica.options(num_replicas=2).bind({"max_batch": 4, "admin_token": TOKEN})
             serve.run(Router.bind(replica, affinity), name="mixserve", route_prefix="/")
             texts = _traffic(f"http://127.0.0.1:{port}")
             assert texts == reference  # same greedy outputs as the single server
             handle = serve.get_deployment_handle("MixserveReplica", app_name="mixserve")
             results[affinity] = _cache_totals(handle)
+            if affinity:
+                _pin_reaches_every_replica(f"http://127.0.0.1:{port}")
             serve.delete("mixserve")
         hits, misses = results[True]
         assert misses == len(MIXES), f"with affinity every mix is merged once in all: {results}"

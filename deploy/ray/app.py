@@ -11,7 +11,10 @@ to mixes (the comparison the tests measure).
 
     serve run deploy.ray.app:build_app replicas=2            # or: python -m deploy.ray.app --replicas 2
 
-Admin calls are forwarded to one replica: pin mixes on every replica with ``--pin-file`` instead.
+Admin calls that change what a server holds (register an adapter, pin or unpin a mix) go to every
+replica: each replica enters its URL in a named ``ReplicaDirectory`` actor and the router sends the
+call to all of them, answering with the first replica's body, the worst status, and ``replicas``
+(how many took it, and which failed). Other admin calls (cache, tune jobs) go to one replica.
 """
 
 import hashlib
@@ -20,13 +23,47 @@ import threading
 from typing import Any
 
 import httpx
+import ray
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 GENERATION_PATHS = ("v1/completions", "v1/chat/completions", "generate")
+DIRECTORY = "mixserve-replica-directory"
 router_app = FastAPI(title="mixserve (Ray Serve)")
+
+
+def broadcast(method: str, path: str) -> bool:
+    """Admin calls every replica must take: adapter registration, pin, unpin (not tune jobs)."""
+    if path.startswith("admin/mixes/tune"):
+        return False
+    return (method == "POST" and path in ("admin/adapters", "admin/mixes")) or (
+        method == "DELETE" and path.startswith("admin/mixes/")
+    )
+
+
+@ray.remote(num_cpus=0)
+class ReplicaDirectory:
+    """The URLs of the live mixserve replicas (for admin calls that must reach every one)."""
+
+    def __init__(self) -> None:
+        self.urls: set[str] = set()
+
+    def add(self, url: str) -> None:
+        self.urls.add(url)
+
+    def remove(self, url: str) -> None:
+        self.urls.discard(url)
+
+    def all(self) -> list[str]:
+        return sorted(self.urls)
+
+
+def directory():
+    # Detached so that it outlives the replica that happened to create it; stale URLs are dropped by
+    # the router when they stop answering.
+    return ReplicaDirectory.options(name=DIRECTORY, get_if_exists=True, lifetime="detached").remote()
 
 
 def mix_key(body: bytes) -> str:
@@ -66,6 +103,15 @@ class MixserveReplica:
                                                      log_level="warning"))  # fmt: skip
         threading.Thread(target=self._server.run, daemon=True).start()
         wait_until_ready(self.url)
+        self._directory = directory()
+        ray.get(self._directory.add.remote(self.url))
+
+    def __del__(self) -> None:  # Serve calls it when it shuts a replica down
+        try:
+            self._directory.remove.remote(self.url)
+            self._server.should_exit = True
+        except Exception:  # best effort: the router drops URLs that stop answering
+            pass
 
     @serve.multiplexed(max_num_models_per_replica=256)
     async def _affinity(self, key: str) -> str:
@@ -100,9 +146,33 @@ class Router:
         self.replica, self.affinity = replica, affinity
         self.client = httpx.AsyncClient(timeout=None)
 
+    async def _broadcast(self, path: str, request: Request, body: bytes) -> JSONResponse:
+        registry = directory()
+        urls = await registry.all.remote()
+        headers = {k: v for k, v in request.headers.items() if k.lower() in ("authorization", "content-type")}
+        answers, failed = [], []
+        for url in urls:
+            try:
+                r = await self.client.request(request.method, f"{url}/{path}", content=body, headers=headers)
+            except httpx.TransportError:  # a replica that is gone: forget it
+                registry.remove.remote(url)
+                continue
+            answers.append(r)
+            if r.status_code >= 400:
+                failed.append({"replica": url, "status": r.status_code})
+        if not answers:
+            return JSONResponse({"error": {"message": "no mixserve replica is reachable", "type": "server_error",
+                                           "param": None, "code": "no_replica"}}, status_code=503)  # fmt: skip
+        first = next((r for r in answers if r.status_code >= 400), answers[0])
+        payload = first.json() if first.headers.get("content-type", "").startswith("application/json") else {}
+        payload["replicas"] = {"total": len(answers), "ok": len(answers) - len(failed), "failed": failed}
+        return JSONResponse(payload, status_code=max(r.status_code for r in answers))
+
     @router_app.api_route("/{path:path}", methods=["GET", "POST", "DELETE"])
     async def proxy(self, path: str, request: Request):
         body = await request.body()
+        if broadcast(request.method, path):
+            return await self._broadcast(path, request, body)
         key = mix_key(body) if self.affinity and path in GENERATION_PATHS else ""
         handle = self.replica.options(multiplexed_model_id=key) if key else self.replica
         url = await handle.url_for.remote()
