@@ -29,8 +29,9 @@ from pathlib import Path
 import torch
 
 from eval.geometry import adapter_geometry
-from eval.harness import ModelUnderTest, TaskScore, evaluate
+from eval.harness import ModelUnderTest, evaluate
 from eval.report import plot_results, to_markdown
+from eval.scorers import TaskScore
 from eval.tasks import TASKS, make_split
 from merging.adapters import LoraAdapter, load_adapter
 from merging.delta import MergedDelta

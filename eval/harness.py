@@ -10,25 +10,14 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from eval.scorers import extract_code, json_scores, run_python_tests_many, sql_execution_match
+from eval.scorers import TaskScore, score
 from eval.tasks import Example
 from merging.delta import MergedDelta
-
-
-@dataclass
-class TaskScore:
-    """Scores of one task in one evaluation (fractions in [0, 1])."""
-
-    task: str
-    n: int
-    accuracy: float  # sql: execution match; python/pystr: pass@1; json: exact match
-    valid: float | None = None  # json: parseable
-    failures: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -107,29 +96,6 @@ class ModelUnderTest:
         self.generate(prompts[:1], **exact)  # warm-up
         runs = [self.generate([p], **exact) for p in prompts]
         return 1000 * sum(g.seconds for g in runs) / max(sum(g.new_tokens for g in runs), 1)
-
-
-def score(task: str, examples: Sequence[Example], outputs: Sequence[str]) -> TaskScore:
-    """Score one task's outputs against its examples."""
-    n = len(examples)
-    if task == "sql":
-        ok = [
-            sql_execution_match(e.check["setup"], e.answer, o.strip()) for e, o in zip(examples, outputs, strict=True)
-        ]
-        return TaskScore(task, n, sum(ok) / max(n, 1))
-    if task in ("python", "pystr"):
-        results = run_python_tests_many(
-            [(extract_code(o), e.check["tests"]) for e, o in zip(examples, outputs, strict=True)]
-        )
-        failures: dict[str, int] = {}
-        for r in results:
-            if not r.passed:
-                failures[r.reason] = failures.get(r.reason, 0) + 1
-        return TaskScore(task, n, sum(r.passed for r in results) / max(n, 1), failures=failures)
-    if task == "json":
-        pairs = [json_scores(o, e.check["expected"]) for e, o in zip(examples, outputs, strict=True)]
-        return TaskScore(task, n, sum(x for _, x in pairs) / max(n, 1), valid=sum(v for v, _ in pairs) / max(n, 1))
-    raise ValueError(f"unknown task {task!r}")
 
 
 def evaluate(

@@ -16,9 +16,14 @@ import re
 import sqlite3
 import time
 from collections import Counter
-from typing import Any
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from eval.sandbox import PythonResult, run_python_tests, run_python_tests_many  # noqa: F401 (re-exported)
+
+if TYPE_CHECKING:
+    from eval.tasks import Example
 
 # --------------------------------------------------------------------------------------------- SQL
 
@@ -211,3 +216,37 @@ def extract_code(text: str) -> str:
         return ""  # "```python" and nothing else
     close = re.search(r"^[ \t]*```", body, re.MULTILINE)
     return (body[: close.start()] if close else body).rstrip()
+
+
+@dataclass
+class TaskScore:
+    """Scores of one task in one evaluation (fractions in [0, 1])."""
+
+    task: str
+    n: int
+    accuracy: float  # sql: execution match; python/pystr: pass@1; json: exact match
+    valid: float | None = None  # json: parseable
+    failures: dict[str, int] = field(default_factory=dict)
+
+
+def score(task: str, examples: Sequence[Example], outputs: Sequence[str]) -> TaskScore:
+    """Score one task's outputs against its examples."""
+    n = len(examples)
+    if task == "sql":
+        ok = [
+            sql_execution_match(e.check["setup"], e.answer, o.strip()) for e, o in zip(examples, outputs, strict=True)
+        ]
+        return TaskScore(task, n, sum(ok) / max(n, 1))
+    if task in ("python", "pystr"):
+        results = run_python_tests_many(
+            [(extract_code(o), e.check["tests"]) for e, o in zip(examples, outputs, strict=True)]
+        )
+        failures: dict[str, int] = {}
+        for r in results:
+            if not r.passed:
+                failures[r.reason] = failures.get(r.reason, 0) + 1
+        return TaskScore(task, n, sum(r.passed for r in results) / max(n, 1), failures=failures)
+    if task == "json":
+        pairs = [json_scores(o, e.check["expected"]) for e, o in zip(examples, outputs, strict=True)]
+        return TaskScore(task, n, sum(x for _, x in pairs) / max(n, 1), valid=sum(v for v, _ in pairs) / max(n, 1))
+    raise ValueError(f"unknown task {task!r}")

@@ -179,7 +179,7 @@ class TuneJobs:
 
     async def _score(self, mix: dict | str, examples: dict) -> dict[str, float]:
         """Greedy generations of ``examples`` under ``mix`` through the engine, scored per task."""
-        from eval.harness import score
+        from eval.scorers import score
 
         state = self.state
         if isinstance(mix, str):

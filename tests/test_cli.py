@@ -13,7 +13,7 @@ import torch
 from merging.adapters import load_adapter
 from merging.merge import merge_mix
 from merging.spec import parse_mix
-from server.cli import main
+from mixserve.cli import main
 
 TOKENS = torch.tensor([[1, 5, 17, 42, 99, 3, 7, 64]])
 
@@ -187,7 +187,7 @@ def test_bad_arguments_fail_with_a_message_not_a_traceback(peft_adapters, tmp_pa
     args = [
         sys.executable,
         "-m",
-        "server.cli",
+        "mixserve.cli",
         "merge",
         *_adapter_args(peft_adapters),
         "--out",
@@ -265,13 +265,13 @@ def test_example_command_writes_mergeable_inputs(tmp_path):
 def test_common_mistakes_are_one_line_for_every_command(tmp_path, argv, message):
     (tmp_path / "FILE").write_text("a file, not a directory")
     argv = [a.replace("OUT", str(tmp_path / "o")).replace("FILE", str(tmp_path / "FILE")) for a in argv]
-    proc = subprocess.run([sys.executable, "-m", "server.cli", *argv], capture_output=True, text=True, cwd=tmp_path,
+    proc = subprocess.run([sys.executable, "-m", "mixserve.cli", *argv], capture_output=True, text=True, cwd=tmp_path,
                           env={"PYTHONPATH": str(Path(__file__).parents[1]), "PATH": "/usr/bin"}, timeout=300)  # fmt: skip
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith(("Loading", "WARNING"))]
     assert len(lines) == 1 and lines[0].startswith(f"mixserve {argv[0]}: "), proc.stderr
     assert message in lines[0] and "Traceback" not in proc.stderr and "pydantic.dev" not in proc.stderr
-    debug = subprocess.run([sys.executable, "-m", "server.cli", *argv, "--debug"], capture_output=True, text=True,
+    debug = subprocess.run([sys.executable, "-m", "mixserve.cli", *argv, "--debug"], capture_output=True, text=True,
                            cwd=tmp_path, env={"PYTHONPATH": str(Path(__file__).parents[1]), "PATH": "/usr/bin"},
                            timeout=300)  # fmt: skip
     assert debug.returncode != 0

@@ -228,7 +228,7 @@ def test_the_server_refuses_a_context_its_kv_cache_cannot_hold_and_says_why():
 
 
 def test_serve_flags_reject_sizes_that_cannot_work(capsys):
-    from server.cli import build_parser
+    from mixserve.cli import build_parser
 
     for flags, needle in ((["--block-size", "0"], "--block-size: must be positive"),
                           (["--max-loras", "-1"], "--max-loras: must be positive"),

@@ -121,7 +121,7 @@ def test_the_readme_python_example_prints_what_the_readme_shows(server):
 
 
 def test_all_tasks_is_pinned_by_default_and_listed():
-    from server.cli import build_parser
+    from mixserve.cli import build_parser
     from server.serve_cli import config_from_args
 
     args = build_parser().parse_args(["serve"])

@@ -23,7 +23,7 @@ def test_sigterm_drains_in_flight_requests_then_exits_zero():
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {k: v for k, v in os.environ.items() if k != "MIXSERVE_ADMIN_TOKEN"}
-    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--max-batch", "4",
+    proc = subprocess.Popen([sys.executable, "-m", "mixserve.cli", "serve", "--port", str(port), "--max-batch", "4",
                              "--drain-seconds", "60", "--log-level", "warning"], env=env)  # fmt: skip
     try:
         deadline = time.monotonic() + 120

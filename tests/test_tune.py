@@ -102,7 +102,7 @@ def test_tune_requests_are_bounded(tasks, budget, n_val, match):
 
 # ---------------------------------------------------------------------------------------- the CLI
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "server.cli", *args], capture_output=True, text=True, cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "mixserve.cli", *args], capture_output=True, text=True, cwd=cwd,
                           timeout=600, env={"PYTHONPATH": str(Path(__file__).resolve().parents[1]), "PATH": "/usr/bin"})  # fmt: skip
 
 
