@@ -18,7 +18,6 @@ the best fixed mix instead of having to rediscover it.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -98,7 +97,7 @@ def suggest_mix(trial, names: Sequence[str], search: SearchSpace) -> dict:
         # (Exact for equal ranks on modules every adapter touches; share 1 is the default, 1 / the
         # children that touch each module.)
         share = trial.suggest_float(p + "rank_share", 0.1, 1.0, step=0.05)
-        if share < 1.0:
+        if share < 1.0:  # share 1 leaves the key out: the default, exactly the table's TSV row
             node["sv_fraction"] = share / len(names)
     elif method == "iso_cts":
         node["common_fraction"] = trial.suggest_float(p + "common_fraction", 0.3, 1.0, step=0.05)
@@ -109,7 +108,7 @@ def suggest_mix(trial, names: Sequence[str], search: SearchSpace) -> dict:
 def _rounded(node: dict) -> dict:
     out = {}
     for k, v in node.items():
-        if isinstance(v, float) and k != "sv_fraction":
+        if isinstance(v, float):
             out[k] = round(v, 4)
         elif k == "children":
             out[k] = [_rounded(c) for c in v]
@@ -234,10 +233,6 @@ def check_tune_request(tasks: Sequence[str], known_tasks: Sequence[str], budget:
         raise ValueError(f"budget must be between 1 and {MAX_BUDGET} trials, got {budget}")
     if not 1 <= n_val <= MAX_N_VAL:
         raise ValueError(f"n_val must be between 1 and {MAX_N_VAL} examples per task, got {n_val}")
-
-
-def elapsed(t0: float) -> float:
-    return time.perf_counter() - t0
 
 
 def fmt_kept(value: float | None) -> str:

@@ -37,7 +37,6 @@ class TuneJob:
     status: str = "running"  # running | completed | failed | cancelled
     started: float = field(default_factory=time.time)
     finished: float | None = None
-    trials_done: int = 0
     budget: int = 0
     best: dict | None = None
     trials: list[dict] = field(default_factory=list)
@@ -48,7 +47,7 @@ class TuneJob:
 
     def view(self, *, with_trials: bool = False) -> dict[str, Any]:
         out = {
-            "id": self.id, "status": self.status, "trials_done": self.trials_done, "budget": self.budget,
+            "id": self.id, "status": self.status, "trials_done": len(self.trials), "budget": self.budget,
             "started": self.started, "finished": self.finished, "best": self.best, "error": self.error,
             "pinned_as": self.pinned_as, "validation_reference": self.reference, "request": self.request,
         }  # fmt: skip
@@ -156,7 +155,6 @@ class TuneJobs:
                 rec = tuner.tell(number, mix, scores, time.perf_counter() - t0, error)
                 job.trials.append({"number": rec.number, "mix": rec.mix, "mean_kept": rec.mean,
                                    "worst_kept": rec.worst, "seconds": rec.seconds, "error": rec.error})  # fmt: skip
-                job.trials_done = len(tuner.trials)
                 job.best = tuner.summary()["best"]
             if job.best is None:
                 raise RuntimeError("no trial could be scored")
@@ -175,7 +173,7 @@ class TuneJobs:
             job.status, job.error = "failed", f"{type(exc).__name__}: {getattr(exc, 'message', exc)}"
         finally:
             job.finished = time.time()
-            job.task = None if job.status != "running" else job.task
+            job.task = None
 
     async def _score(self, mix: dict | str, examples: dict) -> dict[str, float]:
         """Greedy generations of ``examples`` under ``mix`` through the engine, scored per task."""
