@@ -19,6 +19,7 @@ is tested end to end in CI; its figures say nothing about a GPU, and the report 
 from __future__ import annotations
 
 import argparse
+import functools
 import platform
 import statistics
 import time
@@ -103,27 +104,120 @@ def decode_rows(runtime, batch: int, slots: list[int], prompt_len: int):
     return sorted(rows, key=lambda r: r.lora_slot), tables
 
 
-def decode_measures(runtime, device: torch.device, repeats: int, bound: float) -> list[dict]:
-    """bs1 decode against the bandwidth bound; 32 rows on 8 mixes against 32 rows on one."""
+def decode_measures(runtime, device: torch.device, repeats: int, bound: float) -> tuple[list[dict], list[dict]]:
+    """bs1 decode against the bandwidth bound; 32 rows on 8 mixes against 32 rows on one; the same with
+    the masked side path where the grouped one is the default; and the checks: the same logits with and
+    without CUDA graphs, and each mix's rows alone as in the 8-mix batch (next to the base model's own
+    batch-size noise in bf16)."""
     slots = [runtime.pool.acquire(m) for m in random_mixes(runtime, 8, rank=16)]
-    rows: list[dict] = []
-    one, tables = decode_rows(runtime, 1, slots[:1], 128)
-    step = _median_seconds(lambda: runtime.decode(one), device, repeats)
-    rows.append({"measure": "bs1 decode step, one mix (ms)", "value": round(1e3 * step, 3),
-                 "target": f">= 70% of the bound ({1e3 * bound:.3f} ms)", "ratio": round(bound / step, 3)})  # fmt: skip
-    for t in tables:
+    bs1, tables1 = decode_rows(runtime, 1, [0], 128)
+    rows_base, tables = decode_rows(runtime, 32, [0], 128)
+    t_base = _median_seconds(lambda: runtime.decode(bs1), device, repeats)
+    t_base32 = _median_seconds(lambda: runtime.decode(rows_base), device, repeats)
+    rows = [{"measure": "bs1 decode step, base model (ms)", "value": round(1e3 * t_base, 3), "target": "",
+             "ratio": round(bound / t_base, 3)},
+            {"measure": "32 rows decode step, base model (ms)", "value": round(1e3 * t_base32, 3), "target": "",
+             "ratio": None}]  # fmt: skip
+    paths = ["grouped", "masked"] if runtime.pool.grouped else ["masked"]
+    checks: list[dict] = []
+    for path in paths:
+        runtime.pool.grouped = path == "grouped"
+        if runtime.graphs is not None:  # graphs captured for the other side path are not reused
+            runtime.graphs = type(runtime.graphs)(runtime, capture=True)
+        try:  # one path failing (e.g. its graph capture) still leaves the other's figures
+            rows += side_path_measures(runtime, device, repeats, bound, slots, bs1, rows_base, path, t_base32)
+            rows_eight = [r.__class__(r.token, r.position, r.blocks, slots[i // 4]) for i, r in enumerate(rows_base)]
+            checks += consistency_checks(runtime, rows_eight, f"8 mixes, {path}")
+        except Exception as exc:  # reported in the table
+            rows.append(
+                {"measure": f"{path} side path", "value": f"FAILED: {exc!r}"[:300], "target": "", "ratio": None}
+            )
+    checks += consistency_checks(runtime, rows_base, "base model")
+    for t in tables + tables1:
         runtime.kv.free(t)
-    rows_one, tables = decode_rows(runtime, 32, slots[:1], 128)
-    rows_eight = [r.__class__(r.token, r.position, r.blocks, slots[i // 4]) for i, r in enumerate(rows_one)]
+    return rows, checks
+
+
+def side_path_measures(runtime, device, repeats: int, bound: float, slots: list[int], bs1: list, rows_base: list,
+                       path: str, t_base32: float) -> list[dict]:  # fmt: skip
+    one = [r.__class__(r.token, r.position, r.blocks, slots[0]) for r in bs1]
+    step = _median_seconds(lambda: runtime.decode(one), device, repeats)
+    rows_one = [r.__class__(r.token, r.position, r.blocks, slots[0]) for r in rows_base]
+    rows_eight = [r.__class__(r.token, r.position, r.blocks, slots[i // 4]) for i, r in enumerate(rows_base)]
     t_one = _median_seconds(lambda: runtime.decode(rows_one), device, repeats)
     t_eight = _median_seconds(lambda: runtime.decode(rows_eight), device, repeats)
-    rows.append({"measure": "32 rows decode step, one mix (ms)", "value": round(1e3 * t_one, 3), "target": "",
-                 "ratio": None})  # fmt: skip
-    rows.append({"measure": "32 rows decode step, 8 mixes (ms)", "value": round(1e3 * t_eight, 3),
-                 "target": ">= 0.85x one mix's throughput", "ratio": round(t_one / t_eight, 3)})  # fmt: skip
-    for t in tables:
-        runtime.kv.free(t)
-    return rows
+    return [
+        {"measure": f"bs1 decode step, one mix, {path} side path (ms)", "value": round(1e3 * step, 3),
+         "target": f">= 70% of the bound ({1e3 * bound:.3f} ms)", "ratio": round(bound / step, 3)},
+        {"measure": f"32 rows decode step, one mix, {path} (ms)", "value": round(1e3 * t_one, 3), "target": "",
+         "ratio": round(t_base32 / t_one, 3)},
+        {"measure": f"32 rows decode step, 8 mixes, {path} (ms)", "value": round(1e3 * t_eight, 3),
+         "target": ">= 0.85x one mix's throughput", "ratio": round(t_one / t_eight, 3)},
+    ]  # fmt: skip
+
+
+def _compare(name: str, got: torch.Tensor, ref: torch.Tensor) -> dict:
+    scale = ref.abs().max().item() or 1.0
+    return {"check": name, "max_abs_diff": round((got - ref).abs().max().item(), 6), "logit_scale": round(scale, 3),
+            "argmax_agree": f"{int((got.argmax(-1) == ref.argmax(-1)).sum())}/{len(ref)}"}  # fmt: skip
+
+
+def consistency_checks(runtime, rows: list, label: str) -> list[dict]:
+    """Logits of 32 rows (at the same positions, so each decode rewrites the same keys): graphs against
+    the eager step, and the batch against its rows decoded 4 at a time (for the base model: bf16's
+    batch-shape noise with no side path)."""
+    checks = []
+    batch = runtime.decode(rows)
+    if runtime.graphs is not None:
+        graphs, runtime.graphs = runtime.graphs, None
+        try:
+            eager = runtime.decode(rows)
+        finally:
+            runtime.graphs = graphs
+        checks.append(_compare(f"CUDA graph step vs eager step, 32 rows, {label}", batch, eager))
+    alone = torch.cat([runtime.decode(rows[i : i + 4]) for i in range(0, len(rows), 4)])
+    checks.append(_compare(f"32 rows vs the same rows 4 at a time, {label}", batch, alone))
+    return checks
+
+
+def merge_measures(shapes: dict, device: torch.device, repeats: int, profile: bool) -> list[dict]:
+    """Lowrank TIES of 3 rank-16 adapters over every module: on the device with the SVD basis and with
+    QR first (the SVD of the small R on the CPU), and on the CPU with every core."""
+    from merging import lowrank
+
+    out = []
+    variants = [("device, SVD basis", device, lowrank._thin_svd_basis),
+                ("device, QR then SVD of R", device, lowrank._qr_then_svd_basis)]  # fmt: skip
+    if device.type != "cpu":
+        variants.append((f"CPU ({torch.get_num_threads()} threads), SVD basis", torch.device("cpu"),
+                         lowrank._thin_svd_basis))  # fmt: skip
+    saved = lowrank._thin_svd_basis
+    for label, where, basis in variants:
+        adapters = {f"a{i}": random_adapter(f"a{i}", shapes, rank=16, alpha=32, seed=i, device=where) for i in range(3)}
+        spec = parse_mix({"method": "ties", "density": 0.2, "space": "lowrank",
+                          "children": [{"adapter": a} for a in adapters]})  # fmt: skip
+        lowrank._thin_svd_basis = basis
+        try:
+            merge = functools.partial(merge_mix, spec, adapters)
+            seconds = _median_seconds(merge, where, max(3, repeats // 10), warmup=1)
+            if profile and where.type == "cuda" and basis is saved:
+                _print_profile(merge)
+        finally:
+            lowrank._thin_svd_basis = saved
+        out.append({"measure": f"lowrank TIES merge, 3 adapters, whole model, {label} (ms)",
+                    "value": round(1e3 * seconds, 1), "target": "< 100 ms", "ratio": None})  # fmt: skip
+    return out
+
+
+def _print_profile(fn) -> None:
+    """The merge's top operators by device and by host time (printed: where the time goes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    for key in ("self_cuda_time_total", "self_cpu_time_total"):
+        print(prof.key_averages().table(sort_by=key, row_limit=12, max_name_column_width=40), flush=True)
 
 
 def run(tiny: bool, repeats: int, graphs: bool) -> dict:
@@ -134,19 +228,10 @@ def run(tiny: bool, repeats: int, graphs: bool) -> dict:
     bandwidth = copy_bandwidth(device, (1 << 30) if not tiny else (1 << 24))
     runtime = build_runtime(shape, device, dtype, max_loras=8, graphs=graphs)
     weight_bytes = runtime.weight_bytes
-    rows = decode_measures(runtime, device, repeats, weight_bytes / bandwidth)
-    del runtime  # free the model before the merge's dense work
-
-    # Lowrank TIES merge of 3 rank-16 adapters over the whole model's shapes.
-    layers = shape["num_hidden_layers"]
-    mshape = MISTRAL_7B if not tiny else None
-    shapes = mshape.module_shapes(layers=layers) if mshape else _tiny_module_shapes(shape)
-    adapters = {f"a{i}": random_adapter(f"a{i}", shapes, rank=16, alpha=32, seed=i, device=device) for i in range(3)}
-    spec = parse_mix({"method": "ties", "density": 0.2, "space": "lowrank",
-                      "children": [{"adapter": a} for a in adapters]})  # fmt: skip
-    merge = _median_seconds(lambda: merge_mix(spec, adapters), device, max(3, repeats // 10), warmup=1)
-    rows.append({"measure": "lowrank TIES merge, 3 adapters, whole model (ms)", "value": round(1e3 * merge, 1),
-                 "target": "< 100 ms", "ratio": None})  # fmt: skip
+    rows, checks = decode_measures(runtime, device, repeats, weight_bytes / bandwidth)
+    del runtime  # free the model before the merges
+    shapes = MISTRAL_7B.module_shapes(layers=shape["num_hidden_layers"]) if not tiny else _tiny_module_shapes(shape)
+    rows += merge_measures(shapes, device, repeats, profile=not tiny)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} CPU (no GPU)"
     return {
         "device": name,
@@ -158,6 +243,7 @@ def run(tiny: bool, repeats: int, graphs: bool) -> dict:
         "weight_bytes": weight_bytes,
         "copy_bandwidth_gb_s": round(bandwidth / 1e9, 1),
         "rows": rows,
+        "checks": checks,
         "seconds": round(time.perf_counter() - t0, 1),
     }
 
@@ -181,6 +267,11 @@ def to_markdown(result: dict) -> str:
               "| measure | value | ratio | target |", "|---|---|---|---|"]  # fmt: skip
     lines += [f"| {r['measure']} | {r['value']} | {'' if r['ratio'] is None else r['ratio']} | {r['target']} |"
               for r in result["rows"]]  # fmt: skip
+    lines += ["", "Ratios: bs1 rows, the bandwidth bound / the step; 32-row one mix, base / one mix (step time);"
+              " 8 mixes, one mix / 8 mixes (throughput).", "",
+              "| check (bf16 logits) | max abs diff | largest logit | argmax agree |", "|---|---|---|---|"]  # fmt: skip
+    lines += [f"| {c['check']} | {c['max_abs_diff']} | {c['logit_scale']} | {c['argmax_agree']} |"
+              for c in result.get("checks", [])]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

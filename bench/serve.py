@@ -163,7 +163,8 @@ def long_prompts(model_dir: Path, n: int, max_tokens: int) -> list[str]:
     out = []
     for text, length in zip(prompts(n), lengths, strict=True):
         ids = tok(text)["input_ids"]
-        out.append(tok.decode((filler[: max(0, length - len(ids))] + ids)[-length:], skip_special_tokens=True))
+        kept = [i for i in (filler[: max(0, length - len(ids))] + ids)[-length:] if i != tok.bos_token_id]
+        out.append(tok.decode(kept))  # special tokens other than BOS stay (a word-level vocabulary's <unk>)
     return out
 
 
@@ -234,13 +235,13 @@ class _StepClock:
         return scores
 
 
-def _peft_model(model_dir: Path, adapters_dir: Path):
+def _peft_model(model_dir: Path, adapters_dir: Path, device: str = "cpu", dtype: str = "float32"):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     tok.padding_side = "left"
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(device).eval()
     names = sorted(p.name for p in adapters_dir.iterdir() if p.is_dir())
     model = PeftModel.from_pretrained(base, adapters_dir / names[0], adapter_name=names[0])
     for name in names[1:]:
@@ -248,24 +249,26 @@ def _peft_model(model_dir: Path, adapters_dir: Path):
     return model, tok
 
 
-def _add_mix(model, name: str, spec: dict) -> None:
-    """A mix as PEFT builds it: nested mixes are built bottom-up under temporary names."""
+def _add_mix(model, name: str, spec: dict, combination: str | None = None) -> None:
+    """A mix as PEFT builds it: nested mixes are built bottom-up under temporary names. ``combination``
+    overrides every mix's PEFT combination type (``cat``: no SVDs, for 7B-sized runs)."""
     children = []
     for j, child in enumerate(spec["children"]):
         if "adapter" in child:
             children.append((child["adapter"], child.get("weight", 1.0)))
         else:
             sub = f"{name}__{j}"
-            _add_mix(model, sub, child)
+            _add_mix(model, sub, child, combination)
             children.append((sub, child.get("weight", 1.0)))
-    kwargs = {"density": spec.get("density", 1 - spec.get("drop_rate", 0.5))} if spec["method"] != "linear" else {}
+    kind = combination or PEFT_COMBINATION[spec["method"]]
+    kwargs = {"density": spec.get("density", 1 - spec.get("drop_rate", 0.5))} if "ties" in kind else {}
     model.add_weighted_adapter([c[0] for c in children], [c[1] for c in children], name,
-                               combination_type=PEFT_COMBINATION[spec["method"]], **kwargs)  # fmt: skip
+                               combination_type=kind, **kwargs)  # fmt: skip
 
 
 def _generate(model, tok, batch: list[str], max_tokens: int, adapter_names=None) -> tuple[float, list[float]]:
     clock = _StepClock()
-    enc = tok(batch, return_tensors="pt", padding=True)
+    enc = tok(batch, return_tensors="pt", padding=True).to(model.device)
     kwargs = {"adapter_names": adapter_names} if adapter_names is not None else {}
     with torch.no_grad():
         model.generate(**enc, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False,
@@ -273,7 +276,9 @@ def _generate(model, tok, batch: list[str], max_tokens: int, adapter_names=None)
     return clock.times[0], [b - a for a, b in zip(clock.times, clock.times[1:], strict=False)]
 
 
-def run_peft_naive(model, tok, concurrency: int, n: int, max_tokens: int) -> ScenarioResult:
+def run_peft_naive(
+    model, tok, concurrency: int, n: int, max_tokens: int, combination: str | None = None
+) -> ScenarioResult:
     """c clients, one server that serves one request at a time (FIFO), switching adapters per request.
 
     Closed loop: request ``i`` comes from client ``i % c`` and arrives when that client's previous
@@ -286,7 +291,7 @@ def run_peft_naive(model, tok, concurrency: int, n: int, max_tokens: int) -> Sce
     for i in range(n):
         came = t0 if i < concurrency else done[i - concurrency]
         name = f"req{i}"
-        _add_mix(model, name, MIXES[names[i % len(names)]])
+        _add_mix(model, name, MIXES[names[i % len(names)]], combination)
         model.set_adapter(name)
         first, itl = _generate(model, tok, [texts[i]], max_tokens)
         done.append(time.perf_counter())
@@ -342,7 +347,8 @@ def to_markdown(result: dict) -> str:
     cols = ["system", "scenario", "concurrency", "requests", "tokens_per_s", "ttft_p50_ms", "ttft_p99_ms",
             "itl_p50_ms", "itl_p99_ms"]  # fmt: skip
     lines = [f"Machine: {result['machine']}; model: {result['model']}; {result['max_tokens']} tokens per request, "
-             f"eos ignored; {result.get('rounds', 1)} rounds per scenario taking turns (tokens/s: the median "
+             f"eos ignored; {result.get('device', 'cpu')} {result.get('dtype', 'float32')}, PEFT mixes: "
+             f"{result.get('peft_combination', 'per method')}; {result.get('rounds', 1)} rounds per scenario taking turns (tokens/s: the median "
              "round's; latency percentiles over every round), PEFT naive one round.", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]  # fmt: skip
     lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in result["rows"]]
     lines += ["", "| ratio | value | target |", "|---|---|---|"]
@@ -360,7 +366,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads for server and PEFT")
     ap.add_argument("--rounds", type=int, default=3, help="rounds per scenario, taking turns; tokens/s is the "
                     "median round's, latency percentiles pool every round (default 3)")  # fmt: skip
+    ap.add_argument("--device", default="cpu", help="server and PEFT device, e.g. cuda (default cpu)")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                    help="server and PEFT weights' dtype (default float32)")  # fmt: skip
     ap.add_argument("--skip-peft", dest="skip_peft", action="store_true")
+    ap.add_argument("--skip-peft-naive", dest="skip_peft_naive", action="store_true",
+                    help="skip PEFT's one-request-at-a-time baseline (minutes at 7B size)")  # fmt: skip
+    ap.add_argument("--peft-combination", dest="peft_combination", default=None, choices=("cat", "linear"),
+                    help="build every PEFT mix with this combination instead of the methods' (ties_svd and "
+                    "dare_ties_svd run an SVD per module: minutes at 7B size)")  # fmt: skip
     ap.add_argument("--skip-cold", dest="skip_cold", action="store_true", help="skip the merge-per-request scenario")
     ap.add_argument("--skip-long", dest="skip_long", action="store_true", help="skip the mixed-prompt-length scenario")
     ap.add_argument("--server-args", dest="server_args", default="", help="extra `mixserve serve` flags, e.g. "
@@ -371,7 +385,10 @@ def main(argv: list[str] | None = None) -> int:
     count = {c: args.requests or max(8, 2 * c) for c in levels}
     rows: list[dict] = []
     cold_seed = 10_000
-    server = ServerProcess(args.model, args.adapters, max(levels), args.threads, args.server_args)
+    placement = (
+        f"--device {args.device} --dtype {args.dtype} " if (args.device, args.dtype) != ("cpu", "float32") else ""
+    )
+    server = ServerProcess(args.model, args.adapters, max(levels), args.threads, placement + args.server_args)
     try:
         server.wait_ready()
         for c in levels:
@@ -391,14 +408,17 @@ def main(argv: list[str] | None = None) -> int:
         server.stop()
     if not args.skip_peft:
         torch.set_num_threads(args.threads)
-        model, tok = _peft_model(args.model, args.adapters)
+        model, tok = _peft_model(args.model, args.adapters, args.device, args.dtype)
         for name, spec in MIXES.items():
-            _add_mix(model, name, spec)
+            _add_mix(model, name, spec, args.peft_combination)
         _generate(model, tok, prompts(1), 4, [next(iter(MIXES))])  # warm-up
         for c in levels:
-            r = run_peft_naive(model, tok, c, count[c], args.max_tokens).summary()  # far behind: one round
-            print(json.dumps(r), flush=True)
-            rows.append(r)
+            if not args.skip_peft_naive:
+                r = run_peft_naive(
+                    model, tok, c, count[c], args.max_tokens, args.peft_combination
+                ).summary()  # far behind: one round
+                print(json.dumps(r), flush=True)
+                rows.append(r)
             mixed = [run_peft_mixed_batch(model, tok, c, count[c], args.max_tokens) for _ in range(args.rounds)]
             r = pooled(mixed).summary()
             print(json.dumps(r), flush=True)
@@ -407,6 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "machine": f"{device}, {os.cpu_count()} cores, {platform.processor() or platform.machine()}, torch {torch.__version__}",
         "model": str(args.model), "max_tokens": args.max_tokens, "threads": args.threads, "rounds": args.rounds,
+        "device": args.device, "dtype": args.dtype, "peft_combination": args.peft_combination or "per method",
         "mixes": MIXES, "rows": rows, "ratios": ratios(rows),
     }  # fmt: skip
     write_report(args.out, result, to_markdown)

@@ -61,6 +61,9 @@ class DecodeGraphs:
         if rt.pool.version != self._pool_version:  # the pool's buffers were reallocated
             self._graphs.clear()
             self._pool_version = rt.pool.version
+            # A fresh memory pool: capturing into the old one once its graphs are gone trips the CUDA
+            # caching allocator's assert (use_count > 0); its blocks are freed with the old outputs.
+            self._mempool = torch.cuda.graph_pool_handle() if self.capture else None
         b, nb = len(rows), len(tables[0])
         bp = self.bucket(b)
         pad = bp - b

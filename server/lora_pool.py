@@ -142,8 +142,11 @@ class LoraPool:
         self._never_used = list(range(max_loras, 0, -1))
         itemsize = torch.empty((), dtype=dtype).element_size()
         dims = [d for n_in, _, outs in self.groups.values() for d in (n_in, *outs)]
-        self.grouped = all(d * itemsize % 16 == 0 for d in dims) and (
-            device.type == "cpu" or (dtype == torch.bfloat16 and torch.cuda.get_device_capability(device)[0] >= 8)
+        # Older torch builds lack F.grouped_mm; they (and odd strides or dtypes) take the masked path.
+        self.grouped = (
+            hasattr(F, "grouped_mm")
+            and all(d * itemsize % 16 == 0 for d in dims)
+            and (device.type == "cpu" or (dtype == torch.bfloat16 and torch.cuda.get_device_capability(device)[0] >= 8))
         )
 
     # ---------------------------------------------------------------------------------------- slots
