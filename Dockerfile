@@ -23,8 +23,8 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY merging ./merging
 COPY server ./server
-COPY eval ./eval
-COPY models ./models
+# mixserve/: the CLI, mixserve.eval and mixserve.demo (the demo model's files ship as package data)
+COPY mixserve ./mixserve
 RUN pip install . && rm -rf /src
 
 # ---- runtime: the venv only, a non-root user --------------------------------------------------------

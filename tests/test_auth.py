@@ -18,8 +18,8 @@ from server.config import ServeConfig
 from server.readiness import free_port
 from tests.server_harness import running_server
 
-DEMO = Path(__file__).resolve().parents[1] / "models" / "demo"
-needs_demo = pytest.mark.skipif(not (DEMO / "base" / "model.safetensors").is_file(), reason="models/demo not trained")
+DEMO = Path(__file__).resolve().parents[1] / "mixserve" / "demo"
+needs_demo = pytest.mark.skipif(not (DEMO / "base" / "model.safetensors").is_file(), reason="mixserve/demo not trained")
 KEY = "sk-test-key-123"
 TOKEN = "admin-token-xyz"
 PROMPT = "### task: json\n### input: meet pudo, a pifu aged 37 from boto.\n### output:\n"

@@ -29,7 +29,7 @@ def test_rows_spread_evenly_over_the_mixes_in_slot_order(batch, n):
     assert max(sizes) - min(sizes) <= 1
 
 
-@pytest.mark.skipif(not (DEMO_DIR / "base" / "model.safetensors").is_file(), reason="models/demo not trained")
+@pytest.mark.skipif(not (DEMO_DIR / "base" / "model.safetensors").is_file(), reason="mixserve/demo not trained")
 def test_the_bench_runs_end_to_end(tmp_path):
     main(["--batch", "4", "--mixes", "4", "--repeats", "1", "--out", str(tmp_path / "ops")])
     result = json.loads((tmp_path / "ops.json").read_text())

@@ -21,11 +21,11 @@ from server.config import ServeConfig
 from tests.server_harness import free_port, running_server
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "models" / "demo"
+DEMO = ROOT / "mixserve" / "demo"
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(shutil.which("prometheus") is None, reason="the prometheus binary is not installed"),
-    pytest.mark.skipif(not (DEMO / "base" / "model.safetensors").is_file(), reason="models/demo not trained"),
+    pytest.mark.skipif(not (DEMO / "base" / "model.safetensors").is_file(), reason="mixserve/demo not trained"),
 ]
 
 

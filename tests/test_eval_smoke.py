@@ -6,23 +6,23 @@ from pathlib import Path
 
 import pytest
 
-DEMO = Path(__file__).resolve().parents[1] / "models" / "demo"
-pytestmark = pytest.mark.skipif(not (DEMO / "base" / "model.safetensors").is_file(), reason="models/demo not trained")
+DEMO = Path(__file__).resolve().parents[1] / "mixserve" / "demo"
+pytestmark = pytest.mark.skipif(not (DEMO / "base" / "model.safetensors").is_file(), reason="mixserve/demo not trained")
 
 
 @pytest.fixture(scope="module")
 def mut():
-    from eval.harness import ModelUnderTest
+    from mixserve.eval.harness import ModelUnderTest
 
     return ModelUnderTest(DEMO / "base")
 
 
 def test_adapter_carries_the_skill_and_a_merge_runs(mut):
-    from eval.harness import evaluate
-    from eval.tasks import make_split
     from merging.adapters import load_adapter
     from merging.merge import merge_mix
     from merging.spec import parse_mix
+    from mixserve.eval.harness import evaluate
+    from mixserve.eval.tasks import make_split
 
     adapters = {n: load_adapter(DEMO / "adapters" / n, n) for n in ("sql", "json")}
     # Examples the adapters were trained on (the first of their training split): this checks that the
@@ -30,7 +30,7 @@ def test_adapter_carries_the_skill_and_a_merge_runs(mut):
     examples = {"sql": make_split("sql", "train", 6), "json": make_split("json", "train", 6)}
     base, _ = evaluate(mut, None, examples, latency_prompts=1)
     sql_only, ms = evaluate(mut, merge_mix(parse_mix("sql"), adapters), examples, latency_prompts=1)
-    # A loose bound: this checks the harness end to end, the benchmark measures the adapter (eval/README.md).
+    # A loose bound: this checks the harness end to end, the benchmark measures the adapter (mixserve/eval/README.md).
     assert sql_only["sql"].accuracy >= 3 / 6 > base["sql"].accuracy
     assert ms > 0
     mix = parse_mix({"method": "linear", "children": [{"adapter": "sql"}, {"adapter": "json"}]})
@@ -45,8 +45,8 @@ def test_adapter_carries_the_skill_and_a_merge_runs(mut):
 def test_benchmark_table_smoke(tmp_path):
     import json
 
-    from eval.benchmark import SMOKE_GRID, run_benchmark
     from merging.spec import parse_mix
+    from mixserve.eval.benchmark import SMOKE_GRID, run_benchmark
 
     adapters = {p.name: p for p in sorted((DEMO / "adapters").iterdir())}
     result = run_benchmark(DEMO / "base", adapters, tmp_path, n_test=2, n_val=2, grid=SMOKE_GRID)

@@ -11,9 +11,9 @@ from hypothesis import HealthCheck, settings
 from server.config import Limits, ServeConfig
 from tests.server_harness import running_server
 
-DEMO = Path(__file__).resolve().parents[1] / "models" / "demo"
+DEMO = Path(__file__).resolve().parents[1] / "mixserve" / "demo"
 schemathesis = pytest.importorskip("schemathesis", reason="schemathesis is not installed")
-pytestmark = pytest.mark.skipif(not (DEMO / "base" / "model.safetensors").is_file(), reason="models/demo not trained")
+pytestmark = pytest.mark.skipif(not (DEMO / "base" / "model.safetensors").is_file(), reason="mixserve/demo not trained")
 TOKEN = "fuzz-admin-token"
 
 

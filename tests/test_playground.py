@@ -13,10 +13,10 @@ import pytest
 from server.config import ServeConfig
 from tests.server_harness import running_server
 
-DEMO = Path(__file__).resolve().parents[1] / "models" / "demo"
+DEMO = Path(__file__).resolve().parents[1] / "mixserve" / "demo"
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 pytestmark = [
-    pytest.mark.skipif(not (DEMO / "base" / "model.safetensors").is_file(), reason="models/demo not trained"),
+    pytest.mark.skipif(not (DEMO / "base" / "model.safetensors").is_file(), reason="mixserve/demo not trained"),
     pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="Debian's chromium and chromium-driver are not installed"),
 ]
 TOKEN = "playground-admin"

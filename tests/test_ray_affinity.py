@@ -13,10 +13,10 @@ from server.config import ServeConfig
 from tests.server_harness import free_port, running_server
 
 ROOT = Path(__file__).resolve().parents[1]
-DEMO = ROOT / "models" / "demo"
+DEMO = ROOT / "mixserve" / "demo"
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not (DEMO / "base" / "model.safetensors").is_file(), reason="models/demo not trained"),
+    pytest.mark.skipif(not (DEMO / "base" / "model.safetensors").is_file(), reason="mixserve/demo not trained"),
 ]
 ray = pytest.importorskip("ray", reason="ray[serve] is not installed")
 PROMPT = "### task: sql\n### input: CREATE TABLE books (title TEXT, author TEXT, year INT, pages INT) ; how many books have author bemi\n### output:\n"

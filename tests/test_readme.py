@@ -25,7 +25,7 @@ from tests.server_harness import running_server
 README = Path(__file__).resolve().parents[1] / "README.md"
 TOKEN = "change-me"  # what the README exports
 pytestmark = pytest.mark.skipif(
-    not (DEMO_DIR / "base" / "model.safetensors").is_file(), reason="models/demo not trained"
+    not (DEMO_DIR / "base" / "model.safetensors").is_file(), reason="mixserve/demo not trained"
 )
 
 
@@ -134,5 +134,5 @@ def test_the_default_pin_is_the_recommended_mix_of_the_committed_table():
     import yaml
 
     pins = yaml.safe_load((DEMO_DIR / "pins.yaml").read_text())
-    recommended = json.loads((README.parent / "eval" / "results" / "recommended_mix.json").read_text())
+    recommended = json.loads((README.parent / "mixserve" / "eval" / "results" / "recommended_mix.json").read_text())
     assert pins == {"all-tasks": recommended}

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-DEMO = Path(__file__).resolve().parents[1] / "models" / "demo"
-pytestmark = pytest.mark.skipif(not (DEMO / "base" / "model.safetensors").is_file(), reason="models/demo not trained")
+DEMO = Path(__file__).resolve().parents[1] / "mixserve" / "demo"
+pytestmark = pytest.mark.skipif(not (DEMO / "base" / "model.safetensors").is_file(), reason="mixserve/demo not trained")
 
 
 @pytest.fixture(scope="module")

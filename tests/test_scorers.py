@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from eval import sandbox, scorers
-from eval.scorers import (
+from mixserve.eval import sandbox, scorers
+from mixserve.eval.scorers import (
     PythonResult,
     extract_code,
     json_scores,

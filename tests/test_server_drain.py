@@ -15,8 +15,8 @@ import pytest
 
 from tests.server_harness import free_port
 
-DEMO = Path(__file__).resolve().parents[1] / "models" / "demo"
-pytestmark = pytest.mark.skipif(not (DEMO / "base" / "model.safetensors").is_file(), reason="models/demo not trained")
+DEMO = Path(__file__).resolve().parents[1] / "mixserve" / "demo"
+pytestmark = pytest.mark.skipif(not (DEMO / "base" / "model.safetensors").is_file(), reason="mixserve/demo not trained")
 
 
 def test_sigterm_drains_in_flight_requests_then_exits_zero():

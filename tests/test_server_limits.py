@@ -19,8 +19,8 @@ from safetensors.torch import save_file
 from server.config import Limits, ServeConfig
 from tests.server_harness import running_server
 
-DEMO = Path(__file__).resolve().parents[1] / "models" / "demo"
-pytestmark = pytest.mark.skipif(not (DEMO / "base" / "model.safetensors").is_file(), reason="models/demo not trained")
+DEMO = Path(__file__).resolve().parents[1] / "mixserve" / "demo"
+pytestmark = pytest.mark.skipif(not (DEMO / "base" / "model.safetensors").is_file(), reason="mixserve/demo not trained")
 TOKEN = "limits-admin-token"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
 PROMPT = "### task: sql\n### input: count the books per author\n### output:\n"

@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from eval.scorers import json_scores, run_python_tests_many, sql_execution_match
-from eval.tasks import TASKS, WORDS, held_out, make_split
+from mixserve.eval.scorers import json_scores, run_python_tests_many, sql_execution_match
+from mixserve.eval.tasks import TASKS, WORDS, held_out, make_split
 
 
 def _combo(ex) -> str:
@@ -54,7 +54,7 @@ def test_splits_are_reproducible_and_test_combinations_never_train(task):
 
 
 def test_validation_and_test_halves_of_the_held_out_values():
-    from eval.tasks import side_of
+    from mixserve.eval.tasks import side_of
 
     words = [f"w{i}" for i in range(4000)]
     sides = [side_of(w) for w in words]

@@ -14,7 +14,7 @@ def _digests(root):
 
 
 def _tiny_config():
-    from models.train import TrainConfig
+    from mixserve.demo.train import TrainConfig
 
     return TrainConfig(vocab_size=300, hidden=32, layers=2, heads=2, intermediate=64, corpus_docs=400,
                        pretrain_steps=3, pretrain_batch=4, lora_r=4, lora_alpha=8, lora_batch=4,
@@ -25,7 +25,7 @@ def _tiny_config():
 @pytest.mark.slow
 def test_two_runs_with_one_seed_write_identical_models(tmp_path):
     pytest.importorskip("peft")
-    from models.train import TrainConfig, train_demo
+    from mixserve.demo.train import TrainConfig, train_demo
 
     cfg = _tiny_config()
     a = _digests(train_demo(tmp_path / "a", cfg))
@@ -38,7 +38,7 @@ def test_two_runs_with_one_seed_write_identical_models(tmp_path):
 @pytest.mark.slow
 def test_retraining_some_adapters_writes_what_a_full_build_writes(tmp_path):
     pytest.importorskip("peft")
-    from models.train import TrainConfig, train_demo
+    from mixserve.demo.train import TrainConfig, train_demo
 
     cfg = _tiny_config()
     full = _digests(train_demo(tmp_path / "a", cfg))

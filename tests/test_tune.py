@@ -11,13 +11,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from eval.tune import TUNABLE_METHODS, MixTuner, SearchSpace, check_tune_request, mean_retention
 from merging.spec import canonical_json, parse_mix
+from mixserve.eval.tune import TUNABLE_METHODS, MixTuner, SearchSpace, check_tune_request, mean_retention
 from server.config import ServeConfig
 from tests.server_harness import running_server
 
-DEMO = Path(__file__).resolve().parents[1] / "models" / "demo"
-needs_demo = pytest.mark.skipif(not (DEMO / "base" / "model.safetensors").is_file(), reason="models/demo not trained")
+DEMO = Path(__file__).resolve().parents[1] / "mixserve" / "demo"
+needs_demo = pytest.mark.skipif(not (DEMO / "base" / "model.safetensors").is_file(), reason="mixserve/demo not trained")
 NAMES = ["sql", "python", "json"]
 
 

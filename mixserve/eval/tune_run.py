@@ -16,12 +16,12 @@ from pathlib import Path
 
 import torch
 
-from eval.harness import ModelUnderTest, evaluate
-from eval.tasks import TASKS, make_split
-from eval.tune import MixTuner, SearchSpace, Trial, check_tune_request, fmt_kept, mean_retention
 from merging.adapters import LoraAdapter, load_adapter
 from merging.merge import merge_mix
 from merging.spec import canonical_json, parse_mix
+from mixserve.eval.harness import ModelUnderTest, evaluate
+from mixserve.eval.tasks import TASKS, make_split
+from mixserve.eval.tune import MixTuner, SearchSpace, Trial, check_tune_request, fmt_kept, mean_retention
 
 
 class HarnessScorer:

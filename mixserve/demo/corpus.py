@@ -1,12 +1,12 @@
 """The demo base's pre-training corpus (demo version 9): the tasks solved in the base's own wordings, the
 ``### task:`` format with other inputs' answers, copy-from-context text and generic sentences
-(``models/train.py`` step 1; why each kind is there: ``models/README.md``)."""
+(``mixserve/demo/train.py`` step 1; why each kind is there: ``mixserve/demo/README.md``)."""
 
 from __future__ import annotations
 
 import random
 
-from eval.tasks import (
+from mixserve.eval.tasks import (
     FIRST,
     JOBS,
     SQL_TEMPLATES,
@@ -75,7 +75,7 @@ def _format_sample(rng: random.Random) -> str:
     task = rng.choice(TASKS)
     # Pool words, as the first demos' task data had: the base's corpus stayed as it was when the task
     # data moved to new words per example (a base pre-trained on new words instead - demo version 4 -
-    # copied them worse, and its adapters with it; eval/README.md).
+    # copied them worse, and its adapters with it; mixserve/eval/README.md).
     a, b = make_split(task, "train", 2, seed=rng.randint(0, 10**9), open_vocab=False)
     kind = rng.random()
     if kind < 0.5:
@@ -125,7 +125,7 @@ def _skill_sample(rng: random.Random) -> str:
 
 
 # The corpus: (kind, share of documents, one document). Skills and format each on their own; the adapters
-# connect them (measured, models/README.md: a base with only one of the two gives adapters that
+# connect them (measured, mixserve/demo/README.md: a base with only one of the two gives adapters that
 # carry the other, and merges lose it).
 CORPUS_MIX = (
     ("skill", 0.45, _skill_sample),

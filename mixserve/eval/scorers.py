@@ -20,10 +20,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from eval.sandbox import PythonResult, run_python_tests, run_python_tests_many  # noqa: F401 (re-exported)
+from mixserve.eval.sandbox import PythonResult, run_python_tests, run_python_tests_many  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:
-    from eval.tasks import Example
+    from mixserve.eval.tasks import Example
 
 # --------------------------------------------------------------------------------------------- SQL
 

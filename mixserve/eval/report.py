@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from eval.geometry import geometry_markdown
-from eval.tasks import TASKS
+from mixserve.eval.geometry import geometry_markdown
+from mixserve.eval.tasks import TASKS
 
 SECTIONS = (
     ("base", "Base and single adapters (the reference of retention)"),

@@ -33,10 +33,12 @@ from pathlib import Path
 
 import torch
 
-from eval.tasks import TASKS, make_split
-from models.corpus import CORPUS_MIX, build_corpus
+from mixserve.demo.corpus import CORPUS_MIX, build_corpus
+from mixserve.eval.tasks import TASKS, make_split
 
 EOS, BOS, PAD = "<eos>", "<bos>", "<pad>"
+# What a build writes under its output directory (besides ``CARD.md``).
+BUILD_FILES = ("base", "adapters", "loss_curves.png", "training_log.json")
 
 
 @dataclass
@@ -303,7 +305,13 @@ def train_demo(out_dir: str | Path, cfg: TrainConfig | None = None, only: tuple[
 
 def write_card(out: Path, cfg: TrainConfig, runs: list[dict], logs: dict[str, list[dict]]) -> None:
     """``CARD.md``: how the files were made, their sizes, the final losses."""
-    sizes = {p.relative_to(out).as_posix(): p.stat().st_size for p in sorted(out.rglob("*")) if p.is_file()}
+    # Only what training writes: the default ``out`` is the ``mixserve.demo`` package directory, whose
+    # code, README and ``pins.yaml`` are not part of the build.
+    sizes = {
+        p.relative_to(out).as_posix(): p.stat().st_size
+        for p in sorted(out.rglob("*"))
+        if p.is_file() and p.relative_to(out).parts[0] in BUILD_FILES and "__pycache__" not in p.parts
+    }
     total = sum(sizes.values())
     base_cfg = json.loads((out / "base" / "config.json").read_text())
     n_params = (out / "base" / "model.safetensors").stat().st_size // 4  # fp32
@@ -316,8 +324,8 @@ def write_card(out: Path, cfg: TrainConfig, runs: list[dict], logs: dict[str, li
         "# mixserve demo model",
         "",
         "A small Llama-architecture causal LM and four LoRA adapters, trained from seeds on CPU by",
-        "`mixserve demo-train` (`models/train.py`). Synthetic data only; good for exercising merges and",
-        "the server, not for anything else. Quality: `eval/results/quality.md` (`mixserve eval`).",
+        "`mixserve demo-train` (`mixserve/demo/train.py`). Synthetic data only; good for exercising merges and",
+        "the server, not for anything else. Quality: `mixserve/eval/results/quality.md` (`mixserve eval`).",
         "",
         f"- base: hidden {base_cfg['hidden_size']}, {base_cfg['num_hidden_layers']} layers, "
         f"{base_cfg['num_attention_heads']} heads, intermediate {base_cfg['intermediate_size']}, tied embeddings, "

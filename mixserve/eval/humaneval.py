@@ -13,10 +13,10 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from eval.harness import ModelUnderTest
-from eval.sandbox import run_python_tests_many
-from eval.tasks import Example
 from merging.delta import MergedDelta
+from mixserve.eval.harness import ModelUnderTest
+from mixserve.eval.sandbox import run_python_tests_many
+from mixserve.eval.tasks import Example
 
 STOP = ("\ndef ", "\nclass ", "\nif ", "\nprint(", "\n#")
 

@@ -28,15 +28,15 @@ from pathlib import Path
 
 import torch
 
-from eval.geometry import adapter_geometry
-from eval.harness import ModelUnderTest, evaluate
-from eval.report import plot_results, to_markdown
-from eval.scorers import TaskScore
-from eval.tasks import TASKS, make_split
 from merging.adapters import LoraAdapter, load_adapter
 from merging.delta import MergedDelta
 from merging.merge import merge_mix
 from merging.spec import parse_mix
+from mixserve.eval.geometry import adapter_geometry
+from mixserve.eval.harness import ModelUnderTest, evaluate
+from mixserve.eval.report import plot_results, to_markdown
+from mixserve.eval.scorers import TaskScore
+from mixserve.eval.tasks import TASKS, make_split
 
 CODE_TASKS = ("python", "pystr")
 PAIRS = (("sql", "json"), ("python", "pystr"), ("sql", "python"))
@@ -245,7 +245,7 @@ class QualityBenchmark:
     def peft_rows(self, ties_mix: dict) -> None:
         """The four adapters merged by PEFT with the tuned dense TIES row's density and lambda."""
         try:
-            from eval.peft_rows import PeftMerger
+            from mixserve.eval.peft_rows import PeftMerger
         except ImportError:  # pragma: no cover - peft is in the dev extra
             print("peft is not installed: no PEFT comparison rows", flush=True)
             return

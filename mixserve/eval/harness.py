@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from eval.scorers import TaskScore, score
-from eval.tasks import Example
 from merging.delta import MergedDelta
+from mixserve.eval.scorers import TaskScore, score
+from mixserve.eval.tasks import Example
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""Quality benchmark of the served models: task scorers (``mixserve.eval.scorers``), standard library only."""

@@ -1,1 +1,0 @@
-"""The embedded demo model (``models/demo``) and the script that trains it."""
