@@ -38,15 +38,6 @@ def _thin_svd_basis(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return U, S[:, None] * Vh
 
 
-def _qr_then_svd_basis(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`_thin_svd_basis` through a QR of the tall ``X`` first (``X = Q R``, ``R = U_R S V^T``, so
-    ``U = Q U_R``), the SVD of the small ``R`` on the CPU: the same factorization, for devices whose SVD
-    of tall matrices is slow (``bench/gpu.py`` times both)."""
-    Q, R = torch.linalg.qr(X, mode="reduced")
-    U, S, Vh = torch.linalg.svd(R.cpu(), full_matrices=False)
-    return Q @ U.to(Q.device), (S[:, None] * Vh).to(Q.device)
-
-
 def _thin_qr_basis(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     Q, R = torch.linalg.qr(X, mode="reduced")
     return Q, R

@@ -8,10 +8,10 @@ slots ``lo..hi``, so a whole batch's side path is, per input group, one product 
 member for ``B`` whatever the number of distinct mixes:
 
 - ``grouped`` (SGMV): ``t = grouped_mm(x, A[lo..hi], offs)``, ``y_j += grouped_mm(t_j, B_j[lo..hi], offs)``,
-  ``offs`` where each slot's rows end. CUDA in bf16 (sm80+), and CPU steps with several mixes.
+  ``offs`` where each slot's rows end: CPU steps with several mixes.
 - ``masked``: ``t = (x @ A[:, lo..hi]) * own``, ``y_j += t_j @ B_j[lo..hi]``, ``own`` zeroing every
   column block but the row's own slot: dense GEMMs over the step's mixes, for any dtype and device;
-  CPU steps with one mix (plain GEMMs then).
+  CUDA (measured faster than torch's grouped_mm there) and CPU steps with one mix (plain GEMMs then).
 
 Zero-padded ranks and the masked blocks add exact zeros. Each row reads only its own mix's factors
 (grouped), so a step's side-path bytes grow with the number of mixes in it, as they must; its op
@@ -142,12 +142,12 @@ class LoraPool:
         self._never_used = list(range(max_loras, 0, -1))
         itemsize = torch.empty((), dtype=dtype).element_size()
         dims = [d for n_in, _, outs in self.groups.values() for d in (n_in, *outs)]
-        # Older torch builds lack F.grouped_mm; they (and odd strides or dtypes) take the masked path.
-        self.grouped = (
-            hasattr(F, "grouped_mm")
-            and all(d * itemsize % 16 == 0 for d in dims)
-            and (device.type == "cpu" or (dtype == torch.bfloat16 and torch.cuda.get_device_capability(device)[0] >= 8))
-        )
+        # grouped_mm on CPU only: there it is one loop over the step's slots where the masked product is
+        # rows x slots. On an H200 (bench/results/gpu-h200.md, 8 slots, Mistral-7B bf16, CUDA graphs)
+        # torch's grouped_mm kernels made the side path slower than the masked GEMMs: one mix at bs1
+        # 12.0 vs 8.2 ms a step, 32 rows over 8 mixes 15.8 vs 9.7 ms (base 5.9 / 7.2 ms). Older torch
+        # builds lack F.grouped_mm; odd strides take the masked path too.
+        self.grouped = device.type == "cpu" and hasattr(F, "grouped_mm") and all(d * itemsize % 16 == 0 for d in dims)
 
     # ---------------------------------------------------------------------------------------- slots
     @property
