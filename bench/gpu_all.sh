@@ -8,7 +8,10 @@
 #    bench.serve through `mixserve serve --device cuda --dtype bfloat16` (nothing else about memory:
 #    the KV pool and the mix cache size themselves from the device), against PEFT's mixed-batch
 #    generate on the same GPU (its mixes built with `cat`: ties_svd would take an SVD per module).
-# 3. bench.serve on the demo model on the GPU, PEFT with the methods' own combinations.
+# 3. bench.serve on the demo model on the GPU (mixserve only).
+# The caps add up to under 10 minutes (one device command); bench.serve writes its report after every
+# scenario, so a stage stopped by its cap keeps what it measured. On the H200 (2026-11-30) the 7B
+# serving stage took ~45 s to start, ~35 s of mixserve scenarios, ~85 s of PEFT up to c=8.
 # Each stage has a time cap and a failed stage does not stop the next; everything goes to OUT_DIR.
 # A CPU smoke run of the same stages: DEVICE=cpu LAYERS=1 TINY=1 bench/gpu_all.sh /tmp/gpu-all
 set -uo pipefail
@@ -37,8 +40,8 @@ stage 90 "tests/test_cuda.py (graph capture, serve on CUDA)" python3 -m pytest -
 stage 120 "gpu.sh (Mistral-7B bf16)" python3 -m bench.gpu $tiny --out "$out/$name"
 stage 80 "random Mistral-7B bf16 + adapters" python3 -m bench.random_model --out /tmp/m7b --layers "$layers" \
     --dtype bfloat16 --device "$device"
-stage 180 "bench.serve, Mistral-7B on the GPU" python3 -m bench.serve --model /tmp/m7b --adapters /tmp/m7b-adapters \
+stage 240 "bench.serve, Mistral-7B on the GPU" python3 -m bench.serve --model /tmp/m7b --adapters /tmp/m7b-adapters \
     --device "$device" --dtype bfloat16 --concurrency 1,8,32 --rounds 1 --max-tokens 32 --skip-cold \
     --skip-peft-naive --peft-combination cat --out "$out/serve-$name-mistral7b"
-stage 90 "bench.serve, demo on the GPU" python3 -m bench.serve --device "$device" --dtype bfloat16 \
-    --concurrency 1,8,32 --rounds 1 --skip-peft-naive --out "$out/serve-$name-demo"
+stage 50 "bench.serve, demo on the GPU" python3 -m bench.serve --device "$device" --dtype bfloat16 \
+    --concurrency 1,8,32 --rounds 1 --skip-peft --skip-cold --out "$out/serve-$name-demo"

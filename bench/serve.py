@@ -384,6 +384,17 @@ def main(argv: list[str] | None = None) -> int:
     levels = [int(c) for c in args.concurrency.split(",")]
     count = {c: args.requests or max(8, 2 * c) for c in levels}
     rows: list[dict] = []
+
+    def save() -> None:  # after every scenario: a run stopped by a time limit keeps what it measured
+        gpu = "CPU" if not torch.cuda.is_available() else torch.cuda.get_device_name()
+        result = {
+            "machine": f"{gpu}, {os.cpu_count()} cores, {platform.processor() or platform.machine()}, torch {torch.__version__}",
+            "model": str(args.model), "max_tokens": args.max_tokens, "threads": args.threads, "rounds": args.rounds,
+            "device": args.device, "dtype": args.dtype, "peft_combination": args.peft_combination or "per method",
+            "mixes": MIXES, "rows": rows, "ratios": ratios(rows),
+        }  # fmt: skip
+        write_report(args.out, result, to_markdown)
+
     cold_seed = 10_000
     placement = (
         f"--device {args.device} --dtype {args.dtype} " if (args.device, args.dtype) != ("cpu", "float32") else ""
@@ -404,6 +415,7 @@ def main(argv: list[str] | None = None) -> int:
                 r = pooled(runs[scenario]).summary()
                 print(json.dumps(r), flush=True)
                 rows.append(r)
+                save()
     finally:
         server.stop()
     if not args.skip_peft:
@@ -419,18 +431,13 @@ def main(argv: list[str] | None = None) -> int:
                 ).summary()  # far behind: one round
                 print(json.dumps(r), flush=True)
                 rows.append(r)
+                save()
             mixed = [run_peft_mixed_batch(model, tok, c, count[c], args.max_tokens) for _ in range(args.rounds)]
             r = pooled(mixed).summary()
             print(json.dumps(r), flush=True)
             rows.append(r)
-    device = "CPU" if not torch.cuda.is_available() else torch.cuda.get_device_name()
-    result = {
-        "machine": f"{device}, {os.cpu_count()} cores, {platform.processor() or platform.machine()}, torch {torch.__version__}",
-        "model": str(args.model), "max_tokens": args.max_tokens, "threads": args.threads, "rounds": args.rounds,
-        "device": args.device, "dtype": args.dtype, "peft_combination": args.peft_combination or "per method",
-        "mixes": MIXES, "rows": rows, "ratios": ratios(rows),
-    }  # fmt: skip
-    write_report(args.out, result, to_markdown)
+            save()
+    save()
     return 0
 
 
