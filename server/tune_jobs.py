@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 import uuid
@@ -101,6 +102,7 @@ class TuneJobs:
             uuid.uuid4().hex[:12], {**request, "tasks": tasks, "adapters": adapters}, budget=request["budget"]
         )
         job.task = asyncio.create_task(self._run(job, search))
+        job.task.add_done_callback(functools.partial(self._settle, job))
         self.jobs[job.id] = job
         self._forget_old()
         return job
