@@ -105,36 +105,35 @@ def decode_rows(runtime, batch: int, slots: list[int], prompt_len: int):
 
 
 def decode_measures(runtime, device: torch.device, repeats: int, bound: float) -> tuple[list[dict], list[dict]]:
-    """bs1 decode against the bandwidth bound; 32 rows on 8 mixes against 32 rows on one; the same with
-    the masked side path where the grouped one is the default; and the checks: the same logits with and
-    without CUDA graphs, and each mix's rows alone as in the 8-mix batch (next to the base model's own
-    batch-size noise in bf16)."""
+    """bs1 decode against the bandwidth bound; 32 rows on 8 mixes against 32 rows on one; each with the
+    default side path (masked on CUDA, grouped_mm on CPU) and, where torch has grouped_mm for the dtype,
+    the other one; and the checks: the same logits with and without CUDA graphs, and the 8-mix batch
+    against its rows 4 at a time (next to the base model's own batch-shape noise in bf16)."""
     slots = [runtime.pool.acquire(m) for m in random_mixes(runtime, 8, rank=16)]
     bs1, tables1 = decode_rows(runtime, 1, [0], 128)
     rows_base, tables = decode_rows(runtime, 32, [0], 128)
+    on = lambda rows, slot_of: [r.__class__(r.token, r.position, r.blocks, slot_of(i)) for i, r in enumerate(rows)]  # noqa: E731
+    batches = {"one": on(bs1, lambda i: slots[0]), "32 one": on(rows_base, lambda i: slots[0]),
+               "32 eight": on(rows_base, lambda i: slots[i // 4])}  # fmt: skip
     t_base = _median_seconds(lambda: runtime.decode(bs1), device, repeats)
     t_base32 = _median_seconds(lambda: runtime.decode(rows_base), device, repeats)
     rows = [{"measure": "bs1 decode step, base model (ms)", "value": round(1e3 * t_base, 3), "target": "",
              "ratio": round(bound / t_base, 3)},
             {"measure": "32 rows decode step, base model (ms)", "value": round(1e3 * t_base32, 3), "target": "",
              "ratio": None}]  # fmt: skip
-    # The default path (masked on CUDA, grouped on CPU) and, where torch has grouped_mm for this dtype and
-    # the shapes are aligned, the other one for comparison.
     default = "grouped" if runtime.pool.grouped else "masked"
-    other = {"grouped": "masked", "masked": "grouped"}[default]
     grouped_ok = hasattr(torch.nn.functional, "grouped_mm") and (
         device.type == "cpu" or runtime.dtype == torch.bfloat16
     )
-    paths = [default, other] if default == "grouped" or grouped_ok else [default]
+    paths = [default] + ([{"grouped": "masked", "masked": "grouped"}[default]] if grouped_ok else [])
     checks: list[dict] = []
     for path in paths:
         runtime.pool.grouped = path == "grouped"
         if runtime.graphs is not None:  # graphs captured for the other side path are not reused
             runtime.graphs = type(runtime.graphs)(runtime, capture=True)
         try:  # one path failing (e.g. its graph capture) still leaves the other's figures
-            rows += side_path_measures(runtime, device, repeats, bound, slots, bs1, rows_base, path, t_base32)
-            rows_eight = [r.__class__(r.token, r.position, r.blocks, slots[i // 4]) for i, r in enumerate(rows_base)]
-            checks += consistency_checks(runtime, rows_eight, f"8 mixes, {path}")
+            rows += side_path_measures(runtime, device, repeats, bound, batches, path, t_base32)
+            checks += consistency_checks(runtime, batches["32 eight"], f"8 mixes, {path}")
         except Exception as exc:  # reported in the table
             rows.append(
                 {"measure": f"{path} side path", "value": f"FAILED: {exc!r}"[:300], "target": "", "ratio": None}
@@ -146,14 +145,11 @@ def decode_measures(runtime, device: torch.device, repeats: int, bound: float) -
     return rows, checks
 
 
-def side_path_measures(runtime, device, repeats: int, bound: float, slots: list[int], bs1: list, rows_base: list,
-                       path: str, t_base32: float) -> list[dict]:  # fmt: skip
-    one = [r.__class__(r.token, r.position, r.blocks, slots[0]) for r in bs1]
-    step = _median_seconds(lambda: runtime.decode(one), device, repeats)
-    rows_one = [r.__class__(r.token, r.position, r.blocks, slots[0]) for r in rows_base]
-    rows_eight = [r.__class__(r.token, r.position, r.blocks, slots[i // 4]) for i, r in enumerate(rows_base)]
-    t_one = _median_seconds(lambda: runtime.decode(rows_one), device, repeats)
-    t_eight = _median_seconds(lambda: runtime.decode(rows_eight), device, repeats)
+def side_path_measures(runtime, device, repeats: int, bound: float, batches: dict, path: str,
+                       t_base32: float) -> list[dict]:  # fmt: skip
+    step = _median_seconds(lambda: runtime.decode(batches["one"]), device, repeats)
+    t_one = _median_seconds(lambda: runtime.decode(batches["32 one"]), device, repeats)
+    t_eight = _median_seconds(lambda: runtime.decode(batches["32 eight"]), device, repeats)
     return [
         {"measure": f"bs1 decode step, one mix, {path} side path (ms)", "value": round(1e3 * step, 3),
          "target": f">= 70% of the bound ({1e3 * bound:.3f} ms)", "ratio": round(bound / step, 3)},
