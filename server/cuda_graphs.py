@@ -46,9 +46,15 @@ class DecodeGraphs:
 
     def __init__(self, runtime, *, capture: bool) -> None:
         self.runtime, self.capture = runtime, capture
+        self._reset()
+
+    def _reset(self) -> None:
+        """No graphs yet, for the pool's current buffers, and a fresh memory pool: capturing into an old one
+        once its graphs are gone trips the CUDA caching allocator's assert (use_count > 0); its blocks
+        are freed with the old graphs' outputs."""
         self._graphs: dict[tuple, _Graph] = {}
-        self._pool_version = runtime.pool.version
-        self._mempool = torch.cuda.graph_pool_handle() if capture else None
+        self._pool_version = self.runtime.pool.version
+        self._mempool = torch.cuda.graph_pool_handle() if self.capture else None
 
     @staticmethod
     def bucket(rows: int) -> int:
@@ -59,11 +65,7 @@ class DecodeGraphs:
         positions."""
         rt = self.runtime
         if rt.pool.version != self._pool_version:  # the pool's buffers were reallocated
-            self._graphs.clear()
-            self._pool_version = rt.pool.version
-            # A fresh memory pool: capturing into the old one once its graphs are gone trips the CUDA
-            # caching allocator's assert (use_count > 0); its blocks are freed with the old outputs.
-            self._mempool = torch.cuda.graph_pool_handle() if self.capture else None
+            self._reset()
         b, nb = len(rows), len(tables[0])
         bp = self.bucket(b)
         pad = bp - b

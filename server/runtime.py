@@ -341,7 +341,7 @@ class ModelRuntime:
         # rounded up to a power of two so the key width takes few values (and graph buckets).
         nb = -(-max(MIN_KEYS, 1 << max(r.position for r in rows).bit_length()) // bs)
         tables = [list(r.blocks[:nb]) + [NULL_BLOCK] * (nb - len(r.blocks[:nb])) for r in rows]
-        where = [w for r in rows for w in self._slot_mapping(r.blocks, r.position, r.position + 1)]
+        where = [r.blocks[r.position // bs] * bs + r.position % bs for r in rows]  # each row's new cache slot
         if self.graphs is not None:
             logits = self.graphs.run(rows, tables, where)
         else:
