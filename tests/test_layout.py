@@ -50,6 +50,7 @@ def test_the_wheel_installs_only_merging_server_and_mixserve():
     data = setuptools["package-data"]["mixserve.demo"]
     assert {"base/*", "adapters/*/*", "pins.yaml"} <= set(data), data
     assert "results/*" in setuptools["exclude-package-data"]["mixserve.eval"]
+    assert "static/*" in setuptools["package-data"]["server"]  # the /playground page ships too
 
 
 def test_the_demo_model_lives_in_the_mixserve_package():
