@@ -19,6 +19,7 @@ is tested end to end in CI; its figures say nothing about a GPU, and the report 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import platform
 import statistics
@@ -92,16 +93,15 @@ def random_mixes(runtime, n: int, rank: int) -> list:
     return out
 
 
-def decode_rows(runtime, batch: int, slots: list[int], prompt_len: int):
-    """``batch`` sequences with ``prompt_len`` tokens in the cache, rows spread over ``slots``."""
+def decode_rows(runtime, batch: int, prompt_len: int):
+    """``batch`` sequences on the base model with ``prompt_len`` tokens in the cache."""
     from server.runtime import DecodeRow, PrefillChunk
 
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, runtime.config.vocab_size, (prompt_len,), generator=g).tolist()
     tables = [runtime.kv.allocate(runtime.kv.blocks_for(prompt_len + 1)) for _ in range(batch)]
     runtime.prefill([PrefillChunk(prompt, 0, t) for t in tables])
-    rows = [DecodeRow(7, prompt_len, t, slots[i * len(slots) // batch]) for i, t in enumerate(tables)]
-    return sorted(rows, key=lambda r: r.lora_slot), tables
+    return [DecodeRow(7, prompt_len, t) for t in tables], tables
 
 
 def decode_measures(runtime, device: torch.device, repeats: int, bound: float) -> tuple[list[dict], list[dict]]:
@@ -110,9 +110,9 @@ def decode_measures(runtime, device: torch.device, repeats: int, bound: float) -
     the other one; and the checks: the same logits with and without CUDA graphs, and the 8-mix batch
     against its rows 4 at a time (next to the base model's own batch-shape noise in bf16)."""
     slots = [runtime.pool.acquire(m) for m in random_mixes(runtime, 8, rank=16)]
-    bs1, tables1 = decode_rows(runtime, 1, [0], 128)
-    rows_base, tables = decode_rows(runtime, 32, [0], 128)
-    on = lambda rows, slot_of: [r.__class__(r.token, r.position, r.blocks, slot_of(i)) for i, r in enumerate(rows)]  # noqa: E731
+    bs1, tables1 = decode_rows(runtime, 1, 128)
+    rows_base, tables = decode_rows(runtime, 32, 128)
+    on = lambda rows, slot_of: [dataclasses.replace(r, lora_slot=slot_of(i)) for i, r in enumerate(rows)]  # noqa: E731
     batches = {"one": on(bs1, lambda i: slots[0]), "32 one": on(rows_base, lambda i: slots[0]),
                "32 eight": on(rows_base, lambda i: slots[i // 4])}  # fmt: skip
     t_base = _median_seconds(lambda: runtime.decode(bs1), device, repeats)
@@ -122,14 +122,13 @@ def decode_measures(runtime, device: torch.device, repeats: int, bound: float) -
             {"measure": "32 rows decode step, base model (ms)", "value": round(1e3 * t_base32, 3), "target": "",
              "ratio": None}]  # fmt: skip
     default = "grouped" if runtime.pool.grouped else "masked"
-    grouped_ok = hasattr(torch.nn.functional, "grouped_mm") and (
-        device.type == "cpu" or runtime.dtype == torch.bfloat16
-    )
-    paths = [default] + ([{"grouped": "masked", "masked": "grouped"}[default]] if grouped_ok else [])
+    # (run() decodes in bf16, which grouped_mm takes on both devices)
+    other = {"grouped": "masked", "masked": "grouped"}[default]
+    paths = [default] + ([other] if hasattr(torch.nn.functional, "grouped_mm") else [])
     checks: list[dict] = []
     for path in paths:
         runtime.pool.grouped = path == "grouped"
-        if runtime.graphs is not None:  # graphs captured for the other side path are not reused
+        if runtime.graphs is not None and path != default:  # graphs are captured for one side path
             runtime.graphs = type(runtime.graphs)(runtime, capture=True)
         try:  # one path failing (e.g. its graph capture) still leaves the other's figures
             rows += side_path_measures(runtime, device, repeats, bound, batches, path, t_base32)

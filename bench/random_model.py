@@ -21,9 +21,8 @@ from pathlib import Path
 import torch
 
 from merging.synthetic import MISTRAL_7B, write_random_adapter
-
-ADAPTERS = ("sql", "python", "pystr", "json")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from mixserve.eval.tasks import TASKS as ADAPTERS  # named like the demo's: bench.serve's mixes use these names
+from server.config import DTYPES
 
 
 def write_tokenizer(out: Path, vocab: int) -> None:
@@ -60,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True, help="the model directory (adapters go to OUT-adapters)")
     ap.add_argument("--layers", type=int, default=32, help="decoder layers (default 32: the whole 7B)")
-    ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="weights' dtype (default float32)")
+    ap.add_argument("--dtype", default="float32", choices=DTYPES, help="weights' dtype (default float32)")
     ap.add_argument("--device", default="cpu", help="where the random weights are drawn (default cpu)")
     ap.add_argument("--max-len", dest="max_len", type=int, default=4096, help="context (default 4096)")
     ap.add_argument("--rank", type=int, default=16, help="the adapters' LoRA rank (default 16)")
@@ -69,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--layers must be 1 to {MISTRAL_7B.layers}")
     t0 = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
-    write_model(args.out, args.layers, DTYPES[args.dtype], args.device, args.max_len)
+    write_model(args.out, args.layers, getattr(torch, args.dtype), args.device, args.max_len)
     write_tokenizer(args.out, MISTRAL_7B.vocab)
     adapters = args.out.with_name(args.out.name + "-adapters")
     shapes = MISTRAL_7B.module_shapes(layers=args.layers)

@@ -40,7 +40,7 @@ import torch
 
 from bench.report import write_report
 from mixserve.eval.tasks import TASKS, make_split
-from server.config import DEMO_DIR
+from server.config import DEMO_DIR, DTYPES
 from server.readiness import free_port, wait_until_ready
 
 # Eight mixes over the demo's four adapters: linear, TIES, DARE-TIES, nested, in the default lowrank space.
@@ -231,6 +231,8 @@ class _StepClock:
         self.times: list[float] = []
 
     def __call__(self, input_ids, scores):
+        if scores.is_cuda:  # the clock must read when the step is done, not when it was queued
+            torch.cuda.synchronize(scores.device)
         self.times.append(time.perf_counter())
         return scores
 
@@ -367,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3, help="rounds per scenario, taking turns; tokens/s is the "
                     "median round's, latency percentiles pool every round (default 3)")  # fmt: skip
     ap.add_argument("--device", default="cpu", help="server and PEFT device, e.g. cuda (default cpu)")
-    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+    ap.add_argument("--dtype", default="float32", choices=DTYPES,
                     help="server and PEFT weights' dtype (default float32)")  # fmt: skip
     ap.add_argument("--skip-peft", dest="skip_peft", action="store_true")
     ap.add_argument("--skip-peft-naive", dest="skip_peft_naive", action="store_true",
@@ -396,9 +398,7 @@ def main(argv: list[str] | None = None) -> int:
         write_report(args.out, result, to_markdown)
 
     cold_seed = 10_000
-    placement = (
-        f"--device {args.device} --dtype {args.dtype} " if (args.device, args.dtype) != ("cpu", "float32") else ""
-    )
+    placement = f"--device {args.device} --dtype {args.dtype} "
     server = ServerProcess(args.model, args.adapters, max(levels), args.threads, placement + args.server_args)
     try:
         server.wait_ready()
@@ -437,7 +437,6 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(r), flush=True)
             rows.append(r)
             save()
-    save()
     return 0
 
 

@@ -139,7 +139,7 @@ def iso_cts(
 ) -> torch.Tensor:
     """Iso-CTS (Marczak et al. 2025, Sec. 4.2): common subspace + task-specific directions, flattened.
 
-    With ``D`` the space's dimension (``space_dim``) and ``n`` tasks: ``k = D - n * round((D - floor(
+    With ``D`` the space's dimension (``space_dim``) and ``n`` tasks (those not zero on this module): ``k = D - n * round((D - floor(
     common_fraction * D)) / n)`` directions come from the top of the sum ``T = sum_i T_i``'s SVD (the
     common subspace ``U_c``); each task contributes its top ``s = (D - k) / n`` singular directions
     of ``T_i - U_c U_c^T T_i`` (what the common subspace misses of it). The concatenated left and
@@ -149,8 +149,10 @@ def iso_cts(
     _check(tensors)
     if not 0 < common_fraction <= 1:
         raise ValueError(f"common_fraction must be in (0, 1], got {common_fraction}")
-    n = len(tensors)
     ranks = [numerical_rank(thin_svd(t)[1], rtol) for t in tensors]
+    # Tasks that leave this module untouched get no share of the space (as TSV-M's default fraction).
+    active = [t for t, r in zip(tensors, ranks, strict=True) if r > 0]
+    n = max(1, len(active))
     d = space_dim(tensors, ranks)
     if d == 0:
         return torch.zeros_like(tensors[0])
@@ -166,7 +168,7 @@ def iso_cts(
     Us, Ss, Vhs = [U[:, :k]], [S[:k]], [Vh[:k]]
     if s > 0:
         Uc = U[:, :k]
-        for t in tensors:
+        for t in active:
             Ut, St, Vht = thin_svd(t - Uc @ (Uc.mT @ t))
             Us.append(Ut[:, :s])
             Ss.append(St[:s])

@@ -169,7 +169,9 @@ def magnitude_sampling_probs(tensor: torch.Tensor, density: float, epsilon: floa
         raise ValueError(f"DELLA needs density +- epsilon inside (0, 1); got density {density}, epsilon {epsilon}")
     rows = tensor.reshape(1, -1) if tensor.dim() < 2 else tensor.reshape(tensor.shape[0], -1)
     cols = rows.shape[1]
-    ranks = rows.abs().argsort(dim=1).argsort(dim=1).to(torch.float32)
+    order = rows.abs().argsort(dim=1)  # each entry's rank = its place in the order (one sort, not two)
+    ranks = torch.empty_like(order).scatter_(1, order, torch.arange(cols, device=order.device).expand_as(order))
+    ranks = ranks.to(torch.float32)
     rank_norm = ranks / (cols - 1) if cols > 1 else torch.full_like(ranks, 0.5)
     return ((density - epsilon) + rank_norm * (2 * epsilon)).reshape(tensor.shape)
 

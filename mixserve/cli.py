@@ -65,11 +65,12 @@ def _parse_adapter_args(values: list[str]) -> dict[str, Path]:
 
 
 def _build_mix(args: argparse.Namespace, names: list[str]):
+    from merging.methods import METHODS
     from merging.spec import MixNode, parse_mix
 
     if args.mix:
         given = ("method", "weights", *_NODE_FLAGS)
-        clash = ["--" + k.replace("_", "-") for k in given if getattr(args, k) is not None]
+        clash = ["--" + _NODE_FLAGS.get(k, k).replace("_", "-") for k in given if getattr(args, k) is not None]
         if clash:
             raise SystemExit(f"mixserve merge: --mix already defines the merge; drop {', '.join(clash)}")
         try:
@@ -91,31 +92,29 @@ def _build_mix(args: argparse.Namespace, names: list[str]):
     space = args.space
     if space == "auto":
         # Exact in the low-rank space (and much cheaper there): the linear and the spectral methods.
-        space = "lowrank" if args.method in ("linear", "task_arithmetic", "tsv", "iso_c", "iso_cts") else "dense"
+        method = METHODS.get(args.method)
+        space = "lowrank" if method is not None and (method.linear or method.family == "spectral") else "dense"
     node = {
         "method": args.method,
         "space": space,
         "children": [{"adapter": n, "weight": w} for n, w in zip(names, weights, strict=True)],
     }
-    for key in _NODE_FLAGS:
-        value = getattr(args, key)
-        if value is not None:
-            node["lambda" if key == "lam" else key] = value
+    for attr, key in _NODE_FLAGS.items():
+        if getattr(args, attr) is not None:
+            node[key] = getattr(args, attr)
     return MixNode.model_validate(node)
 
 
-# Merge flags that map to a MixSpec node's hyper-parameters (attribute name on args).
-_NODE_FLAGS = ("density", "drop_rate", "majority_sign", "seed", "gamma", "epsilon", "lam", "sv_fraction",
-               "common_fraction")  # fmt: skip
+# Merge flags that map to a MixSpec node's hyper-parameters: attribute on args -> the node's key.
+_NODE_FLAGS = {k: k for k in ("density", "drop_rate", "majority_sign", "seed", "gamma", "epsilon", "sv_fraction",
+                              "common_fraction")} | {"lam": "lambda"}  # fmt: skip
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from merging.adapters import AdapterError, load_adapter
-    from merging.basemodel import BaseModelError
+    from merging.adapters import load_adapter
     from merging.export import merge_to_disk
-    from merging.merge import MergeError
     from merging.spec import leaves
 
     paths = _parse_adapter_args(args.adapter)
@@ -142,12 +141,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
         report = merge_to_disk(
             mix, adapters, out, fmt=args.format, base=args.base, rank=args.rank, progress=Progress(label)
         )
-    except ValidationError as e:  # one sentence, not pydantic's multi-line dump
-        print(f"mixserve merge: error: {one_line(e).replace('invalid value', 'invalid mix', 1)}", file=sys.stderr)
-        return 2
-    except (AdapterError, BaseModelError, MergeError, ValueError, OSError) as e:
-        print(f"mixserve merge: error: {e}", file=sys.stderr)
-        return 2
+    except ValidationError as e:  # main() prints it as one line (or the traceback with --debug)
+        raise ValueError(one_line(e).replace("invalid value", "invalid mix", 1)) from e
     ranks = sorted(set(report.ranks.values()))
     rank_txt = "-" if not ranks else f"{ranks[0]}" if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}"
     energy = report.min_energy_kept
@@ -175,10 +170,6 @@ def cmd_example(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo_dir() -> Path:
-    return Path(__file__).resolve().parent / "demo"
-
-
 def cmd_demo_train(args: argparse.Namespace) -> int:
     from mixserve.demo.train import TrainConfig, train_demo
 
@@ -194,14 +185,15 @@ def cmd_demo_train(args: argparse.Namespace) -> int:
 
 
 def _demo_adapters(args: argparse.Namespace, command: str) -> tuple[Path, dict[str, Path]]:
-    demo = _demo_dir()
-    model = Path(args.model) if args.model else demo / "base"
+    from server.config import DEMO_DIR
+
+    model = Path(args.model) if args.model else DEMO_DIR / "base"
     if not (model / "config.json").is_file():
         raise SystemExit(f"mixserve {command}: --model {model} is not a model directory (no config.json)")
     if args.adapter:
         adapters = _parse_adapter_args(args.adapter)
     else:
-        root = Path(args.adapters) if args.adapters else demo / "adapters"
+        root = Path(args.adapters) if args.adapters else DEMO_DIR / "adapters"
         if not root.is_dir():
             raise SystemExit(f"mixserve {command}: --adapters {root} is not a directory")
         adapters = {p.name: p for p in sorted(root.iterdir()) if (p / "adapter_config.json").is_file()}
@@ -219,14 +211,11 @@ def cmd_tune(args: argparse.Namespace) -> int:
     tasks = args.tasks.split(",") if args.tasks else [t for t in TASKS if t in adapters]
     if args.tasks and not args.adapter:  # by default merge the adapters the tasks name
         adapters = {t: adapters[t] for t in tasks if t in adapters}
-    try:
-        methods = tuple(args.methods.split(",")) if args.methods else TUNABLE_METHODS
-        search = SearchSpace(methods=methods, space=args.space)
-        run_tune(model, adapters, tasks, budget=args.budget, n_val=args.n_val, n_test=args.n_test, search=search,
-                 seed=args.seed, out=Path(args.out), report_dir=Path(args.report) if args.report else None)  # fmt: skip
-    except ValueError as exc:
-        raise SystemExit(f"mixserve tune: {exc}") from None
-    return 0
+    methods = tuple(args.methods.split(",")) if args.methods else TUNABLE_METHODS
+    search = SearchSpace(methods=methods, space=args.space)
+    run_tune(model, adapters, tasks, budget=args.budget, n_val=args.n_val, n_test=args.n_test, search=search,
+             seed=args.seed, out=Path(args.out), report_dir=Path(args.report) if args.report else None)  # fmt: skip
+    return 0  # bad input raises ValueError: main() prints it as one line
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -259,6 +248,7 @@ def _humaneval(model: Path, adapters: dict[str, Path], args: argparse.Namespace)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from server.config import DEMO_DIR
     from server.serve_cli import add_serve_parser
 
     parser = argparse.ArgumentParser(prog="mixserve", description="Merge and serve LoRA adapter mixes.")
@@ -313,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="retrain the embedded demo model and its four task adapters (CPU, ~45 min on 2 cores)",
         description="Build mixserve/demo from seeds: corpus, tokenizer, a small Llama, and sql/python/pystr/json LoRA adapters.",
     )
-    t.add_argument("--out", default=str(_demo_dir()), help="output directory (default: the embedded mixserve/demo)")
+    t.add_argument("--out", default=str(DEMO_DIR), help="output directory (default: the embedded mixserve/demo)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--force", action="store_true", help="overwrite a non-empty --out")
     t.add_argument(

@@ -95,25 +95,27 @@ async def start_generation(state: ServerState, resolved: ResolvedMix, prompt_ids
     return Generation(handle, resolved, len(prompt_ids), cache, lease.entry.mix.seconds if lease else None)
 
 
-async def collect(gen: Generation, request: Request) -> tuple[str, TokenEvent]:
-    """Run to the end; abort if the client disconnects meanwhile. Returns the text and the last event."""
+async def collect(gen: Generation, request: Request | None) -> tuple[str, TokenEvent]:
+    """Run to the end; abort if the client (``request``; None for server-side work) disconnects meanwhile,
+    or if the caller is cancelled. Returns the text and the last event."""
     parts: list[str] = []
 
-    async def watch() -> None:
+    async def watch(request: Request) -> None:
         while not await request.is_disconnected():
             await asyncio.sleep(0.1)
         gen.handle.abort()
 
-    watcher = asyncio.create_task(watch())
+    watcher = asyncio.create_task(watch(request)) if request is not None else None
     try:
         last = None
         async for event in gen.handle.events():
             parts.append(event.text)
             last = event
     finally:
-        watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher
+        if watcher is not None:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
         gen.handle.abort()  # no-op if finished; frees the slot if we were cancelled
     assert last is not None
     if last.finish_reason == "error":

@@ -90,14 +90,28 @@ def cuda_kv_budget(free: int, total: int, utilization: float, reserve: int | Non
     return available - reserved, reserved, note
 
 
+def available_memory() -> int:
+    """Bytes of memory available now: Linux's MemAvailable (free memory plus the page cache it can
+    reclaim: just after loading a model's files MemFree alone can be a fraction of a GiB), else the
+    free pages, else unbounded."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62
+
+
 def cpu_kv_budget(per_block: int, block_size: int, tokens: int, available: int | None = None) -> tuple[int, str]:
     """The default KV-cache bytes off CUDA: room for ``tokens`` positions, at most a quarter of the
     memory available now (a 7B model's 32 x 4096 tokens in fp32 would be 34 GB)."""
     if available is None:
-        try:
-            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):
-            available = 1 << 62
+        available = available_memory()
     wanted = per_block * (-(-tokens // block_size) + 1)
     if wanted <= available // 4:
         return wanted, f"default: {tokens} tokens"

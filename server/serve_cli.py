@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 from pathlib import Path
 
 from server.config import DEMO_DIR, DTYPES, Limits, ServeConfig
@@ -111,7 +110,7 @@ def add_serve_parser(sub) -> None:
     s.add_argument("--pin-file", dest="pin_file", type=Path,
                    help="YAML of named mixes to merge and pin at start-up (default: with the demo model and "
                         "adapters, the demo's pins.yaml: its recommended all-four mix as `all-tasks`)")  # fmt: skip
-    s.add_argument("--api-key", dest="api_key", default=os.environ.get("MIXSERVE_API_KEY") or None,
+    s.add_argument("--api-key", dest="api_key", default=d.api_key,
                    help="require 'Authorization: Bearer KEY' on /v1/* and /generate (default: $MIXSERVE_API_KEY; "
                         "unset = open); /health, /ready and /metrics stay open")  # fmt: skip
     s.add_argument("--insecure-admin", dest="insecure_admin", action="store_true",

@@ -21,8 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from merging.merge import mix_key
-from server.engine import TokenEvent
-from server.generation import encode_prompt, start_generation
+from server.generation import collect, encode_prompt, start_generation
 from server.sampling import SamplingParams
 from server.state import RequestError, ResolvedMix, ServerState
 
@@ -204,17 +203,8 @@ class TuneJobs:
                         if exc.status != 429 or attempt == QUEUE_FULL_RETRIES:
                             raise
                         await asyncio.sleep(min(2.0, 0.05 * 2**attempt))
-                parts: list[str] = []
-                try:
-                    last: TokenEvent | None = None
-                    async for event in gen.handle.events():
-                        parts.append(event.text)
-                        last = event
-                finally:
-                    gen.handle.abort()  # no-op when finished; frees the sequence when the job is cancelled
-                if last is not None and last.finish_reason == "error":
-                    raise RequestError(500, f"generation failed: {last.error}", None, "generation_failed")
-                return "".join(parts)
+                text, _ = await collect(gen, None)  # aborted (its KV blocks freed) if the job is cancelled
+                return text
 
         scores = {}
         for task, exs in examples.items():

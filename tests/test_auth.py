@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import threading
-import time
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
-import torch
-import uvicorn
 
-from server.api import create_app, redact_paths
+from server.api import redact_paths
 from server.auth import secrets_match
 from server.config import ServeConfig
-from server.readiness import free_port
 from tests.server_harness import running_server
 
 DEMO = Path(__file__).resolve().parents[1] / "mixserve" / "demo"
@@ -85,24 +80,11 @@ def test_no_filesystem_paths_in_the_models_list(server):
 
 
 def test_ready_reason_names_no_directories(tmp_path):
-    config = ServeConfig(model=tmp_path / "no-such-model", adapters=tmp_path, port=free_port())
-    threads = torch.get_num_threads()
-    server = uvicorn.Server(uvicorn.Config(create_app(config), host="127.0.0.1", port=config.port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline, reason = time.monotonic() + 60, "loading"
-        while reason == "loading" and time.monotonic() < deadline:
-            time.sleep(0.2)
-            try:
-                reason = httpx.get(f"http://127.0.0.1:{config.port}/ready").json()["reason"]
-            except httpx.TransportError:
-                continue
-        assert reason != "loading" and str(tmp_path) not in reason, reason
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        torch.set_num_threads(threads)
+    config = ServeConfig(model=tmp_path / "no-such-model", adapters=tmp_path)
+    with pytest.raises(RuntimeError) as failed, running_server(config, ready_timeout=60):
+        pass  # running_server raises with /ready's answer once the reason is not "loading"
+    reason = str(failed.value)
+    assert "loading" not in reason and str(tmp_path) not in reason, reason
 
 
 def test_redact_paths_keeps_the_file_name():

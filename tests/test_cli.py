@@ -275,3 +275,13 @@ def test_common_mistakes_are_one_line_for_every_command(tmp_path, argv, message)
                            cwd=tmp_path, env={"PYTHONPATH": str(Path(__file__).parents[1]), "PATH": "/usr/bin"},
                            timeout=300)  # fmt: skip
     assert debug.returncode != 0
+
+
+def test_debug_shows_the_traceback_of_a_merge_error(tmp_path):
+    argv = ["merge", "--adapter", "a=/nonexistent-adapter", "--out", str(tmp_path / "o")]
+    env = {"PYTHONPATH": str(Path(__file__).parents[1]), "PATH": "/usr/bin"}
+    plain = subprocess.run([sys.executable, "-m", "mixserve.cli", *argv], capture_output=True, text=True, env=env)
+    debug = subprocess.run([sys.executable, "-m", "mixserve.cli", "--debug", *argv], capture_output=True, text=True,
+                           env=env)  # fmt: skip
+    assert plain.returncode == 2 and "Traceback" not in plain.stderr and "(--debug shows the traceback)" in plain.stderr
+    assert debug.returncode != 0 and "Traceback" in debug.stderr and "nonexistent-adapter" in debug.stderr

@@ -50,6 +50,7 @@ def test_the_wheel_installs_only_merging_server_and_mixserve():
     data = setuptools["package-data"]["mixserve.demo"]
     assert {"base/*", "adapters/*/*", "pins.yaml"} <= set(data), data
     assert "results/*" in setuptools["exclude-package-data"]["mixserve.eval"]
+    assert "static/*" in setuptools["package-data"]["server"]  # the /playground page ships too
 
 
 def test_the_demo_model_lives_in_the_mixserve_package():
@@ -58,6 +59,6 @@ def test_the_demo_model_lives_in_the_mixserve_package():
     assert DEMO_DIR == ROOT / "mixserve" / "demo"
     assert (DEMO_DIR / "__init__.py").is_file() and (DEMO_DIR / "pins.yaml").is_file()
     assert (DEMO_DIR / "base" / "config.json").is_file() and (DEMO_DIR / "adapters").is_dir()
-    from mixserve.cli import _demo_dir
+    from mixserve.cli import build_parser
 
-    assert _demo_dir() == DEMO_DIR
+    assert build_parser().parse_args(["demo-train"]).out == str(DEMO_DIR)  # the CLI rebuilds the same place

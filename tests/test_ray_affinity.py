@@ -60,7 +60,7 @@ def _pin_reaches_every_replica(url: str) -> None:
                                                                                        {"adapter": "json"}]}}  # fmt: skip
     r = httpx.post(url + "/admin/mixes", json=pin, headers=admin, timeout=120)
     assert r.status_code == 200 and r.json()["replicas"] == {"total": 2, "ok": 2, "failed": []}, r.text
-    replicas = ray.get(directory().all.remote())
+    replicas = ray.get(directory("mixserve").all.remote())
     live = [u for u in replicas if httpx.get(u + "/health", timeout=5).status_code == 200]
     assert len(live) == 2
     for u in live:  # every replica has the pin, not just one
@@ -105,3 +105,16 @@ def test_two_replicas_same_outputs_and_affinity_keeps_each_mix_on_one_replica():
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+@pytest.mark.parametrize(
+    "method,path,every",
+    [("POST", "admin/mixes", True), ("POST", "admin/adapters", True), ("DELETE", "admin/mixes/tuned", True),
+     ("DELETE", "admin/mixes/tune", True), ("DELETE", "admin/mixes/tune-sql", True),
+     ("POST", "admin/mixes/tune", False), ("DELETE", "admin/mixes/tune/ab12", False), ("GET", "admin/mixes", False),
+     ("GET", "admin/cache", False), ("DELETE", "admin/mixes/", False), ("POST", "generate", False)],
+)  # fmt: skip
+def test_which_admin_calls_reach_every_replica(method, path, every):
+    from deploy.ray.app import broadcast
+
+    assert broadcast(method, path) is every  # pins named like "tuned" are unpinned everywhere, tune jobs are not

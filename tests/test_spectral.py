@@ -162,6 +162,15 @@ def test_iso_cts_properties():
     torch.testing.assert_close(_projector(stacked) @ out, out)
 
 
+def test_iso_cts_gives_a_task_that_leaves_the_module_untouched_no_share():
+    """Like TSV-M's default fraction: a child with no delta on a module (an adapter that does not touch
+    it) is not a task there; before, it took a share of the space and a real task's directions were dropped."""
+    tasks = _low_rank_tasks(n=2, rank=4)
+    alone = iso_cts(tasks, common_fraction=0.8)
+    torch.testing.assert_close(iso_cts([*tasks, torch.zeros_like(tasks[0])], common_fraction=0.8), alone)
+    assert numerical_rank(torch.linalg.svdvals(alone)) == 8  # every direction of the two tasks kept
+
+
 def test_zero_tasks_merge_to_zero():
     z = [torch.zeros(6, 5), torch.zeros(6, 5)]
     for fn in (lambda t: tsv_merge(t, 0.5), iso_c, iso_cts):

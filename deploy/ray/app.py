@@ -12,11 +12,14 @@ to mixes (the comparison the tests measure).
     serve run deploy.ray.app:build_app replicas=2            # or: python -m deploy.ray.app --replicas 2
 
 Admin calls that change what a server holds (register an adapter, pin or unpin a mix) go to every
-replica: each replica enters its URL in a named ``ReplicaDirectory`` actor and the router sends the
-call to all of them, answering with the first replica's body, the worst status, and ``replicas``
-(how many took it, and which failed). Other admin calls (cache, tune jobs) go to one replica.
+replica: each replica enters its URL in its application's ``ReplicaDirectory`` actor and the router
+sends the call to all of them at once, answering with the first failing (else the first) replica's
+body, the worst status, and ``replicas`` (how many took it, and which failed). Other admin calls
+(cache, tune jobs) go to one replica. A replica that starts later (autoscaling, a restart) does not
+get earlier broadcasts: give every replica the same pins at start (``serve_kwargs``' ``pin_file``).
 """
 
+import asyncio
 import hashlib
 import json
 import threading
@@ -30,17 +33,18 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 GENERATION_PATHS = ("v1/completions", "v1/chat/completions", "generate")
-DIRECTORY = "mixserve-replica-directory"
+DIRECTORY = "mixserve-replica-directory"  # + the Serve application's name: one directory per app
+BROADCAST_TIMEOUT = httpx.Timeout(600.0, connect=10.0)  # a pin merges the mix: seconds to minutes on a 7B
 router_app = FastAPI(title="mixserve (Ray Serve)")
 
 
 def broadcast(method: str, path: str) -> bool:
-    """Admin calls every replica must take: adapter registration, pin, unpin (not tune jobs)."""
-    if path.startswith("admin/mixes/tune"):
-        return False
-    return (method == "POST" and path in ("admin/adapters", "admin/mixes")) or (
-        method == "DELETE" and path.startswith("admin/mixes/")
-    )
+    """Admin calls every replica must take: adapter registration, pin (POST admin/adapters, admin/mixes)
+    and unpin (DELETE admin/mixes/<name>; not DELETE admin/mixes/tune/<job id>)."""
+    if method == "POST":
+        return path in ("admin/adapters", "admin/mixes")
+    name = path.removeprefix("admin/mixes/")
+    return method == "DELETE" and name != path and name != "" and "/" not in name
 
 
 @ray.remote(num_cpus=0)
@@ -60,10 +64,15 @@ class ReplicaDirectory:
         return sorted(self.urls)
 
 
-def directory():
-    # Detached so that it outlives the replica that happened to create it; stale URLs are dropped by
-    # the router when they stop answering.
-    return ReplicaDirectory.options(name=DIRECTORY, get_if_exists=True, lifetime="detached").remote()
+def directory(app_name: str):
+    """The replica directory of one Serve application (two mixserve apps on a cluster stay apart).
+    Detached so that it outlives the replica that happened to create it; stale URLs are dropped by
+    the router when they stop answering."""
+    return ReplicaDirectory.options(name=f"{DIRECTORY}-{app_name}", get_if_exists=True, lifetime="detached").remote()
+
+
+def forwarded_headers(request: Request) -> dict[str, str]:
+    return {k: v for k, v in request.headers.items() if k.lower() in ("authorization", "content-type")}
 
 
 def mix_key(body: bytes) -> str:
@@ -103,7 +112,7 @@ class MixserveReplica:
                                                      log_level="warning"))  # fmt: skip
         threading.Thread(target=self._server.run, daemon=True).start()
         wait_until_ready(self.url)
-        self._directory = directory()
+        self._directory = directory(serve.get_replica_context().app_name)
         ray.get(self._directory.add.remote(self.url))
 
     def __del__(self) -> None:  # Serve calls it when it shuts a replica down
@@ -145,21 +154,26 @@ class Router:
     def __init__(self, replica: DeploymentHandle, affinity: bool = True) -> None:
         self.replica, self.affinity = replica, affinity
         self.client = httpx.AsyncClient(timeout=None)
+        self.directory = directory(serve.get_replica_context().app_name)
 
     async def _broadcast(self, path: str, request: Request, body: bytes) -> JSONResponse:
-        registry = directory()
-        urls = await registry.all.remote()
-        headers = {k: v for k, v in request.headers.items() if k.lower() in ("authorization", "content-type")}
-        answers, failed = [], []
-        for url in urls:
+        urls = await self.directory.all.remote()
+        headers = forwarded_headers(request)
+
+        async def call(url: str) -> httpx.Response | None:
             try:
-                r = await self.client.request(request.method, f"{url}/{path}", content=body, headers=headers)
-            except httpx.TransportError:  # a replica that is gone: forget it
-                registry.remove.remote(url)
-                continue
-            answers.append(r)
-            if r.status_code >= 400:
-                failed.append({"replica": url, "status": r.status_code})
+                return await self.client.request(request.method, f"{url}/{path}", content=body, headers=headers,
+                                                 params=request.query_params, timeout=BROADCAST_TIMEOUT)  # fmt: skip
+            except httpx.TransportError:  # a replica that is gone (or hung): forget it
+                self.directory.remove.remote(url)
+                return None
+
+        # All replicas at once: a pin merges on each, and one hung replica must not hold up the others.
+        replies = [
+            (u, r) for u, r in zip(urls, await asyncio.gather(*(call(u) for u in urls)), strict=True) if r is not None
+        ]
+        answers = [r for _, r in replies]
+        failed = [{"replica": u, "status": r.status_code} for u, r in replies if r.status_code >= 400]
         if not answers:
             return JSONResponse({"error": {"message": "no mixserve replica is reachable", "type": "server_error",
                                            "param": None, "code": "no_replica"}}, status_code=503)  # fmt: skip
@@ -176,8 +190,7 @@ class Router:
         key = mix_key(body) if self.affinity and path in GENERATION_PATHS else ""
         handle = self.replica.options(multiplexed_model_id=key) if key else self.replica
         url = await handle.url_for.remote()
-        headers = {k: v for k, v in request.headers.items() if k.lower() in ("authorization", "content-type")}
-        upstream = self.client.build_request(request.method, f"{url}/{path}", content=body, headers=headers,
+        upstream = self.client.build_request(request.method, f"{url}/{path}", content=body, headers=forwarded_headers(request),
                                              params=request.query_params)  # fmt: skip
         response = await self.client.send(upstream, stream=True)
         kind = response.headers.get("content-type", "")

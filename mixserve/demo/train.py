@@ -310,7 +310,7 @@ def write_card(out: Path, cfg: TrainConfig, runs: list[dict], logs: dict[str, li
     sizes = {
         p.relative_to(out).as_posix(): p.stat().st_size
         for p in sorted(out.rglob("*"))
-        if p.is_file() and p.relative_to(out).parts[0] in BUILD_FILES and "__pycache__" not in p.parts
+        if p.is_file() and p.relative_to(out).parts[0] in BUILD_FILES
     }
     total = sum(sizes.values())
     base_cfg = json.loads((out / "base" / "config.json").read_text())

@@ -401,8 +401,7 @@ def make_split(
     if wide and split == "test":
         raise ValueError("wide pools are for the base's corpus, never the test split")
     rng = random.Random(f"{task}/{split}/{seed}/{_SPLIT_SEED[split]}")
-    gen_split: Split = split
     kwargs: dict[str, bool] = {"open_vocab": open_vocab} if task in OPEN_VOCAB_TASKS else {}
     if task in WIDE_POOL_TASKS and wide:
         kwargs["wide"] = True
-    return [GENERATORS[task](rng, gen_split, **kwargs) for _ in range(n)]
+    return [GENERATORS[task](rng, split, **kwargs) for _ in range(n)]

@@ -27,9 +27,9 @@ from mixserve.eval.tune import MixTuner, SearchSpace, Trial, check_tune_request,
 class HarnessScorer:
     """Scores mixes on a split with the delta folded into a transformers model (greedy)."""
 
-    def __init__(self, model_dir: Path, adapters: dict[str, LoraAdapter], tasks: list[str], batch_size: int = 32):
+    def __init__(self, model_dir: Path, adapters: dict[str, LoraAdapter], batch_size: int = 32):
         self.mut = ModelUnderTest(model_dir)
-        self.adapters, self.tasks, self.batch_size = adapters, tasks, batch_size
+        self.adapters, self.batch_size = adapters, batch_size
 
     def __call__(self, mix: dict | str | None, examples: dict) -> dict[str, float]:
         merged = None if mix is None else merge_mix(parse_mix(mix), self.adapters)
@@ -72,7 +72,7 @@ def run_tune(
         raise ValueError(f"n_test must be >= 0, got {n_test}")
     t_start = time.perf_counter()
     adapters = {n: load_adapter(p, n) for n, p in adapter_dirs.items()}
-    scorer = HarnessScorer(model_dir, adapters, tasks)
+    scorer = HarnessScorer(model_dir, adapters)
     val = {t: make_split(t, "val", n_val) for t in tasks}
     # The reference of retention on the validation split: each task's own adapter there.
     reference = {t: scorer(t, {t: val[t]})[t] for t in tasks}
