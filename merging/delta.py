@@ -22,12 +22,12 @@ class LowRankDelta:
 
     @property
     def rank(self) -> int:
-        return self.A.shape[0]
+        return self.A.shape[-2]
 
     @property
     def shape(self) -> tuple[int, int]:
-        """Shape ``(out, in)`` of the weight this delta adds to."""
-        return (self.B.shape[0], self.A.shape[1])
+        """Shape ``(out, in)`` of the weight this delta adds to (the last two dimensions of a stack)."""
+        return (self.B.shape[-2], self.A.shape[-1])
 
     @property
     def nbytes(self) -> int:

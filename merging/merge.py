@@ -45,7 +45,8 @@ def mix_key(mix: AdapterLeaf | MixNode, adapters: Mapping[str, LoraAdapter]) -> 
     return h.hexdigest()
 
 
-def _generator(seed: int, path: str, module: str, device: torch.device) -> torch.Generator:
+def mask_generator(seed: int, path: str, module: str, device: torch.device) -> torch.Generator:
+    """The generator DARE / DELLA masks of node ``path`` at ``module`` are drawn from."""
     # One stream per (seed, node, module): masks do not depend on module order or on other nodes.
     # Drawn on the tensors' device (CPU and CUDA streams differ, as do their roundings).
     digest = hashlib.sha256(f"{seed}/{path}/{module}".encode()).digest()
@@ -80,7 +81,7 @@ class _Evaluator:
         weights = [c.weight for c in node.children]
         method, params = get_method(node.method), node.params()
         random = method.sparsify in ("random", "magnitude_sampling")
-        gen = _generator(node.seed or 0, path, ctx.module, self.device) if random else None
+        gen = mask_generator(node.seed or 0, path, ctx.module, self.device) if random else None
         masks = self.keep_masks.get((path, ctx.module))
         linear = method.linear
         divisor = float(sum(weights)) if params.normalize else 1.0
@@ -100,7 +101,8 @@ class _Evaluator:
         # Spectral methods are basis-equivariant: any orthonormal basis (a cheaper QR) gives the same delta.
         basis = shared_basis(factors, orthogonalize="qr" if method.family == "spectral" else "svd")
         core = merge_tensors(method, basis.cores, weights, params, generator=gen, keep_masks=masks)
-        delta, kept = from_core(basis, core, node.rank)
+        # A child's result is stacked again by its parent: balanced factors (see from_core).
+        delta, kept = from_core(basis, core, node.rank, balanced=path != "0")
         if kept < 1.0:
             ctx.energy_kept *= kept
             ctx.refactored = True

@@ -38,6 +38,7 @@ from merging.steps import (
     magnitude_outliers,
     magnitude_sampling_probs,
     magnitude_threshold,
+    magnitude_thresholds,
     trim_below,
     weighted_sum,
 )
@@ -248,6 +249,7 @@ def merge_tensors(
     *,
     generator: torch.Generator | None = None,
     keep_masks: Sequence[torch.Tensor] | None = None,
+    batched: bool = False,
 ) -> torch.Tensor:
     """Merge same-shaped task vectors with ``method``; the result is a fresh tensor.
 
@@ -256,6 +258,12 @@ def merge_tensors(
     take 2-D matrices and work on their SVDs (``spectral.py``). Elementwise methods need a whole
     tensor only for thresholds, DELLA's per-row ranks and L1 rescaling; every other step is
     elementwise and runs block by block (see ``steps.blocks``).
+
+    ``batched``: each tensor is a stack ``[M, ...]`` of M independent merges (e.g. one per module of
+    a model), each slice merged exactly as it would be alone: per-slice trim thresholds, masks from
+    ``keep_masks`` (draw them per slice with :func:`draw_keep_masks`). Only the methods whose
+    per-tensor step is a magnitude trim or a DARE drop (or none) take stacks
+    (:func:`merges_batched`); the others are merged slice by slice by the caller.
     """
     if not tensors:
         raise ValueError("a merge needs at least one tensor")
@@ -264,6 +272,8 @@ def merge_tensors(
     random = method.sparsify in ("random", "magnitude_sampling")
     if random and keep_masks is None and generator is None:
         raise ValueError(f"{method.name} needs a seeded generator or explicit keep masks")
+    if batched:
+        return _finish(method, params, weights, _merge_batched(method, tensors, weights, params, keep_masks))
     if method.family == "spectral":
         return _merge_spectral(method, tensors, weights, params)
     if method.sparsify == "magnitude_outliers":
@@ -291,14 +301,64 @@ def merge_tensors(
                 else [bernoulli_keep_mask(t.shape, params.drop_rate, generator) for t in parts]
             )
             parts = [drop_and_rescale(t, params.drop_rate, m) for t, m in zip(parts, part_masks, strict=True)]
-        if method.sign_consensus and method.consensus == "mergekit":
-            weighted = [t * w for t, w in zip(parts, weights, strict=True)]
-            positive = elect_sign(weighted, "total")
-            out_flat[blk] = agreeing_sum(parts, weights, positive, divide=method.normalize)
-        elif method.sign_consensus:
-            out_flat[blk] = disjoint_mean(parts, weights, elect_sign(parts, params.majority_sign))
-        else:
-            out_flat[blk] = weighted_sum(parts, weights)
+        out_flat[blk] = _combine(method, parts, weights, params)
+    return _finish(method, params, weights, out)
+
+
+def merges_batched(method: MergeMethod) -> bool:
+    """Whether :func:`merge_tensors` takes stacks of independent merges (``batched=True``) for ``method``."""
+    return method.family == "elementwise" and method.sparsify in ("none", "magnitude", "random")
+
+
+def draw_keep_masks(
+    shape: torch.Size | Sequence[int], n: int, drop_rate: float, generator: torch.Generator
+) -> list[torch.Tensor]:
+    """The DARE keep masks :func:`merge_tensors` draws for ``n`` tensors of ``shape`` from ``generator``
+    (block by block, tensor after tensor), so a caller can draw them itself and get the same masks."""
+    numel = 1
+    for d in shape:
+        numel *= d
+    parts: list[list[torch.Tensor]] = [[] for _ in range(n)]
+    for blk in blocks(numel, generator.device):
+        for masks in parts:
+            masks.append(bernoulli_keep_mask((blk.stop - blk.start,), drop_rate, generator))
+    return [torch.cat(masks).view(tuple(shape)) for masks in parts]
+
+
+def _merge_batched(
+    method: MergeMethod,
+    tensors: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    params: MergeParams,
+    keep_masks: Sequence[torch.Tensor] | None,
+) -> torch.Tensor:
+    if not merges_batched(method):
+        raise ValueError(f"{method.name} does not merge stacks; merge slice by slice")
+    parts = list(tensors)
+    if method.sparsify == "magnitude":
+        parts = [trim_below(t, magnitude_thresholds(t, params.density)) for t in parts]
+    elif method.sparsify == "random":
+        if keep_masks is None:
+            raise ValueError("batched DARE merges take their keep masks (draw_keep_masks per slice)")
+        parts = [drop_and_rescale(t, params.drop_rate, m) for t, m in zip(parts, keep_masks, strict=True)]
+    return _combine(method, parts, weights, params)
+
+
+def _combine(
+    method: MergeMethod, parts: Sequence[torch.Tensor], weights: Sequence[float], params: MergeParams
+) -> torch.Tensor:
+    """Sign consensus and the weighted combination of the sparsified parts (elementwise)."""
+    if method.sign_consensus and method.consensus == "mergekit":
+        weighted = [t * w for t, w in zip(parts, weights, strict=True)]
+        positive = elect_sign(weighted, "total")
+        return agreeing_sum(parts, weights, positive, divide=method.normalize)
+    if method.sign_consensus:
+        return disjoint_mean(parts, weights, elect_sign(parts, params.majority_sign))
+    return weighted_sum(parts, weights)
+
+
+def _finish(method: MergeMethod, params: MergeParams, weights: Sequence[float], out: torch.Tensor) -> torch.Tensor:
+    """Normalisation by the weights and ``lambda``, in place."""
     if params.normalize or (method.normalize and not method.sign_consensus):
         total = float(sum(weights))
         if total == 0.0:

@@ -92,8 +92,25 @@ def magnitude_threshold(tensor: torch.Tensor, density: float) -> float | None:
     return float("inf") if k == 0 else float(kth_largest_magnitude(tensor, k))
 
 
-def trim_below(tensor: torch.Tensor, tau: float | None) -> torch.Tensor:
-    """Zero the entries with ``|t| < tau`` (a copy; ``tau=None`` keeps everything)."""
+def magnitude_thresholds(stack: torch.Tensor, density: float) -> torch.Tensor | None:
+    """:func:`magnitude_threshold` of every slice of ``stack`` (``[M, ...]``), shaped to broadcast
+    against it (``[M, 1, ...]``); ``None``: keep all. Exact, like the per-tensor threshold."""
+    if density < 0:
+        raise ValueError(f"density must be >= 0, got {density}")
+    if density >= 1:
+        return None
+    flat = stack.reshape(stack.shape[0], -1)
+    n = flat.shape[1]
+    k = int(density * n)
+    shape = (stack.shape[0],) + (1,) * (stack.dim() - 1)
+    if k == 0:
+        return torch.full(shape, float("inf"), dtype=stack.dtype, device=stack.device)
+    return torch.kthvalue(flat.abs(), n - k + 1, dim=1).values.view(shape)
+
+
+def trim_below(tensor: torch.Tensor, tau: float | torch.Tensor | None) -> torch.Tensor:
+    """Zero the entries with ``|t| < tau`` (a copy; ``tau=None`` keeps everything; a tensor ``tau``
+    broadcasts, one threshold per slice)."""
     if tau is None:
         return tensor.clone()
     return tensor.masked_fill(tensor.abs() < tau, 0)
