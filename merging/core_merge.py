@@ -23,6 +23,7 @@ core), nor can adapters outside the family: :func:`core_space_reason` says why, 
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -83,42 +84,53 @@ class BasisCache:
     """The bases of adapter stacks, by adapter set: what a mix over a known set does not compute again.
 
     A node whose children are all adapters stacks the same factors whatever its weights, method or
-    knobs (weights enter the merge of the cores, not the stack), so its :class:`SharedBasis` (bases and
-    the children's cores) depends only on the family version, the adapters in order and the kind of
-    basis. The SVDs of those stacks are most of a cold merge's time; with them cached a new mix over a
-    known set merges on its cores alone. Least recently used sets are dropped past ``max_bytes``.
-    Not thread-safe: one merge at a time uses it (the server's merges run on one worker thread).
+    knobs (weights enter the merge of the cores, not the stack), so its :class:`SharedBasis` per group
+    of same-shaped modules (bases and the children's cores) depends only on the family version, the
+    adapters in order and the kind of basis. The SVDs of those stacks are most of a cold merge's time;
+    with them cached a new mix over a known set merges on its cores alone. Least recently used sets
+    are dropped past ``max_bytes``. One merge at a time may use it (a lock guards the bookkeeping).
     """
 
     def __init__(self, max_bytes: int = 256 << 20) -> None:
         self.max_bytes = max_bytes
-        self._entries: OrderedDict[tuple, SharedBasis] = OrderedDict()
+        self._sets: OrderedDict[tuple, dict[tuple[str, ...], SharedBasis]] = OrderedDict()
+        self._set_bytes: dict[tuple, int] = {}
+        self._lock = threading.Lock()
         self.nbytes = 0
         self.hits = self.misses = 0
 
     def __len__(self) -> int:
-        return len(self._entries)
+        """Adapter sets held."""
+        return len(self._sets)
 
-    def get_or_compute(self, key: tuple, compute: Callable[[], SharedBasis]) -> SharedBasis:
-        basis = self._entries.get(key)
-        if basis is not None:
-            self.hits += 1
-            self._entries.move_to_end(key)
-            return basis
-        self.misses += 1
+    def get_or_compute(
+        self, adapter_set: tuple, group: tuple[str, ...], compute: Callable[[], SharedBasis]
+    ) -> SharedBasis:
+        with self._lock:
+            basis = self._sets.get(adapter_set, {}).get(group)
+            if basis is not None:
+                self.hits += 1
+                self._sets.move_to_end(adapter_set)
+                return basis
+            self.misses += 1
         basis = compute()
         size = _basis_bytes(basis)
-        if size <= self.max_bytes:
-            self._entries[key] = basis
-            self.nbytes += size
-            while self.nbytes > self.max_bytes:
-                _, old = self._entries.popitem(last=False)
-                self.nbytes -= _basis_bytes(old)
+        with self._lock:
+            if self._set_bytes.get(adapter_set, 0) + size <= self.max_bytes:
+                self._sets.setdefault(adapter_set, {})[group] = basis
+                self._sets.move_to_end(adapter_set)
+                self._set_bytes[adapter_set] = self._set_bytes.get(adapter_set, 0) + size
+                self.nbytes += size
+                while self.nbytes > self.max_bytes:
+                    old, _ = self._sets.popitem(last=False)
+                    self.nbytes -= self._set_bytes.pop(old)
         return basis
 
     def clear(self) -> None:
-        self._entries.clear()
-        self.nbytes = 0
+        with self._lock:
+            self._sets.clear()
+            self._set_bytes.clear()
+            self.nbytes = 0
 
 
 def _basis_bytes(basis: SharedBasis) -> int:
@@ -223,9 +235,8 @@ class _GroupEvaluator:
             return self._padded(shared_basis(factors, orthogonalize=kind), sum(f.rank for f in factors))
 
         if self.bases is not None and all(isinstance(c, AdapterLeaf) for c in node.children):
-            names = tuple(c.adapter for c in node.children)
-            key = (self.family.version, kind, str(self.dtype), names, tuple(self.group))
-            basis = self.bases.get_or_compute(key, compute)
+            adapter_set = (self.family.version, kind, str(self.dtype), tuple(c.adapter for c in node.children))
+            basis = self.bases.get_or_compute(adapter_set, tuple(self.group), compute)
         else:
             basis = compute()
         if merges_batched(method):

@@ -33,7 +33,7 @@ import torch
 from merging.adapters import LoraAdapter, LoraFactors
 
 # A new direction is kept when its singular value, after projecting out the existing basis twice, is
-# above this fraction of the new factor's largest one: fp32 leaves ~1e-7 of an in-span factor behind.
+# above this fraction of the new factor's norm: fp32 leaves ~1e-7 of an in-span factor behind.
 SPAN_RTOL = 1e-5
 
 
@@ -129,7 +129,7 @@ def _extend(Q: torch.Tensor | None, X: torch.Tensor, rtol: float) -> torch.Tenso
     """
     if X.shape[1] == 0:
         return Q if Q is not None else X.new_zeros((X.shape[0], 0))
-    scale = float(torch.linalg.matrix_norm(X, ord=2))
+    scale = float(torch.linalg.matrix_norm(X))  # Frobenius: an upper bound of the largest singular value
     if Q is not None and Q.shape[1]:
         X = X - Q @ (Q.mT @ X)
         X = X - Q @ (Q.mT @ X)

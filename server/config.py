@@ -41,7 +41,11 @@ class ServeConfig:
         None  # paged KV pool (default: CUDA a share of free memory; CPU max_batch x 4096 tokens)
     )
     block_size: int = 16  # tokens per KV block
-    max_loras: int = 8  # distinct mixes in the running batch (slots of the device mix pool)
+    max_loras: int = 8  # distinct factor-path mixes in the running batch (slots of the device mix pool)
+    # The adapter family's bound: the largest basis (sum of ranks) per module; adapters past it, and
+    # dense-space mixes, are served from full factors. 0: no family, every mix from full factors.
+    family_rank: int = 256
+    core_slots: int | None = None  # core-space mixes loaded at once (default: 2 x max_batch)
     memory_utilization: float = 0.9  # CUDA: share of device memory for weights, KV cache and mixes
     cuda_graphs: bool = True  # CUDA: decode steps replay captured graphs
     # CPU: torch threads for the engine (default: all cores but one, left to HTTP and tokenization).

@@ -1,11 +1,11 @@
-"""Decode steps as replayed CUDA graphs: one graph per (batch bucket, key width, mixes or not).
+"""Decode steps as replayed CUDA graphs: one graph per (batch bucket, key width, which pools the rows use).
 
 A decode step launches a few hundred small kernels; at small batch their launch cost, not the weights'
 bytes, bounds the step. Captured once, a graph replays them all with one launch (vLLM and gpt-fast do
 the same). What a graph needs, and the runtime provides: no host-device syncs inside the step, and
-every input in a static buffer — token ids, positions, cache positions, block tables, the mix pool's
-row groups. The KV cache and the pool's buffers are allocated once (a pool that grows its rank bumps
-``LoraPool.version`` and the graphs are captured again).
+every input in a static buffer — token ids, positions, cache positions, block tables, the factor pool's
+row groups, the rows' core slots. The KV cache and the pools' buffers are allocated once (a pool that
+grows its rank bumps its ``version`` and the graphs are captured again).
 
 A step of ``B`` rows runs in the graph of the next batch bucket; the padding rows come first, on the
 base model, reading and writing only the reserved null block. Graphs are captured lazily, on the
@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from server.core_pool import CorePlan
 from server.kv_cache import NULL_BLOCK
 from server.lora_pool import SidePlan
 
@@ -37,6 +38,7 @@ class _Graph:
     where: torch.Tensor
     table: torch.Tensor
     groups: torch.Tensor | None  # int32 end row per slot (grouped) or [rows] slot index (masked)
+    core_slots: torch.Tensor | None  # [rows] each row's core-pool slot
     graph: object | None = None
     out: torch.Tensor | None = None  # the last hidden states [rows, hidden]
 
@@ -53,8 +55,11 @@ class DecodeGraphs:
         once its graphs are gone trips the CUDA caching allocator's assert (use_count > 0); its blocks
         are freed with the old graphs' outputs."""
         self._graphs: dict[tuple, _Graph] = {}
-        self._pool_version = self.runtime.pool.version
+        self._pool_version = self._versions()
         self._mempool = torch.cuda.graph_pool_handle() if self.capture else None
+
+    def _versions(self) -> tuple[int, int]:
+        return (self.runtime.pool.version, self.runtime.cores.version)
 
     @staticmethod
     def bucket(rows: int) -> int:
@@ -64,17 +69,18 @@ class DecodeGraphs:
         """Logits for ``rows`` (sorted by mix slot), ``tables`` padded to one width, ``where`` their cache
         positions."""
         rt = self.runtime
-        if rt.pool.version != self._pool_version:  # the pool's buffers were reallocated
+        if self._versions() != self._pool_version:  # a pool's buffers were reallocated
             self._reset()
         b, nb = len(rows), len(tables[0])
         bp = self.bucket(b)
         pad = bp - b
         slots = [0] * pad + [r.lora_slot for r in rows]
-        mixed = any(slots)
-        key = (bp, nb, mixed)
+        core_slots = [0] * pad + [r.core_slot for r in rows]
+        mixed, cored = any(slots), any(core_slots)
+        key = (bp, nb, mixed, cored)
         g = self._graphs.get(key)
         if g is None:
-            g = self._graphs[key] = self._new(bp, nb, mixed)
+            g = self._graphs[key] = self._new(bp, nb, mixed, cored)
         host = {
             "ids": [0] * pad + [r.token for r in rows],
             "positions": [0] * pad + [r.position for r in rows],
@@ -83,12 +89,14 @@ class DecodeGraphs:
         }
         if mixed:
             host["groups"] = self._groups(slots)
+        if cored:
+            host["core_slots"] = core_slots
         for name, values in host.items():
             getattr(g, name).copy_(rt._tensor(values, getattr(g, name).dtype), non_blocking=True)
         if g.graph is not None:
             g.graph.replay()
         else:
-            g.out = rt._decode_core(g.ids, g.positions, g.where, g.table, self._plan(g) if mixed else None, False)
+            g.out = rt._decode_core(g.ids, g.positions, g.where, g.table, *self._plans(g), False)
         return rt._logits(g.out[pad:])  # outside the graph: a new tensor, not the static output
 
     def _groups(self, slots: list[int]) -> list[int]:
@@ -97,15 +105,20 @@ class DecodeGraphs:
             return [sum(1 for s in slots if s <= slot) for slot in range(pool.slots)]
         return slots
 
-    def _plan(self, g: _Graph) -> SidePlan:
-        """Every slot (0 included) as the step's range: static shapes whatever the rows' mixes. A new plan
-        per call: its masks are built in the call (so inside the graph when capturing)."""
-        pool = self.runtime.pool
-        if pool.grouped:
-            return SidePlan(0, 0, pool.slots - 1, True, offs=g.groups)
-        return SidePlan(0, 0, pool.slots - 1, False, own=g.groups, dtype=pool.dtype)
+    def _plans(self, g: _Graph) -> tuple[SidePlan | None, CorePlan | None]:
+        """The factor pool's plan with every slot (0 included) as the step's range (static shapes whatever
+        the rows' mixes) and the core pool's from the static slots. New plans per call: their masks and
+        indices are built in the call (so inside the graph when capturing)."""
+        pool, side = self.runtime.pool, None
+        if g.groups is not None and pool.grouped:
+            side = SidePlan(0, 0, pool.slots - 1, True, offs=g.groups)
+        elif g.groups is not None:
+            side = SidePlan(0, 0, pool.slots - 1, False, own=g.groups, dtype=pool.dtype)
+        cores = self.runtime.cores
+        core = CorePlan(g.core_slots, cores.rank, cores.aranges) if g.core_slots is not None else None
+        return side, core
 
-    def _new(self, rows: int, nb: int, mixed: bool) -> _Graph:
+    def _new(self, rows: int, nb: int, mixed: bool, cored: bool) -> _Graph:
         rt, dev = self.runtime, self.runtime.device
         zeros = lambda *shape, dtype=torch.long: torch.zeros(*shape, dtype=dtype, device=dev)  # noqa: E731
         groups = None
@@ -113,7 +126,7 @@ class DecodeGraphs:
             groups = zeros(rt.pool.slots, dtype=torch.int32) + rows if rt.pool.grouped else zeros(rows)
         # All-padding contents: a capture only writes to the null block.
         g = _Graph(zeros(rows), zeros(rows), zeros(rows) + NULL_BLOCK * rt.kv.block_size,
-                   zeros(rows, nb) + NULL_BLOCK, groups)  # fmt: skip
+                   zeros(rows, nb) + NULL_BLOCK, groups, zeros(rows) if cored else None)  # fmt: skip
         if not self.capture:
             return g
         args = (g.ids, g.positions, g.where, g.table)
@@ -121,11 +134,11 @@ class DecodeGraphs:
         stream.wait_stream(torch.cuda.current_stream(dev))
         with torch.inference_mode(), torch.cuda.stream(stream):
             for _ in range(2):  # warm-up: lazy kernel and workspace set-up stays out of the graph
-                rt._decode_core(*args, self._plan(g) if mixed else None, False)
+                rt._decode_core(*args, *self._plans(g), False)
         torch.cuda.current_stream(dev).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         # thread_local: merges copying mixes to the device on their own thread may run meanwhile.
         with torch.inference_mode(), torch.cuda.graph(graph, pool=self._mempool, capture_error_mode="thread_local"):
-            g.out = rt._decode_core(*args, self._plan(g) if mixed else None, False)
+            g.out = rt._decode_core(*args, *self._plans(g), False)
         g.graph = graph
         return g

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from server.core_pool import PreparedCores
 from server.lora_pool import PreparedLora
 from server.metrics import Metrics
 from server.runtime import DecodeRow, ModelRuntime, PrefillChunk
@@ -48,7 +49,7 @@ class EngineStoppedError(RuntimeError):
 class GenerationRequest:
     prompt_ids: list[int]
     params: SamplingParams
-    lora: PreparedLora | None = None
+    lora: PreparedLora | PreparedCores | None = None  # factors (factor pool) or cores (core pool)
     mix_key: str = ""  # "" = the base model; equal keys share a side-path segment
     mix_label: str = "base"  # bounded metrics label: base, an adapter or pinned name, or "adhoc"
     on_finish: Callable[[], None] | None = None  # e.g. release the mix-cache lease (called on the loop)
@@ -72,7 +73,8 @@ class _Sequence:
     queue: asyncio.Queue[TokenEvent]
     arrival: float
     blocks: list[int] = field(default_factory=list)  # KV block table (reserved for prompt + max_tokens)
-    lora_slot: int = -1  # the mix's slot in the runtime's pool while running
+    lora_slot: int = -1  # the mix's factor-pool slot while running (-1: no slots held)
+    core_slot: int = 0  # the mix's core-pool slot while running
     prefilled: int = 0  # prompt tokens already in the KV cache
     tokens: list[int] = field(default_factory=list)
     emitted_chars: int = 0
@@ -250,18 +252,18 @@ class Engine:
                 break
             work.append((seq, n))
             budget -= n
-        kv, pool = self.runtime.kv, self.runtime.pool
+        kv = self.runtime.kv
         while budget > 0 and len(self._running) < self.max_batch:
             with self._lock:
                 if not self._waiting:
                     break
                 seq = self._waiting[0]
                 needed = self._blocks_needed(seq)
-                if needed > kv.free_blocks or not pool.can_acquire(seq.req.lora):
+                if needed > kv.free_blocks or not self.runtime.can_acquire(seq.req.lora):
                     break  # first come, first served: wait for blocks or a mix slot to free up
                 self._waiting.popleft()
             try:
-                seq.lora_slot = pool.acquire(seq.req.lora)  # may copy the mix in (and grow the pool)
+                seq.lora_slot, seq.core_slot = self.runtime.acquire(seq.req.lora)  # may copy the mix in
                 seq.blocks = kv.allocate(needed)
             except Exception as exc:
                 log.exception("admission failed")
@@ -279,8 +281,8 @@ class Engine:
         ids are returned: they decode from the next step on)."""
         if not work:
             return set()
-        chunks = [PrefillChunk(s.req.prompt_ids[s.prefilled : s.prefilled + n], s.prefilled, s.blocks, s.lora_slot)
-                  for s, n in work]  # fmt: skip
+        chunks = [PrefillChunk(s.req.prompt_ids[s.prefilled : s.prefilled + n], s.prefilled, s.blocks, s.lora_slot,
+                               s.core_slot) for s, n in work]  # fmt: skip
         try:
             logits = self.runtime.prefill(chunks)
         except Exception as exc:
@@ -302,7 +304,8 @@ class Engine:
     def _decode(self, seqs: list[_Sequence]) -> None:
         self.metrics.batch_size.observe(len(seqs))
         try:
-            logits = self.runtime.decode([DecodeRow(s.tokens[-1], s.position, s.blocks, s.lora_slot) for s in seqs])
+            logits = self.runtime.decode([DecodeRow(s.tokens[-1], s.position, s.blocks, s.lora_slot, s.core_slot)
+                                          for s in seqs])  # fmt: skip
         except Exception as exc:
             log.exception("decode failed")
             for seq in seqs:
@@ -379,8 +382,8 @@ class Engine:
             self.runtime.kv.free(seq.blocks)
             seq.blocks = []
         if seq.lora_slot >= 0:
-            self.runtime.pool.release(seq.lora_slot)
-            seq.lora_slot = -1
+            self.runtime.release(seq.lora_slot, seq.core_slot)
+            seq.lora_slot, seq.core_slot = -1, 0
         self.metrics.requests.labels(reason).inc()
         if reason in ("stop", "length"):
             self.metrics.e2e.labels(seq.req.mix_label).observe(time.perf_counter() - seq.arrival)

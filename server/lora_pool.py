@@ -17,21 +17,23 @@ Zero-padded ranks and the masked blocks add exact zeros. Each row reads only its
 (grouped), so a step's side-path bytes grow with the number of mixes in it, as they must; its op
 count does not.
 
-Slots are handed out when a mix's first sequence is admitted and stay loaded after its last one
-finishes until another mix needs the slot (least recently used first): a popular mix is copied in
-once. The pool keeps only weak references to the mixes it copied: their memory stays the mix cache's.
+Slots are handed out as ``slots.py`` says: on a mix's first admission, kept (least recently used
+first) after its last sequence finishes, weak references only.
+
+Mixes over the adapter family take ``core_pool.py``'s shared-basis path instead; this pool serves the
+rest (dense-space merges, adapters outside the family) in the same batch.
 """
 
 from __future__ import annotations
 
 import itertools
-import weakref
-from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F  # noqa: N812 - the usual name
+
+from server.slots import SlotTable
 
 RANK_ALIGN = 16  # padded ranks are multiples of this: aligned strides, and few regrowths
 # Projections that read the same input share one A product: [q|k|v] and [gate|up].
@@ -95,10 +97,6 @@ def prepare_lora(by_module: LoraFactorsByModule, layers: int, device: torch.devi
     return PreparedLora(groups)
 
 
-class PoolFullError(RuntimeError):
-    """Every slot holds a mix some running sequence uses."""
-
-
 @dataclass
 class SidePlan:
     """How one step's rows use the pool (built once per step, shared by every layer)."""
@@ -135,11 +133,7 @@ class LoraPool:
         self.version = 0  # bumped when the buffers are reallocated (captured graphs hold their addresses)
         self.buffers: dict[str, tuple[torch.Tensor, list[torch.Tensor]]] = {}  # key -> (A, [B_j])
         self._stacked: dict[str, tuple[torch.Tensor, list[torch.Tensor]]] = {}
-        self._loaded: dict[int, tuple[int, weakref.ref]] = {}  # slot -> (id, weak reference) of the mix there
-        self._slot_of: dict[int, int] = {}  # id(PreparedLora) -> slot
-        self._refs: dict[int, int] = {}
-        self._idle: OrderedDict[int, None] = OrderedDict()  # loaded, unreferenced slots, least recent first
-        self._never_used = list(range(max_loras, 0, -1))
+        self.table = SlotTable(max_loras, "mix")
         itemsize = torch.empty((), dtype=dtype).element_size()
         dims = [d for n_in, _, outs in self.groups.values() for d in (n_in, *outs)]
         # grouped_mm on CPU only: there it is one loop over the step's slots where the masked product is
@@ -160,55 +154,26 @@ class LoraPool:
         return self.max_loras + 1
 
     def slot_of(self, lora: PreparedLora) -> int | None:
-        entry = self._loaded.get(self._slot_of.get(id(lora), -1))
-        return self._slot_of[id(lora)] if entry is not None and entry[1]() is lora else None
+        return self.table.slot_of(lora)
 
     def can_acquire(self, lora: PreparedLora | None) -> bool:
-        return lora is None or self.slot_of(lora) is not None or bool(self._never_used or self._idle)
+        return lora is None or self.table.can_acquire(lora)
 
     def acquire(self, lora: PreparedLora | None) -> int:
         """The slot holding ``lora`` (copying it in if needed); 0 for the base model (or a mix without
         factors). Pair with :meth:`release`."""
         if lora is None or not lora.groups:
             return 0
-        slot = self.slot_of(lora)
-        if slot is None:
-            if self._never_used:
-                slot = self._never_used.pop()
-            elif self._idle:
-                slot, _ = self._idle.popitem(last=False)
-                old_id, _ = self._loaded.pop(slot)
-                if self._slot_of.get(old_id) == slot:
-                    del self._slot_of[old_id]
-            else:
-                raise PoolFullError(f"all {self.max_loras} mix slots are in use by running sequences")
-            try:
-                self._load(slot, lora)
-            except BaseException:  # e.g. out of device memory growing the pool: the slot stays usable
-                self._never_used.append(slot)
-                raise
-        self._idle.pop(slot, None)
-        self._refs[slot] = self._refs.get(slot, 0) + 1
-        return slot
+        return self.table.acquire(lora, self._load)
 
     def release(self, slot: int) -> None:
-        if slot == 0:
-            return
-        if self._refs.get(slot, 0) <= 0:
-            raise ValueError(f"mix slot {slot} released more often than acquired")
-        self._refs[slot] -= 1
-        if self._refs[slot] == 0:
-            self._idle[slot] = None
+        self.table.release(slot)
 
     def _load(self, slot: int, lora: PreparedLora) -> None:
         rank = max((r1 - r0 for g in lora.groups.values() for _, r0, r1, _ in g.members), default=0)
         if rank > self.rank:
             self._grow(-(-rank // RANK_ALIGN) * RANK_ALIGN)
         self._copy_in(slot, lora)
-        # A weak reference: an idle slot does not keep a mix the mix cache has evicted alive (its memory
-        # is the cache's to budget); the id is only trusted while the reference still points at it.
-        self._loaded[slot] = (id(lora), weakref.ref(lora))
-        self._slot_of[id(lora)] = slot
 
     def _grow(self, rank: int) -> None:
         """Reallocate every buffer at a larger padded rank, the loaded slots' factors copied over (the new

@@ -48,6 +48,16 @@ class Metrics:
         self.cache_evictions = Counter(p + "mix_cache_evictions", "Mixes evicted from the cache.", registry=r)
         self.cache_bytes = Gauge(p + "mix_cache_bytes", "Bytes of merged factors held.", registry=r)
         self.cache_entries = Gauge(p + "mix_cache_entries", "Merged mixes held.", registry=r)
+        self.cache_path_entries = Gauge(p + "mix_cache_path_entries", "Merged mixes held, by serving path "
+                                        "(core: cores over the adapter family; factors: full factors).", ["path"],
+                                        registry=r)  # fmt: skip
+        self.cache_path_bytes = Gauge(p + "mix_cache_path_bytes", "Bytes of merged mixes held, by serving path.",
+                                      ["path"], registry=r)  # fmt: skip
+        self.merges = Counter(p + "mix_merges", "Merges run, by serving path.", ["path"], registry=r)
+        self.family_adapters = Gauge(p + "adapter_family_adapters", "Adapters in the adapter family.", registry=r)
+        self.family_rank = Gauge(p + "adapter_family_rank", "Largest per-module basis of the adapter family.",
+                                 registry=r)  # fmt: skip
+        self.family_bytes = Gauge(p + "adapter_family_bytes", "Bytes of the adapter family's bases.", registry=r)
         self.merge_failures = Counter(p + "merge_failures", "Merges that failed.", registry=r)
         self.rejected = Counter(p + "requests_rejected", "Requests refused before admission.", ["reason"],
                                 registry=r)  # fmt: skip

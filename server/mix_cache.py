@@ -16,11 +16,12 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from server.metrics import Metrics
 
-Factors = Any  # the runtime's PreparedLora, or {module: (A, B)}
+Factors = Any  # the runtime's PreparedLora or PreparedCores, or {module: (A, B)}
 
 
 @dataclass
@@ -33,10 +34,12 @@ class MergedMix:
     seconds: float
     ranks: dict[str, int] = field(default_factory=dict)
     energy_kept: dict[str, float] = field(default_factory=dict)
+    path: str = "factors"  # "core": cores over the adapter family; "factors": full merged factors
+    fallback: str | None = None  # why a mix took the factor path
 
-    @property
+    @cached_property
     def nbytes(self) -> int:
-        if hasattr(self.factors, "nbytes"):  # the runtime's PreparedLora
+        if hasattr(self.factors, "nbytes"):  # the runtime's PreparedLora or PreparedCores
             return self.factors.nbytes
         return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.factors.values())
 
@@ -82,12 +85,14 @@ class MixCache:
         self._entries: OrderedDict[str, CacheEntry] = OrderedDict()  # least recently used first
         self._inflight: dict[str, asyncio.Future[CacheEntry]] = {}
         self._waiters: dict[str, int] = {}  # requests awaiting each merge in flight
+        self._bytes: dict[str, int] = {"core": 0, "factors": 0}  # held, by serving path (kept as entries come and go)
+        self._counts: dict[str, int] = {"core": 0, "factors": 0}
         self.merges_started = 0
 
     # ------------------------------------------------------------------------------------- reading
     @property
     def nbytes(self) -> int:
-        return sum(e.mix.nbytes for e in self._entries.values())
+        return sum(self._bytes.values())
 
     def entries(self) -> list[CacheEntry]:
         return list(self._entries.values())
@@ -136,9 +141,10 @@ class MixCache:
             future.exception()  # retrieved: a failed merge whose waiters all left is not an error
             return
         self._metrics.merge_seconds.labels(mix.method, mix.space).observe(mix.seconds)
+        self._metrics.merges.labels(mix.path).inc()
         # Every waiter's lease is taken here, before anything can evict the new entry.
         entry = CacheEntry(key, mix, leases=self._waiters.pop(key, 0))
-        self._entries[key] = entry
+        self._add(entry)
         self._inflight.pop(key, None)
         future.set_result(entry)
         self._evict()
@@ -149,16 +155,30 @@ class MixCache:
             self._evict()
 
     def _evict(self) -> None:
-        for key in [k for k, e in self._entries.items() if e.evictable]:  # LRU order
-            if self.nbytes <= self.budget_bytes:
-                break
-            del self._entries[key]
-            self._metrics.cache_evictions.inc()
+        if self.nbytes > self.budget_bytes:
+            for key in [k for k, e in self._entries.items() if e.evictable]:  # LRU order
+                self._remove(key)
+                self._metrics.cache_evictions.inc()
+                if self.nbytes <= self.budget_bytes:
+                    break
         self._update_gauges()
+
+    def _add(self, entry: CacheEntry) -> None:
+        self._entries[entry.key] = entry
+        self._bytes[entry.mix.path] = self._bytes.get(entry.mix.path, 0) + entry.mix.nbytes
+        self._counts[entry.mix.path] = self._counts.get(entry.mix.path, 0) + 1
+
+    def _remove(self, key: str) -> None:
+        entry = self._entries.pop(key)
+        self._bytes[entry.mix.path] -= entry.mix.nbytes
+        self._counts[entry.mix.path] -= 1
 
     def _update_gauges(self) -> None:
         self._metrics.cache_bytes.set(self.nbytes)
         self._metrics.cache_entries.set(len(self._entries))
+        for path, count in self._counts.items():
+            self._metrics.cache_path_entries.labels(path).set(count)
+            self._metrics.cache_path_bytes.labels(path).set(self._bytes[path])
 
     # ------------------------------------------------------------------------------------- pinning
     def pin(self, entry: CacheEntry, name: str) -> None:
@@ -177,6 +197,6 @@ class MixCache:
         """Drop every evictable entry (admin); returns how many."""
         keys = [k for k, e in self._entries.items() if e.evictable]
         for k in keys:
-            del self._entries[k]
+            self._remove(k)
         self._update_gauges()
         return len(keys)

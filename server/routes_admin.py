@@ -38,15 +38,18 @@ router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
 @router.post("/adapters")
 async def register_adapter(body: RegisterAdapterRequest, state: StateDep):
     try:
-        # Reading and hashing the weights is file I/O: off the event loop.
-        adapter = await asyncio.to_thread(state.registry.register, body.name, body.path, replace=body.replace)
+        # Reading and hashing the weights, and the family's bases, are file I/O and tensor work: off the loop.
+        adapter, in_family = await asyncio.to_thread(state.register_adapter, body.name, body.path,
+                                                     replace=body.replace)  # fmt: skip
     except AdapterError as exc:
         conflict = "already registered" in str(exc)
         raise RequestError(
             409 if conflict else 400, str(exc), "path", "conflict" if conflict else "bad_adapter"
         ) from None
+    state.update_family_metrics()
     return {"name": adapter.name, "modules": len(adapter.modules), "ranks": sorted(set(adapter.ranks.values())),
-            "fingerprint": adapter.fingerprint}  # fmt: skip
+            "fingerprint": adapter.fingerprint, "family": in_family,
+            "family_note": None if in_family else state.family_refused.get(adapter.name)}  # fmt: skip
 
 
 @router.post("/mixes")
@@ -62,7 +65,8 @@ async def pin_mix(body: PinMixRequest, state: StateDep):
         entry = lease.entry
     mix = entry.mix
     return {"name": body.name, "key": entry.key, "pinned": body.pin, "method": mix.method, "space": mix.space,
-            "merge_seconds": mix.seconds, "bytes": mix.nbytes, "max_rank": max(mix.ranks.values(), default=0),
+            "path": mix.path, "fallback": mix.fallback, "merge_seconds": mix.seconds, "bytes": mix.nbytes,
+            "max_rank": max(mix.ranks.values(), default=0),
             "min_energy_kept": min(mix.energy_kept.values(), default=1.0)}  # fmt: skip
 
 
@@ -105,12 +109,19 @@ async def cache(state: StateDep):
             "hits": e.hits,
             "method": e.mix.method,
             "space": e.mix.space,
+            "path": e.mix.path,
+            "fallback": e.mix.fallback,
             "merge_seconds": e.mix.seconds,
         }
         for e in state.cache.entries()
     ]
+    family, cores = state.family, state.runtime.cores
     return {"budget_bytes": state.cache.budget_bytes, "bytes": state.cache.nbytes, "entries": entries,
             "merges": state.cache.merges_started, "kv_cache_bytes": state.runtime.kv.nbytes,
             "kv_block_size": state.runtime.kv.block_size, "kv_blocks": state.runtime.kv.usable_blocks,
             "kv_blocks_free": state.runtime.kv.free_blocks, "mix_pool_slots": state.runtime.pool.max_loras,
-            "mix_pool_bytes": state.runtime.pool.nbytes}  # fmt: skip
+            "mix_pool_bytes": state.runtime.pool.nbytes, "core_pool_slots": cores.table.count,
+            "core_pool_bytes": cores.nbytes, "core_pool_rank": cores.rank,
+            "family": {"version": family.version, "adapters": sorted(family.members), "rank": family.rank,
+                       "max_rank": family.max_rank, "bytes": family.nbytes, "refused": state.family_refused,
+                       "basis_cache_sets": len(state.bases), "basis_cache_bytes": state.bases.nbytes}}  # fmt: skip

@@ -30,6 +30,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F  # noqa: N812 - the usual name
 
+from merging.core_merge import CoreMix
+from merging.family import AdapterFamily
+from server.core_pool import CorePlan, CorePool, PreparedCores, prepare_cores
+from server.fused_linear import fuse_linears
 from server.kv_cache import NULL_BLOCK, PagedKVCache, bytes_per_block, check_fits, cpu_kv_budget, cuda_kv_budget
 from server.lora_pool import (
     GROUPS,
@@ -48,34 +52,6 @@ PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")  # fmt: skip
 
 
-@dataclass(frozen=True)
-class FusedLinear:
-    """Projections that read the same input as one weight (``[q|k|v]``, ``[gate|up]``): one GEMM, not three."""
-
-    weight: torch.Tensor  # [sum of outs, in]
-    bias: torch.Tensor | None
-    sizes: tuple[int, ...]  # each member's output features, in ``GROUPS`` order
-
-
-def fuse_linears(linears: Sequence[torch.nn.Linear]) -> FusedLinear:
-    """Concatenate the members' weights (and biases) and make each member's parameters views into the
-    result, so the fused copy does not double the weights' memory."""
-    with torch.no_grad():
-        sizes = tuple(lin.out_features for lin in linears)
-        weight = torch.cat([lin.weight for lin in linears])
-        biased = [lin.bias is not None for lin in linears]
-        bias = None
-        if any(biased):
-            zero = linears[0].weight.new_zeros
-            bias = torch.cat([lin.bias if lin.bias is not None else zero(lin.out_features) for lin in linears])
-        biases = bias.split(sizes) if bias is not None else [None] * len(linears)
-        for lin, w, b, has_bias in zip(linears, weight.split(sizes), biases, biased, strict=True):
-            lin.weight = torch.nn.Parameter(w, requires_grad=False)
-            if has_bias:
-                lin.bias = torch.nn.Parameter(b, requires_grad=False)
-    return FusedLinear(weight, bias, sizes)
-
-
 class ServingError(RuntimeError):
     """The model cannot be served (unsupported architecture, no room, prompt too long)."""
 
@@ -87,7 +63,8 @@ class PrefillChunk:
     ids: Sequence[int]
     start: int
     blocks: Sequence[int]  # the sequence's block table
-    lora_slot: int = 0  # its mix's slot in the pool (0: the base model)
+    lora_slot: int = 0  # its mix's slot in the factor pool (0: none)
+    core_slot: int = 0  # its mix's slot in the core pool (0: none)
 
 
 @dataclass(frozen=True)
@@ -98,6 +75,7 @@ class DecodeRow:
     position: int
     blocks: Sequence[int]
     lora_slot: int = 0
+    core_slot: int = 0
 
 
 class ModelRuntime:
@@ -133,12 +111,15 @@ class ModelRuntime:
         kv_cache_bytes: int | None = None,
         block_size: int = 16,
         max_loras: int = 8,
+        core_slots: int = 64,
         default_kv_tokens: int = 32 * 4096,
         memory_utilization: float = 0.9,
         reserve_bytes: int | None = None,
         cuda_graphs: bool = True,
     ) -> None:
-        """``kv_cache_bytes`` None: on CUDA, ``memory_utilization`` of the device less what the weights use
+        """``max_loras``: slots of the factor pool (mixes outside the adapter family); ``core_slots``: slots
+        of the core pool (mixes over the family, a few hundred KB to MB each).
+        ``kv_cache_bytes`` None: on CUDA, ``memory_utilization`` of the device less what the weights use
         and ``reserve_bytes`` for merged mixes, the mix pool and activations (default: 15% of what the
         weights leave); elsewhere room for ``default_kv_tokens`` tokens (at most 32 full contexts).
         ``cuda_graphs``: on CUDA, decode steps replay captured graphs (``cuda_graphs.py``)."""
@@ -172,12 +153,11 @@ class ModelRuntime:
         self._kv_tokens = [self.kv.layer(i) for i in range(len(self.layers))]  # [positions, 2 KV, d] views
         self._kv_blocks = [t.view(self.kv.num_blocks, block_size, *t.shape[1:]) for t in self._kv_tokens]
         shapes = {k: tuple(lin.weight.shape) for k, lin in self.linears.items()}
-        self.pool = LoraPool(
-            {f"{i}.{g}": (shapes[group_prefix(i, g) + names[0]][1], names,
-                          [shapes[group_prefix(i, g) + n][0] for n in names])
-             for i in range(len(self.layers)) for g, names in GROUPS.items()},
-            max_loras, self.dtype, self.device,
-        )  # fmt: skip
+        groups = {f"{i}.{g}": (shapes[group_prefix(i, g) + names[0]][1], names,
+                               [shapes[group_prefix(i, g) + n][0] for n in names])
+                  for i in range(len(self.layers)) for g, names in GROUPS.items()}  # fmt: skip
+        self.pool = LoraPool(groups, max_loras, self.dtype, self.device)
+        self.cores = CorePool(groups, core_slots, self.dtype, self.device)
         self.graphs = None
         if cuda_graphs and self.device.type == "cuda":
             from server.cuda_graphs import DecodeGraphs
@@ -229,6 +209,29 @@ class ModelRuntime:
                 )
         return prepare_lora(factors, len(self.layers), self.device, self.dtype)
 
+    def cores_to_device(self, core_mix: CoreMix, family: AdapterFamily) -> PreparedCores:
+        """A core-space merge laid out by input group on the serving device (its family's shapes are the
+        base model's: adapters are checked against them when registered)."""
+        return prepare_cores(core_mix, family, len(self.layers), self.device, self.dtype)
+
+    # ----------------------------------------------------------------------------------------- mixes
+    def can_acquire(self, mix: PreparedLora | PreparedCores | None) -> bool:
+        """Whether a slot for ``mix`` is free (or it is loaded already): admission waits otherwise."""
+        if isinstance(mix, PreparedCores):
+            return self.cores.can_acquire(mix)
+        return self.pool.can_acquire(mix)
+
+    def acquire(self, mix: PreparedLora | PreparedCores | None) -> tuple[int, int]:
+        """``(factor slot, core slot)`` for a sequence on ``mix`` (0 where it uses neither pool). Pair with
+        :meth:`release`."""
+        if isinstance(mix, PreparedCores):
+            return 0, self.cores.acquire(mix)
+        return self.pool.acquire(mix), 0
+
+    def release(self, lora_slot: int, core_slot: int) -> None:
+        self.pool.release(lora_slot)
+        self.cores.release(core_slot)
+
     # -------------------------------------------------------------------------------------- forward
     def _tensor(self, values: list[int], dtype: torch.dtype = torch.long) -> torch.Tensor:
         """Host ints to the device without waiting for it (pinned memory, asynchronous copy on CUDA)."""
@@ -242,10 +245,11 @@ class ModelRuntime:
         return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.variance_epsilon)
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, where: torch.Tensor, side: SidePlan | None,
-                 attend) -> torch.Tensor:  # fmt: skip
-        """Packed tokens (``where``: their cache positions; rows sorted by mix slot) through every layer;
-        ``attend(i, q, heads)`` is layer ``i``'s attention, called after the tokens' keys and values are in
-        the cache. Returns the last hidden states. Device tensors in, so a graph can capture it."""
+                 core: CorePlan | None, attend) -> torch.Tensor:  # fmt: skip
+        """Packed tokens (``where``: their cache positions; rows sorted by factor-pool slot) through every
+        layer; ``side`` / ``core``: the factor and core pools' plans for the step (None: no row uses that
+        pool). ``attend(i, q, heads)`` is layer ``i``'s attention, called after the tokens' keys and values
+        are in the cache. Returns the last hidden states. Device tensors in, so a graph can capture it."""
         h = self.embed[ids]  # [N, hidden]
         cos, sin = self.rotary(h, positions[None])  # [1, N, d]
         half = self.head_dim // 2  # rotate_half(x) = roll(x, half) with the first half's sign in sin
@@ -259,6 +263,8 @@ class ModelRuntime:
             qkv = F.linear(x, fused.weight, fused.bias)
             if side is not None:
                 self.pool.add_side(f"{i}.qkv", x, qkv, side)
+            if core is not None:
+                self.cores.add_side(f"{i}.qkv", x, qkv, core)
             heads = qkv.view(len(h), self.heads + 2 * self.kv_heads, self.head_dim)
             qk = heads[:, : self.heads + self.kv_heads]
             torch.addcmul(qk * cos, qk.roll(half, -1), sin, out=qk)  # rotary, in place
@@ -267,17 +273,23 @@ class ModelRuntime:
             o = self._base(f"model.layers.{i}.self_attn.o_proj", attn)
             if side is not None:
                 self.pool.add_side(f"{i}.o", attn, o, side)
+            if core is not None:
+                self.cores.add_side(f"{i}.o", attn, o, core)
             h = h + o
             x = self._norm(layer.post_attention_layernorm, h)
             fused = self.fused[f"{i}.gateup"]
             gate_up = F.linear(x, fused.weight, fused.bias)
             if side is not None:
                 self.pool.add_side(f"{i}.gateup", x, gate_up, side)
+            if core is not None:
+                self.cores.add_side(f"{i}.gateup", x, gate_up, core)
             gate, up = gate_up.split(fused.sizes, dim=-1)
             act = F.silu(gate) * up
             down = self._base(f"model.layers.{i}.mlp.down_proj", act)
             if side is not None:
                 self.pool.add_side(f"{i}.down", act, down, side)
+            if core is not None:
+                self.cores.add_side(f"{i}.down", act, down, core)
             h = h + down
         return h
 
@@ -297,7 +309,7 @@ class ModelRuntime:
         """Several prompts' chunks in one forward: the logits after each chunk's last token, ``[chunks, vocab]``
         fp32 (in the order given). Each chunk's keys and values go to its blocks."""
         order = sorted(range(len(chunks)), key=lambda c: chunks[c].lora_slot)
-        ids, positions, where, slots, spans = [], [], [], [], []
+        ids, positions, where, slots, core_slots, spans = [], [], [], [], [], []
         for c in order:
             ch = chunks[c]
             end = ch.start + len(ch.ids)
@@ -309,6 +321,7 @@ class ModelRuntime:
             positions += range(ch.start, end)
             where += self._slot_mapping(ch.blocks, ch.start, end)
             slots += [ch.lora_slot] * len(ch.ids)
+            core_slots += [ch.core_slot] * len(ch.ids)
 
         history = [self._chunk_blocks(ch, b - a) for a, b, ch in spans]  # once, not per layer
 
@@ -317,8 +330,8 @@ class ModelRuntime:
                     for (a, b, ch), blocks in zip(spans, history, strict=True)]  # fmt: skip
             return outs[0] if len(outs) == 1 else torch.cat(outs)
 
-        side = self.pool.plan(slots, self._tensor)
-        h = self._forward(self._tensor(ids), self._tensor(positions), self._tensor(where), side, attend)
+        side, core = self.pool.plan(slots, self._tensor), self.cores.plan(core_slots, self._tensor)
+        h = self._forward(self._tensor(ids), self._tensor(positions), self._tensor(where), side, core, attend)
         last = self._tensor([b - 1 for _, b, _ in spans])
         logits = self._logits(h[last])
         return logits if order == sorted(order) else logits[self._tensor(_inverse(order))]
@@ -346,12 +359,13 @@ class ModelRuntime:
             logits = self.graphs.run(rows, tables, where)
         else:
             side = self.pool.plan([r.lora_slot for r in rows], self._tensor)
+            core = self.cores.plan([r.core_slot for r in rows], self._tensor)
             logits = self._decode_core(self._tensor([r.token for r in rows]), self._tensor([r.position for r in rows]),
-                                       self._tensor(where), self._tensor(tables), side)  # fmt: skip
+                                       self._tensor(where), self._tensor(tables), side, core)  # fmt: skip
         return logits if order == sorted(order) else logits[self._tensor(_inverse(order))]
 
     def _decode_core(self, ids: torch.Tensor, positions: torch.Tensor, where: torch.Tensor, table: torch.Tensor,
-                     side: SidePlan | None, logits: bool = True) -> torch.Tensor:  # fmt: skip
+                     side: SidePlan | None, core: CorePlan | None, logits: bool = True) -> torch.Tensor:  # fmt: skip
         """The decode step on device tensors (what a CUDA graph captures): ``table`` ``[rows, blocks]``.
         Logits, or with ``logits=False`` the last hidden states (graphs stop there: ``[rows, vocab]`` fp32
         per captured shape would be memory no budget counts)."""
@@ -360,7 +374,7 @@ class ModelRuntime:
         def attend(i: int, q: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
             return decode_attention(self._kv_blocks[i], table, q, mask)
 
-        h = self._forward(ids, positions, where, side, attend)
+        h = self._forward(ids, positions, where, side, core, attend)
         return self._logits(h) if logits else h
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -15,7 +16,9 @@ from pathlib import Path
 import torch
 from pydantic import ValidationError
 
-from merging.adapters import AdapterError
+from merging.adapters import AdapterError, LoraAdapter
+from merging.core_merge import BasisCache, core_space_reason, merge_core
+from merging.family import AdapterFamily, FamilyFullError
 from merging.merge import MergeError, merge_mix, mix_key
 from merging.spec import AdapterLeaf, MixNode, depth, leaves, parse_mix
 from server.config import DEMO_DIR, ServeConfig
@@ -64,7 +67,7 @@ class ServerState:
         self.runtime = ModelRuntime(
             config.model, device=config.device, dtype=dtype, max_len=config.max_len,
             kv_cache_bytes=config.kv_cache_bytes, block_size=config.block_size, max_loras=config.max_loras,
-            default_kv_tokens=config.max_batch * 4096, memory_utilization=config.memory_utilization,
+            core_slots=config.core_slots or 2 * config.max_batch, default_kv_tokens=config.max_batch * 4096, memory_utilization=config.memory_utilization,
             reserve_bytes=None if config.cache_bytes is None else 2 * config.cache_bytes, cuda_graphs=config.cuda_graphs,
         )  # fmt: skip
         self.base_name = config.model_name or (
@@ -77,6 +80,17 @@ class ServerState:
             Path(config.adapters), self.runtime.base_shapes(), config.limits.max_adapter_bytes
         )
         self.adapter_errors = self.registry.load_root()
+        # The adapter family: mixes over its members merge on small cores and share one side path.
+        self._family_lock = threading.Lock()  # registrations extend it one at a time
+        self.family = AdapterFamily(max_rank=config.family_rank)
+        self.family_refused: dict[str, str] = {}  # adapters served from full factors, and why
+        t0 = time.perf_counter()
+        for name in self.registry.names():
+            self._admit_to_family(self.registry[name])
+        self.family_seconds = time.perf_counter() - t0
+        self.runtime.cores.install(self.family)
+        self.bases = BasisCache()  # the bases of adapter sets merges have stacked
+        self.update_family_metrics()
         self._executor = ThreadPoolExecutor(config.merge_threads, thread_name_prefix="mixserve-merge")
         # On CUDA the runtime held back a share of free memory for merged mixes, the pool and activations.
         cache_bytes = config.cache_bytes
@@ -175,16 +189,49 @@ class ServerState:
             raise RequestError(507, "not enough memory to merge this mix", "mix", "merge_out_of_memory") from None
 
     def _merge_fn(self, spec: AdapterLeaf | MixNode):
-        adapters, runtime, max_rank = self.registry.snapshot(), self.runtime, self.config.max_rank
+        """The merge to run for ``spec`` on the adapters and family as they are now: on the family's
+        cores when every adapter is a member and no node is dense-space, else to full factors."""
+        adapters, family, runtime, max_rank = self.registry.snapshot(), self.family, self.runtime, self.config.max_rank
+        fallback = core_space_reason(spec, family, adapters) if self.config.family_rank else "the family is disabled"
 
         def merge() -> MergedMix:
             t0 = time.perf_counter()
+            if fallback is None:
+                core = merge_core(spec, family, max_rank=max_rank, bases=self.bases)
+                return MergedMix(runtime.cores_to_device(core, family), core.method, core.space,
+                                 time.perf_counter() - t0, core.ranks, core.energy_kept, path="core")  # fmt: skip
             merged = merge_mix(spec, adapters).to_lowrank(max_rank)
             factors = runtime.lora_to_device(merged.lowrank_factors())
             return MergedMix(factors, merged.method, merged.space, time.perf_counter() - t0, merged.ranks,
-                             merged.energy_kept)  # fmt: skip
+                             merged.energy_kept, path="factors", fallback=fallback)  # fmt: skip
 
         return merge
+
+    # ----------------------------------------------------------------------------------- adapters
+    def register_adapter(self, name: str, path: str, *, replace: bool = False) -> tuple[LoraAdapter, bool]:
+        """Load an adapter from under the adapter root and admit it to the family (worker thread: file
+        I/O and the family's bases). Returns the adapter and whether it joined the family."""
+        with self._family_lock:
+            adapter = self.registry.register(name, path, replace=replace)
+            return adapter, self._admit_to_family(adapter)
+
+    def update_family_metrics(self) -> None:
+        self.metrics.family_adapters.set(len(self.family.members))
+        self.metrics.family_rank.set(self.family.rank)
+        self.metrics.family_bytes.set(self.family.nbytes)
+
+    def _admit_to_family(self, adapter: LoraAdapter) -> bool:
+        """Extend the family by ``adapter`` (a new snapshot: merges in flight keep theirs)."""
+        if not self.config.family_rank:
+            return False
+        try:
+            self.family = self.family.extend(adapter)
+        except FamilyFullError as exc:
+            self.family_refused[adapter.name] = str(exc)
+            log.warning("adapter %s is served from full factors: %s", adapter.name, exc)
+            return False
+        self.family_refused.pop(adapter.name, None)
+        return True
 
     def check_pin_name(self, name: str) -> None:
         if not NAME.match(name):

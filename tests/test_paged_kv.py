@@ -18,7 +18,8 @@ from server.kv_cache import (
     cpu_kv_budget,
     cuda_kv_budget,
 )
-from server.lora_pool import LoraPool, PoolFullError, prepare_lora
+from server.lora_pool import LoraPool, prepare_lora
+from server.slots import PoolFullError
 
 DEMO = Path(__file__).resolve().parents[1] / "mixserve" / "demo"
 needs_demo = pytest.mark.skipif(not (DEMO / "base" / "model.safetensors").is_file(), reason="mixserve/demo not trained")
@@ -197,17 +198,17 @@ def test_a_failed_admission_fails_only_its_request_and_frees_its_blocks():
 
     config = ServeConfig(model=DEMO / "base", adapters=DEMO / "adapters", admin_token="t", pin_file=None)
     with running_server(config) as (url, app):
-        pool = app.state.server.runtime.pool
-        real = pool.acquire
+        runtime = app.state.server.runtime
+        real = runtime.acquire
         calls = []
 
-        def fails_once(lora):
-            calls.append(lora)
+        def fails_once(mix):
+            calls.append(mix)
             if len(calls) == 1:
                 raise MemoryError("out of device memory copying the mix in")
-            return real(lora)
+            return real(mix)
 
-        pool.acquire = fails_once
+        runtime.acquire = fails_once
         body = {"prompt": "### task: json\n### input: meet pudo, a pifu aged 37 from boto.\n### output:\n",
                 "mix": "json", "max_tokens": 8}  # fmt: skip
         r = httpx.post(url + "/generate", json=body, timeout=60)

@@ -178,19 +178,21 @@ def test_a_full_queue_answers_429_with_retry_after(server):
     assert results == [200, 200]
 
 
-def test_a_merge_that_runs_out_of_memory_fails_only_its_requests(server, monkeypatch):
+@pytest.mark.parametrize(("merge", "space"), [("merge_core", "lowrank"), ("merge_mix", "dense")])
+def test_a_merge_that_runs_out_of_memory_fails_only_its_requests(server, monkeypatch, merge, space):
+    """On the core path (lowrank mixes of family members) and the factor path (dense-space mixes)."""
     url, _app, _ = server
     import server.state as state_module
 
-    real = state_module.merge_mix
+    real = getattr(state_module, merge)
 
-    def flaky(spec, adapters, **kw):
+    def flaky(spec, *args, **kw):
         if getattr(spec, "seed", None) == 666:
             raise MemoryError("simulated")
-        return real(spec, adapters, **kw)
+        return real(spec, *args, **kw)
 
-    monkeypatch.setattr(state_module, "merge_mix", flaky)
-    boom = {"method": "dare_ties", "seed": 666, "children": [{"adapter": "sql"}, {"adapter": "json"}]}
+    monkeypatch.setattr(state_module, merge, flaky)
+    boom = {"method": "dare_ties", "seed": 666, "space": space, "children": [{"adapter": "sql"}, {"adapter": "json"}]}
     r = httpx.post(url + "/generate", json={"prompt": PROMPT, "mix": boom, "max_tokens": 4}, timeout=30)
     assert _error(r, 507)["code"] == "merge_out_of_memory"
     fine = {**boom, "seed": 1}
