@@ -8,6 +8,10 @@ What it measures (``bench/gpu.sh`` runs it; every figure is from this run):
 3. **32 sequences over 8 mixes vs one mix**: decode-step throughput of a 32-row batch whose rows use
    8 different rank-16 mixes, against the same batch on one mix (target: >= 0.85x).
 4. **Lowrank TIES merge** of 3 rank-16 adapters over the whole 7B shape (target: < 100 ms).
+5. **Core-space mixes** over a family of 4 rank-16 adapters (the server's default path): bs1 one core
+   mix against the base step (target: <= 1.10x), 32 rows over 32 distinct core mixes against 32 rows
+   on one (target: <= 1.05x), the time to capture every decode graph at start, and the whole 7B's
+   TIES merge on the family's coordinates (first mix of an adapter set, and a cold mix over a known set).
 
 ``--tiny`` runs the same steps on a tiny Mistral shape (on CPU when there is no GPU) so that the script
 is tested end to end in CI; its figures say nothing about a GPU, and the report says so.
@@ -75,10 +79,10 @@ def build_runtime(shape: dict, device: torch.device, dtype: torch.dtype, max_lor
     torch.manual_seed(0)
     with torch.device(device):
         hf = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
-    # The KV cache for 32 sequences of 512 tokens is all these measurements need.
+    # The KV cache for 2 x 32 sequences of 512 tokens (plus bs1's) is all these measurements need.
     per_token = 2 * shape["num_hidden_layers"] * shape["num_key_value_heads"] * 128 * 2
-    return ModelRuntime.from_model(hf, max_len=512, kv_cache_bytes=40 * 512 * per_token + (1 << 24),
-                                   max_loras=max_loras, cuda_graphs=graphs)  # fmt: skip
+    return ModelRuntime.from_model(hf, max_len=512, kv_cache_bytes=72 * 512 * per_token + (1 << 24),
+                                   max_loras=max_loras, core_slots=32, cuda_graphs=graphs)  # fmt: skip
 
 
 def random_mixes(runtime, n: int, rank: int) -> list:
@@ -102,6 +106,62 @@ def decode_rows(runtime, batch: int, prompt_len: int):
     tables = [runtime.kv.allocate(runtime.kv.blocks_for(prompt_len + 1)) for _ in range(batch)]
     runtime.prefill([PrefillChunk(prompt, 0, t) for t in tables])
     return [DecodeRow(7, prompt_len, t) for t in tables], tables
+
+
+def core_measures(runtime, device: torch.device, repeats: int, t_base: float, t_base32: float) -> list[dict]:
+    """Core-space mixes: a family of 4 random rank-16 adapters, 32 distinct weighted TIES mixes of them."""
+    from merging.core_merge import BasisCache, merge_core
+    from merging.family import AdapterFamily
+
+    shapes = {name.removesuffix(".weight"): shape for name, shape in runtime.base_shapes().items()}
+    adapters = [random_adapter(f"a{i}", shapes, rank=16, alpha=32, seed=50 + i, device=device) for i in range(4)]
+    t0 = time.perf_counter()
+    family, _ = AdapterFamily().extend_all(adapters)
+    _sync(device)
+    register = time.perf_counter() - t0
+    runtime.cores.install(family)
+
+    def spec(i: int):
+        return parse_mix({"method": "ties", "density": 0.2, "children": [
+            {"adapter": a.name, "weight": round(0.5 + ((i * 7 + k * 3) % 11) / 10, 2)} for k, a in enumerate(adapters)]})  # fmt: skip
+
+    bases = BasisCache(max_bytes=1 << 34)
+    first = _median_seconds(lambda: merge_core(spec(0), family, bases=BasisCache()), device, 1, warmup=1)
+    cold = _median_seconds(lambda: merge_core(spec(1), family, bases=bases), device, max(3, repeats // 10), warmup=1)
+    slots = [runtime.cores.acquire(runtime.cores_to_device(merge_core(spec(i), family, bases=bases), family))
+             for i in range(32)]  # fmt: skip
+    bs1, tables1 = decode_rows(runtime, 1, 128)
+    rows32, tables = decode_rows(runtime, 32, 128)
+    on = lambda rows, slot_of: [dataclasses.replace(r, core_slot=slot_of(i)) for i, r in enumerate(rows)]  # noqa: E731
+    capture = None
+    if runtime.graphs is not None:
+        t0 = time.perf_counter()
+        runtime.graphs.capture_buckets(32)
+        _sync(device)
+        capture = time.perf_counter() - t0
+    one = _median_seconds(lambda: runtime.decode(on(bs1, lambda i: slots[0])), device, repeats)
+    t_one32 = _median_seconds(lambda: runtime.decode(on(rows32, lambda i: slots[0])), device, repeats)
+    t_all32 = _median_seconds(lambda: runtime.decode(on(rows32, lambda i: slots[i])), device, repeats)
+    for t in tables + tables1:
+        runtime.kv.free(t)
+    out = [
+        {"measure": "adapter family of 4 rank-16 adapters: registration, whole model (ms)",
+         "value": round(1e3 * register, 1), "target": "", "ratio": None},
+        {"measure": "TIES merge on the family's coordinates, first mix of an adapter set, whole model (ms)",
+         "value": round(1e3 * first, 1), "target": "", "ratio": None},
+        {"measure": "TIES merge on the family's coordinates, cold mix over a known set, whole model (ms)",
+         "value": round(1e3 * cold, 1), "target": "< 100 ms", "ratio": None},
+        {"measure": "bs1 decode step, one core mix (ms)", "value": round(1e3 * one, 3),
+         "target": "<= 1.10x the base step", "ratio": round(one / t_base, 3)},
+        {"measure": "32 rows decode step, one core mix (ms)", "value": round(1e3 * t_one32, 3), "target": "",
+         "ratio": round(t_one32 / t_base32, 3)},
+        {"measure": "32 rows decode step, 32 distinct core mixes (ms)", "value": round(1e3 * t_all32, 3),
+         "target": "<= 1.05x one core mix", "ratio": round(t_all32 / t_one32, 3)},
+    ]  # fmt: skip
+    if capture is not None:
+        out.append({"measure": "capture every decode graph up to 32 rows at start (s)", "value": round(capture, 2),
+                    "target": "", "ratio": None})  # fmt: skip
+    return out
 
 
 def decode_measures(runtime, device: torch.device, repeats: int, bound: float) -> tuple[list[dict], list[dict]]:
@@ -141,6 +201,10 @@ def decode_measures(runtime, device: torch.device, repeats: int, bound: float) -
     checks += consistency_checks(runtime, rows_base, "base model")
     for t in tables + tables1:
         runtime.kv.free(t)
+    try:
+        rows += core_measures(runtime, device, repeats, t_base, t_base32)
+    except Exception as exc:  # reported in the table
+        rows.append({"measure": "core-space mixes", "value": f"FAILED: {exc!r}"[:300], "target": "", "ratio": None})
     return rows, checks
 
 

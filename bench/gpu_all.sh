@@ -8,7 +8,8 @@
 #    bench.serve through `mixserve serve --device cuda --dtype bfloat16` (nothing else about memory:
 #    the KV pool and the mix cache size themselves from the device), against PEFT's mixed-batch
 #    generate on the same GPU (its mixes built with `cat`: ties_svd would take an SVD per module).
-# 3. bench.serve on the demo model on the GPU (mixserve only).
+# 3. bench.cold on that 7B: cold mixes' merge time and time to first token against a warm mix's.
+# 4. bench.serve on the demo model on the GPU (mixserve only).
 # The caps add up to 550 s, under one device command's 10 minutes with the set-up around them; bench.serve writes its report after every
 # scenario, so a stage stopped by its cap keeps what it measured. On the H200 (2026-11-30) the 7B
 # serving stage took ~45 s to start, ~35 s of mixserve scenarios, ~85 s of PEFT up to c=8.
@@ -37,11 +38,13 @@ stage() {  # stage SECONDS LABEL COMMAND...
     python3 -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)"
 } 2>&1 | tee -a "$log"
 stage 90 "tests/test_cuda.py (graph capture, serve on CUDA)" python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
-stage 100 "gpu.sh (Mistral-7B bf16)" python3 -m bench.gpu $tiny --out "$out/$name"
-stage 80 "random Mistral-7B bf16 + adapters" python3 -m bench.random_model --out /tmp/m7b --layers "$layers" \
+stage 110 "gpu.sh (Mistral-7B bf16)" python3 -m bench.gpu $tiny --out "$out/$name"
+stage 70 "random Mistral-7B bf16 + adapters" python3 -m bench.random_model --out /tmp/m7b --layers "$layers" \
     --dtype bfloat16 --device "$device"
-stage 240 "bench.serve, Mistral-7B on the GPU" python3 -m bench.serve --model /tmp/m7b --adapters /tmp/m7b-adapters \
+stage 190 "bench.serve, Mistral-7B on the GPU" python3 -m bench.serve --model /tmp/m7b --adapters /tmp/m7b-adapters \
     --device "$device" --dtype bfloat16 --concurrency 1,8,32 --rounds 1 --max-tokens 32 --skip-cold \
     --skip-peft-naive --peft-combination cat --out "$out/serve-$name-mistral7b"
-stage 40 "bench.serve, demo on the GPU" python3 -m bench.serve --device "$device" --dtype bfloat16 \
+stage 60 "bench.cold, Mistral-7B on the GPU" python3 -m bench.cold --model /tmp/m7b --adapters /tmp/m7b-adapters \
+    --mixes 4 --server-args "--device $device --dtype bfloat16" --out "$out/cold-$name-mistral7b"
+stage 30 "bench.serve, demo on the GPU" python3 -m bench.serve --device "$device" --dtype bfloat16 \
     --concurrency 1,8,32 --rounds 1 --skip-peft --skip-cold --out "$out/serve-$name-demo"

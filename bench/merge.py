@@ -165,6 +165,96 @@ def lowrank_only_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+CORE_METHODS = {"ties": {"density": 0.1}, "dare_ties": {"drop_rate": 0.5}, "linear": {}, "tsv": {}, "iso_c": {},
+                "della": {"density": 0.5}}  # fmt: skip
+
+
+def run_core(layers: int, n_adapters: int, family_size: int, rank: int, repeats: int, methods: list[str]) -> dict:
+    """Merges on the adapter family's coordinates (what the server does for a registered family) against
+    ``merge_mix`` in the lowrank space, over ``layers`` layers (32: the whole model, no extrapolation).
+
+    Registration: the family's bases, one adapter at a time. Per method, the first mix over an adapter set
+    (its bases computed) and cold mixes over the known set (other weights: the bases cached), the
+    cores' size in bf16 against the lowrank factors', and the distance between the two results.
+    """
+    from merging.core_merge import BasisCache, merge_core
+    from merging.family import AdapterFamily
+
+    shapes = MISTRAL_7B.module_shapes(layers=layers)
+    adapters = [random_adapter(f"a{i}", shapes, rank=rank, alpha=2 * rank, seed=i) for i in range(family_size)]
+    by_name = {a.name: a for a in adapters}
+    family, register_s = AdapterFamily(), []
+    for a in adapters:
+        t0 = time.perf_counter()
+        family = family.extend(a)
+        register_s.append(time.perf_counter() - t0)
+        print(f"registered {a.name}: {register_s[-1]:.2f} s", flush=True)
+    names = [a.name for a in adapters[:n_adapters]]
+    rows = []
+    for method in methods:
+        params = CORE_METHODS.get(method, {**NEW_METHODS, **METHODS}.get(method, {}))
+
+        def spec(i: int, method=method, params=params):
+            weights = [round(1.0 + 0.25 * k + 0.01 * i, 3) for k in range(len(names))]
+            return parse_mix({"method": method, "space": "lowrank", **params,
+                              "children": [{"adapter": n, "weight": w} for n, w in zip(names, weights, strict=True)]})  # fmt: skip
+
+        bases = BasisCache(max_bytes=1 << 34)
+        t0 = time.perf_counter()
+        merge_core(spec(0), family, bases=bases)
+        first = time.perf_counter() - t0
+        cold = []
+        for i in range(1, repeats + 1):  # new weights each time: nothing but the set's bases is reused
+            t0 = time.perf_counter()
+            core = merge_core(spec(i), family, bases=bases)
+            cold.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        low = merge_mix(spec(repeats), by_name)
+        t_low = time.perf_counter() - t0
+        num = den = 0.0  # module by module: the whole model's dense deltas would not fit in memory
+        for m, C in core.cores.items():
+            ref = low.modules[m].dense()
+            num += float((family.bases[m].U @ C @ family.bases[m].V.mT - ref).pow(2).sum())
+            den += float(ref.pow(2).sum())
+        row = {"method": method, "params": params, "first_set_ms": 1e3 * first, "cold_ms": 1e3 * statistics.median(cold),
+               "merge_mix_lowrank_ms": 1e3 * t_low, "speedup": t_low / statistics.median(cold),
+               "core_mb_bf16": sum(c.numel() for c in core.cores.values()) * 2 / 1e6,
+               "factors_mb_bf16": sum(d.A.numel() + d.B.numel() for d in low.modules.values()) * 2 / 1e6,
+               "rel_err_vs_merge_mix": (num / den) ** 0.5}  # fmt: skip
+        rows.append(row)
+        print(f"{method:10s} first set {row['first_set_ms']:.0f} ms, cold {row['cold_ms']:.1f} ms, merge_mix "
+              f"{row['merge_mix_lowrank_ms']:.0f} ms, cores {row['core_mb_bf16']:.2f} MB, err {row['rel_err_vs_merge_mix']:.1e}",
+              flush=True)  # fmt: skip
+        del low, core
+    return {"mode": "core", "shape": "Mistral-7B (hidden 4096, intermediate 14336, kv 1024, 7 linear modules/layer)",
+            "layers_run": layers, "family": family_size, "adapters": n_adapters, "rank": rank,
+            "register_s": register_s, "family_rank": family.rank, "family_mb_fp32": family.nbytes / 1e6,
+            "device": "cpu", "device_name": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(), "repeats": repeats, "torch": torch.__version__, "rows": rows}  # fmt: skip
+
+
+def core_markdown(result: dict) -> str:
+    reg = result["register_s"]
+    lines = [
+        f"Mistral-7B shapes, {result['layers_run']} layers (no extrapolation), a family of {result['family']} random "
+        f"rank-{result['rank']} adapters (bases rank {result['family_rank']}, {result['family_mb_fp32']:.0f} MB in fp32); "
+        f"mixes of {result['adapters']} of them; {result['device_name']}, {result['threads']} threads, torch "
+        f"{result['torch']}. Registration (the family's bases, one adapter at a time): "
+        f"{', '.join(f'{s:.2f} s' for s in reg)}. Cold mixes: the median of {result['repeats']}, each with new weights.",
+        "",
+        "| method | first mix of an adapter set (bases computed) | cold mix over a known set | merge_mix lowrank "
+        "(today's path) | speed-up | cores, bf16 | lowrank factors, bf16 | core vs merge_mix rel. err |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        p = ", ".join(f"{k} {v}" for k, v in r["params"].items())
+        name = f"{r['method']} ({p})" if p else r["method"]
+        lines.append(f"| {name} | {r['first_set_ms']:.0f} ms | {r['cold_ms']:.1f} ms | {r['merge_mix_lowrank_ms']:.0f} ms | "
+                     f"{r['speedup']:.0f}x | {r['core_mb_bf16']:.2f} MB | {r['factors_mb_bf16']:.0f} MB | "
+                     f"{r['rel_err_vs_merge_mix']:.1e} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
 def run(layers: int, n_adapters: int, rank: int, device: torch.device, repeats: int, methods: list[str]) -> dict:
     shapes = MISTRAL_7B.module_shapes(layers=layers)
     adapters = [
@@ -280,8 +370,17 @@ def main(argv: list[str] | None = None) -> int:
                         f"{','.join(NEW_METHODS)})")  # fmt: skip
     parser.add_argument("--lowrank-only", dest="lowrank_only", action="store_true",
                         help="time only the lowrank space (for methods PEFT does not have)")  # fmt: skip
+    parser.add_argument("--core", action="store_true",
+                        help="merges on the adapter family's coordinates (the server's path) vs merge_mix lowrank; "
+                        "--layers 32 runs the whole model")  # fmt: skip
+    parser.add_argument("--family", type=int, default=4, help="--core: adapters in the family (default 4)")
     parser.add_argument("--out", default="bench/results/merge", help="output path without extension")
     args = parser.parse_args(argv)
+    if args.core:
+        methods = args.methods.split(",") if args.methods else list(CORE_METHODS)
+        result = run_core(args.layers, args.adapters, args.family, args.rank, args.repeats, methods)
+        write_report(args.out, result, core_markdown)
+        return 0
     if args.lowrank_only:
         methods = args.methods.split(",") if args.methods else list(NEW_METHODS)
         result = run_lowrank_only(

@@ -23,6 +23,7 @@ core), nor can adapters outside the family: :func:`core_space_reason` says why, 
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections import OrderedDict
@@ -32,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from merging.adapters import LoraAdapter
-from merging.delta import LowRankDelta
+from merging.delta import LowRankDelta, MergedDelta, ModuleDelta
 from merging.family import AdapterFamily
 from merging.lowrank import SharedBasis, concat_weighted, from_core, shared_basis
 from merging.merge import MergeError, mask_generator
@@ -60,6 +61,16 @@ class CoreMix:
     @property
     def nbytes(self) -> int:
         return sum(c.numel() * c.element_size() for c in self.cores.values())
+
+    def to_merged(self, family: AdapterFamily) -> MergedDelta:
+        """The same deltas as a :class:`MergedDelta` of factors ``B = U``, ``A = C V^T`` (for export and
+        evaluation; ``family`` must be the version the cores were merged at, or a later one)."""
+        modules: dict[str, ModuleDelta] = {}
+        for m, C in self.cores.items():
+            basis = family.bases[m]
+            rb, ra = C.shape
+            modules[m] = LowRankDelta(A=C @ basis.V[:, :ra].mT.to(C.dtype), B=basis.U[:, :rb].to(C.dtype).contiguous())
+        return MergedDelta(modules, self.spec_hash, self.method, self.space, self.seconds, dict(self.energy_kept))
 
 
 def core_space_reason(
@@ -208,6 +219,7 @@ class _GroupEvaluator:
         self.group, self.family, self.dtype, self.bases = group, family, dtype, bases
         basis = family.bases[group[0]]
         self.full = (basis.U.shape[0], basis.V.shape[0])  # (out, in) of the modules
+        self.device = basis.U.device  # masks are drawn here, as merge_mix draws them on the tensors' device
         self.rb, self.ra = basis.dims
         self.energy: dict[str, float] = {}
 
@@ -262,9 +274,8 @@ class _GroupEvaluator:
 
     def _empty(self) -> LowRankDelta:
         """A module the child leaves alone contributes a rank-0 block, as in ``merge_mix``."""
-        zeros = torch.zeros
-        return LowRankDelta(A=zeros(len(self.group), 0, self.ra, dtype=self.dtype),
-                            B=zeros(len(self.group), self.rb, 0, dtype=self.dtype))  # fmt: skip
+        zeros = functools.partial(torch.zeros, dtype=self.dtype, device=self.device)
+        return LowRankDelta(A=zeros(len(self.group), 0, self.ra), B=zeros(len(self.group), self.rb, 0))
 
     def _padded(self, basis: SharedBasis, R: int) -> SharedBasis:
         """Bases and cores with the shapes ``merge_mix`` gives them, ``min(out, R)`` x ``min(in, R)``.
@@ -284,10 +295,10 @@ class _GroupEvaluator:
                            cores=[pad(c, (0, pa, 0, pb)) for c in basis.cores])  # fmt: skip
 
     def _generator(self, node: MixNode, path: str, module: str) -> torch.Generator:
-        return mask_generator(node.seed or 0, path, module, torch.device("cpu"))
+        return mask_generator(node.seed or 0, path, module, self.device)
 
     def _masks(self, node: MixNode, path: str, cores: list[torch.Tensor], drop_rate: float) -> list[torch.Tensor]:
         """Each module's DARE masks from its own generator (``merge_mix``'s draws), stacked per child."""
         per_module = [draw_keep_masks(cores[0].shape[1:], len(cores), drop_rate, self._generator(node, path, m))
                       for m in self.group]  # fmt: skip
-        return [torch.stack([masks[i] for masks in per_module]).to(cores[0].device) for i in range(len(cores))]
+        return [torch.stack([masks[i] for masks in per_module]) for i in range(len(cores))]

@@ -43,10 +43,13 @@ from server.slots import SlotTable
 class PreparedCores:
     """A core-space mix laid out by layer and input group on the serving device: what the mix cache
     holds and the pool copies from. ``groups``: key -> ``[n, ra, rb]``, member ``j``'s ``C_j^T``
-    (zero-padded to the group's largest member); ``family``: the version its cores are in."""
+    (zero-padded to the group's largest member); ``dims``: key -> each member's ``(rb, ra)``;
+    ``version``: the family version its cores are in (only a version number: a cached mix does not keep
+    its family's bases alive)."""
 
-    def __init__(self, groups: dict[str, torch.Tensor], family: AdapterFamily) -> None:
-        self.groups, self.family = groups, family
+    def __init__(self, groups: dict[str, torch.Tensor], dims: dict[str, tuple[tuple[int, int], ...]],
+                 version: int) -> None:  # fmt: skip
+        self.groups, self.dims, self.version = groups, dims, version
 
     @property
     def nbytes(self) -> int:
@@ -57,32 +60,31 @@ class PreparedCores:
         out = {}
         for key, t in self.groups.items():
             layer, group = key.split(".")
-            for j, proj in enumerate(GROUPS[group]):
-                module = group_prefix(int(layer), group) + proj
-                rb, ra = self.family.dims(module)
-                if module in self.family.bases and t[j].any():
-                    out[module] = t[j, :ra, :rb].T
+            for j, (proj, (rb, ra)) in enumerate(zip(GROUPS[group], self.dims[key], strict=True)):
+                if rb and ra and t[j].any():
+                    out[group_prefix(int(layer), group) + proj] = t[j, :ra, :rb].T
         return out
 
 
 def prepare_cores(core_mix: CoreMix, family: AdapterFamily, layers: int, device: torch.device,
                   dtype: torch.dtype) -> PreparedCores:  # fmt: skip
-    """``CoreMix`` cores grouped by shared input, transposed, on the serving device."""
-    groups = {}
+    """``CoreMix`` cores grouped by shared input, transposed, on the serving device (``family``: the
+    version they were merged at, for the shapes)."""
+    groups, dims = {}, {}
     for i in range(layers):
         for group, projections in GROUPS.items():
             modules = [group_prefix(i, group) + p for p in projections]
             if not any(m in core_mix.cores for m in modules):
                 continue
-            ra = max(family.dims(m)[1] for m in modules)
-            rb = max(family.dims(m)[0] for m in modules)
-            t = torch.zeros(len(modules), ra, rb, dtype=dtype)
+            dims[f"{i}.{group}"] = member_dims = tuple(family.dims(m) for m in modules)
+            t = torch.zeros(len(modules), max(ra for _, ra in member_dims), max(rb for rb, _ in member_dims),
+                            dtype=dtype)  # fmt: skip
             for j, m in enumerate(modules):
                 C = core_mix.cores.get(m)
                 if C is not None:
                     t[j, : C.shape[1], : C.shape[0]] = C.T
             groups[f"{i}.{group}"] = t.to(device)
-    return PreparedCores(groups, family)
+    return PreparedCores(groups, dims, core_mix.version)
 
 
 @dataclass
@@ -116,7 +118,8 @@ class CorePool:
         self.table = SlotTable(slots, "core-space mix")
         self.rank = 0  # R: every core and basis padded to it
         self.version = 0  # bumped when the buffers are reallocated (captured graphs hold their addresses)
-        self.family: AdapterFamily | None = None  # the installed version
+        self.installed = -1  # the family version whose bases the buffers hold
+        self.latest: AdapterFamily | None = None  # the newest version offered: installed when a mix needs it
         self.buffers: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # key -> (V, U, cores)
         self.aranges: dict[int, torch.Tensor] = {}  # group width -> arange(width): the gathers' offsets in a slot
 
@@ -130,13 +133,21 @@ class CorePool:
         return sum(t.numel() * t.element_size() for bufs in self.buffers.values() for t in bufs)
 
     # ---------------------------------------------------------------------------------------- family
+    def offer(self, family: AdapterFamily) -> None:
+        """Make ``family`` the version to install when a mix merged at it (or at an older one the pool has
+        not installed) is first loaded; the bases are copied then, on the engine's thread. Offer a version
+        before any mix merged at it is admitted."""
+        if self.latest is None or family.version > self.latest.version:
+            self.latest = family
+
     def install(self, family: AdapterFamily) -> None:
-        """Serve ``family``'s bases (a no-op for a version already installed or older): the buffers regrow
-        when its rank passes the pool's, loaded slots keep their cores."""
-        if self.family is not None and family.version <= self.family.version:
+        """Serve ``family``'s bases now (a no-op for a version already installed or older): the buffers
+        regrow when its rank passes the pool's, loaded slots keep their cores."""
+        self.offer(family)
+        if family.version <= self.installed:
             return
         if family.rank == 0:  # no adapter in the family yet: nothing to allocate
-            self.family = family
+            self.installed = family.version
             return
         rank = -(-family.rank // RANK_ALIGN) * RANK_ALIGN
         if rank > self.rank:
@@ -154,7 +165,7 @@ class CorePool:
                     V[:, j * R : j * R + basis.V.shape[1]] = basis.V
                     U[j * R : j * R + basis.U.shape[1], col : col + out] = basis.U.mT
                 col += out
-        self.family = family
+        self.installed = family.version
 
     def _grow(self, rank: int) -> None:
         """Reallocate at a larger padded rank, loaded cores copied over (built before anything changes)."""
@@ -183,7 +194,10 @@ class CorePool:
         self.table.release(slot)
 
     def _load(self, slot: int, cores: PreparedCores) -> None:
-        self.install(cores.family)
+        if cores.version > self.installed:
+            if self.latest is None or self.latest.version < cores.version:
+                raise ValueError(f"cores of family version {cores.version}, which the pool was never offered")
+            self.install(self.latest)
         R = self.rank
         for key, (_, _, C) in self.buffers.items():
             block = C.view(self.slots, -1, R, R)[slot]  # [n, R, R]

@@ -8,10 +8,14 @@ row groups, the rows' core slots. The KV cache and the pools' buffers are alloca
 grows its rank bumps its ``version`` and the graphs are captured again).
 
 A step of ``B`` rows runs in the graph of the next batch bucket; the padding rows come first, on the
-base model, reading and writing only the reserved null block. Graphs are captured lazily, on the
-first step of each shape, from a side stream, share one memory pool and stop at the last hidden
-states (the ``[rows, vocab]`` logits are computed after the replay, so no per-shape fp32 logits
-buffer stays allocated); capture errors are thread-local, so merges may copy to the device meanwhile.
+base model, reading and writing only the reserved null block. The server captures every bucket up to
+``--max-batch`` at every key width at start (:meth:`DecodeGraphs.capture_buckets`), for base-only steps
+and for steps with core-space mixes: the first step of a new shape no longer stalls every stream. Steps
+with factor-pool mixes are captured on first use (the pool's rank, hence its buffers, grows with the
+first mixes it sees). Graphs are captured from a side stream, share one memory pool and stop at the
+last hidden states (the ``[rows, vocab]`` logits are computed after the replay, so no per-shape fp32
+logits buffer stays allocated); capture errors are thread-local, so merges may copy to the device
+meanwhile.
 
 With ``capture=False`` the same static-buffer path runs eagerly: that is how CPU tests check it
 against the plain decode (this machine has no GPU; the capture itself runs only on CUDA).
@@ -48,6 +52,7 @@ class DecodeGraphs:
 
     def __init__(self, runtime, *, capture: bool) -> None:
         self.runtime, self.capture = runtime, capture
+        self._max_batch = 0  # set by capture_buckets
         self._reset()
 
     def _reset(self) -> None:
@@ -61,6 +66,22 @@ class DecodeGraphs:
     def _versions(self) -> tuple[int, int]:
         return (self.runtime.pool.version, self.runtime.cores.version)
 
+    def capture_buckets(self, max_batch: int) -> int:
+        """Capture every batch bucket up to ``max_batch`` at every key width, base-only and (once the
+        core pool holds a family) with core-space rows; returns how many graphs exist."""
+        rt = self.runtime
+        if self._versions() != self._pool_version:
+            self._reset()
+        self._max_batch = max_batch  # captured again after a pool regrows
+        buckets = [b for b in BATCH_BUCKETS if b < max_batch] + [self.bucket(max_batch)]
+        variants = [False, True] if rt.cores.buffers else [False]
+        for bp in buckets:
+            for nb in rt.key_widths():
+                for cored in variants:
+                    if (bp, nb, False, cored) not in self._graphs:
+                        self._graphs[(bp, nb, False, cored)] = self._new(bp, nb, False, cored)
+        return len(self._graphs)
+
     @staticmethod
     def bucket(rows: int) -> int:
         return next((b for b in BATCH_BUCKETS if b >= rows), rows)
@@ -71,6 +92,8 @@ class DecodeGraphs:
         rt = self.runtime
         if self._versions() != self._pool_version:  # a pool's buffers were reallocated
             self._reset()
+            if self._max_batch:
+                self.capture_buckets(self._max_batch)
         b, nb = len(rows), len(tables[0])
         bp = self.bucket(b)
         pad = bp - b

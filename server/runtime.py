@@ -350,9 +350,7 @@ class ModelRuntime:
         bs = self.kv.block_size
         if any(len(r.blocks) <= r.position // bs for r in rows):
             raise ServingError("a sequence outgrew the KV blocks it was given")
-        # Every row reads the same number of blocks (its own, then the null block): the batch's widest,
-        # rounded up to a power of two so the key width takes few values (and graph buckets).
-        nb = -(-max(MIN_KEYS, 1 << max(r.position for r in rows).bit_length()) // bs)
+        nb = self.key_blocks(max(r.position for r in rows))
         tables = [list(r.blocks[:nb]) + [NULL_BLOCK] * (nb - len(r.blocks[:nb])) for r in rows]
         where = [r.blocks[r.position // bs] * bs + r.position % bs for r in rows]  # each row's new cache slot
         if self.graphs is not None:
@@ -363,6 +361,17 @@ class ModelRuntime:
             logits = self._decode_core(self._tensor([r.token for r in rows]), self._tensor([r.position for r in rows]),
                                        self._tensor(where), self._tensor(tables), side, core)  # fmt: skip
         return logits if order == sorted(order) else logits[self._tensor(_inverse(order))]
+
+    def key_blocks(self, position: int) -> int:
+        """Blocks every row of a decode step reads when its furthest row is at ``position``: the batch's
+        widest, rounded up to a power of two of keys (at least ``MIN_KEYS``) so the key width takes few
+        values (and graph buckets); rows read their own blocks, then the null block."""
+        return -(-max(MIN_KEYS, 1 << position.bit_length()) // self.kv.block_size)
+
+    def key_widths(self) -> list[int]:
+        """Every value :meth:`key_blocks` takes within the context."""
+        return sorted({self.key_blocks((1 << k) - 1) for k in range(self.max_len.bit_length() + 1)
+                       if (1 << k) - 1 < self.max_len} | {self.key_blocks(self.max_len - 1)})  # fmt: skip
 
     def _decode_core(self, ids: torch.Tensor, positions: torch.Tensor, where: torch.Tensor, table: torch.Tensor,
                      side: SidePlan | None, core: CorePlan | None, logits: bool = True) -> torch.Tensor:  # fmt: skip

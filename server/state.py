@@ -89,6 +89,10 @@ class ServerState:
             self._admit_to_family(self.registry[name])
         self.family_seconds = time.perf_counter() - t0
         self.runtime.cores.install(self.family)
+        if self.runtime.graphs is not None:  # CUDA: every decode shape captured now, not on first use
+            t0 = time.perf_counter()
+            graphs = self.runtime.graphs.capture_buckets(config.max_batch)
+            log.info("captured %d decode graphs in %.1f s", graphs, time.perf_counter() - t0)
         self.bases = BasisCache()  # the bases of adapter sets merges have stacked
         self.update_family_metrics()
         self._executor = ThreadPoolExecutor(config.merge_threads, thread_name_prefix="mixserve-merge")
@@ -225,7 +229,9 @@ class ServerState:
         if not self.config.family_rank:
             return False
         try:
-            self.family = self.family.extend(adapter)
+            family = self.family.extend(adapter)
+            self.runtime.cores.offer(family)  # before any merge can use it
+            self.family = family
         except FamilyFullError as exc:
             self.family_refused[adapter.name] = str(exc)
             log.warning("adapter %s is served from full factors: %s", adapter.name, exc)

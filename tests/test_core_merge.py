@@ -156,6 +156,16 @@ def test_nested_mixes_and_single_adapters():
     _assert_same(merge_core(leaf, family), family, merge_mix(leaf, adapters))
 
 
+def test_a_core_mix_as_a_merged_delta_is_the_same_delta():
+    adapters = _adapters()
+    family = _family(adapters)
+    mix = parse_mix({"method": "ties", "density": 0.3, "children": CHILDREN})
+    merged = merge_core(mix, family).to_merged(family)
+    _assert_same(merge_core(mix, family), family, merged, rtol=1e-5)
+    _assert_same(merge_core(mix, family), family, merge_mix(mix, adapters), rtol=1e-4)
+    assert merged.method == "ties" and merged.space == "lowrank"
+
+
 def test_max_rank_truncates_like_to_lowrank():
     adapters = _adapters()
     family = _family(adapters)

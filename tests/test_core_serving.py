@@ -51,7 +51,7 @@ def served():
     factors = {
         k: runtime.lora_to_device(merge_mix(s, adapters).to_lowrank().lowrank_factors()) for k, s in specs.items()
     }
-    return runtime, adapters, specs, cores, factors
+    return runtime, adapters, specs, cores, factors, family
 
 
 def _greedy(runtime, batch, steps: int = 12) -> list[list[int]]:
@@ -83,7 +83,7 @@ def _ids(runtime, text: str) -> list[int]:
 
 @pytest.mark.parametrize("name", list(MIXES))
 def test_a_core_mix_generates_what_its_factors_generate(served, name):
-    runtime, _, _, cores, factors = served
+    runtime, _, _, cores, factors, _ = served
     for text in PROMPTS[:3]:
         ids = _ids(runtime, text)
         assert _greedy(runtime, [(ids, cores[name])]) == _greedy(runtime, [(ids, factors[name])]), text
@@ -92,7 +92,7 @@ def test_a_core_mix_generates_what_its_factors_generate(served, name):
 def test_core_mix_logits_match_the_factor_path(served):
     from server.runtime import PrefillChunk
 
-    runtime, _, _, cores, factors = served
+    runtime, _, _, cores, factors, _ = served
     ids = _ids(runtime, PROMPTS[0])
     out, used = {}, {}
     for kind, mix in (("core", cores["ties"]), ("factors", factors["ties"])):
@@ -110,7 +110,7 @@ def test_core_mix_logits_match_the_factor_path(served):
 def test_one_batch_of_core_factor_and_base_rows(served):
     """Rows on six core mixes, factor mixes and the base in one prefill and decode: each generates what it
     generates alone (and the mixes differ from each other)."""
-    runtime, _, _, cores, factors = served
+    runtime, _, _, cores, factors, _ = served
     batch = []
     for i, name in enumerate(MIXES):
         ids = _ids(runtime, PROMPTS[i % len(PROMPTS)])
@@ -127,16 +127,19 @@ def test_the_static_buffer_decode_serves_core_rows(served):
     """The decode a CUDA graph captures (padded bucket, every slot's cores in the static plan), run eagerly."""
     from server.cuda_graphs import DecodeGraphs
 
-    runtime, _, _, cores, factors = served
+    runtime, _, _, cores, factors, _ = served
     batch = [(_ids(runtime, PROMPTS[0]), cores["ties"]), (_ids(runtime, PROMPTS[1]), factors["dare_ties"]),
              (_ids(runtime, PROMPTS[3]), None), (_ids(runtime, PROMPTS[2]), cores["nested"]),
              (_ids(runtime, PROMPTS[1]), cores["linear"])]  # fmt: skip
     plain = _greedy(runtime, batch, steps=8)
     runtime.graphs = DecodeGraphs(runtime, capture=False)
     try:
+        # Every bucket and key width up front, base-only and with core rows (the server does it at start).
+        assert runtime.graphs.capture_buckets(8) == 4 * 4 * 2  # buckets 1, 2, 4, 8 x widths 4, 8, 16, 32
         assert _greedy(runtime, batch, steps=8) == plain
         assert _greedy(runtime, batch[:1], steps=8) == plain[:1]
-        assert any(key[3] for key in runtime.graphs._graphs)  # graphs with core rows
+        assert (8, 4, True, True) in runtime.graphs._graphs  # factor-pool rows: captured on first use
+        assert (1, 4, False, True) in runtime.graphs._graphs
     finally:
         runtime.graphs = None
 
@@ -149,7 +152,7 @@ def test_a_core_mix_generates_what_its_peft_export_generates(served, name, tmp_p
 
     from merging.export import merge_to_disk
 
-    runtime, adapters, specs, cores, _ = served
+    runtime, adapters, specs, cores, _, _ = served
     merge_to_disk(specs[name], adapters, tmp_path / "merged", fmt="peft", base=DEMO / "base")
     base = AutoModelForCausalLM.from_pretrained(DEMO / "base", dtype=torch.float32)
     model = PeftModel.from_pretrained(base, tmp_path / "merged").eval()
@@ -169,20 +172,25 @@ def test_the_pool_regrows_when_the_family_does_and_keeps_older_cores(served):
     from merging.synthetic import random_factors
     from server.core_pool import CorePool
 
-    runtime, adapters, specs, cores, _ = served
+    runtime, adapters, specs, cores, _, _ = served
     ids = _ids(runtime, PROMPTS[0])
     before = _greedy(runtime, [(ids, cores["ties"])])
     pool = runtime.cores
     runtime.cores = CorePool(pool.groups, 4, pool.dtype, pool.device)  # a fresh pool for this test
     try:
-        runtime.cores.install(cores["ties"].family)
+        family = served[5]
+        runtime.cores.install(family)
         slot = runtime.cores.acquire(cores["ties"])
         shapes = {m: f.shape for m, f in adapters["sql"].modules.items()}
         extra = LoraAdapter("extra", random_factors(shapes, 16, 32.0, seed=5), fingerprint="extra")
-        grown = cores["ties"].family.extend(extra)
+        grown = family.extend(extra)
         assert grown.rank == 80 and runtime.cores.rank == 64
         version = runtime.cores.version
         newer = runtime.cores_to_device(merge_core(specs["sql"], grown), grown)
+        with pytest.raises(ValueError, match="never offered"):
+            runtime.cores.acquire(newer)
+        runtime.cores.offer(grown)
+        assert runtime.cores.rank == 64  # offered, not installed yet
         second = runtime.cores.acquire(newer)  # installs the grown family: the buffers regrow to 80
         assert runtime.cores.rank == 80 and runtime.cores.version == version + 1
         assert _greedy(runtime, [(ids, cores["ties"])]) == before

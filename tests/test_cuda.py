@@ -33,17 +33,21 @@ def _mix(runtime, spec):
     return runtime.lora_to_device(merge_mix(parse_mix(spec), adapters).to_lowrank().lowrank_factors())
 
 
-def _greedy(runtime, prompts: list[str], slots: list[int], steps: int = 8) -> list[list[int]]:
+def _greedy(
+    runtime, prompts: list[str], slots: list[int], steps: int = 8, cores: list[int] | None = None
+) -> list[list[int]]:
     from server.runtime import DecodeRow, PrefillChunk
 
     ids = [runtime.tokenizer(p)["input_ids"] for p in prompts]
+    cores = cores or [0] * len(ids)
     tables = [runtime.kv.allocate(runtime.kv.blocks_for(len(i) + steps)) for i in ids]
     try:
-        logits = runtime.prefill([PrefillChunk(i, 0, t, s) for i, t, s in zip(ids, tables, slots, strict=True)])
+        logits = runtime.prefill([PrefillChunk(i, 0, t, s, c) for i, t, s, c in zip(ids, tables, slots, cores,
+                                                                                    strict=True)])  # fmt: skip
         tokens = [[int(x)] for x in logits.argmax(-1).tolist()]
         for _ in range(steps - 1):
-            rows = [DecodeRow(t[-1], len(i) + len(t) - 1, b, s) for i, t, b, s in zip(ids, tokens, tables, slots,
-                                                                                       strict=True)]  # fmt: skip
+            rows = [DecodeRow(t[-1], len(i) + len(t) - 1, b, s, c)
+                    for i, t, b, s, c in zip(ids, tokens, tables, slots, cores, strict=True)]  # fmt: skip
             for t, x in zip(tokens, runtime.decode(rows).argmax(-1).tolist(), strict=True):
                 t.append(int(x))
         return tokens
@@ -81,6 +85,48 @@ def test_captured_graphs_match_the_eager_step_also_after_the_pool_grows(dtype, g
     if dtype == torch.float32:  # and the plain step (other shapes, no padding rows) agrees in fp32
         runtime.graphs = None
         assert _greedy(runtime, PROMPTS, slots) == mixed
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_core_mixes_in_captured_graphs_match_the_eager_step(dtype):
+    """Graphs captured at start (every bucket and key width, base and core variants) against the same
+    static step run eagerly, with core-space mixes beside a factor-pool mix and the base; then the family
+    grows past the pool's rank (buffers reallocated, every graph captured again) and they still agree."""
+    from merging.adapters import LoraAdapter, load_adapter
+    from merging.core_merge import merge_core
+    from merging.family import AdapterFamily
+    from merging.spec import parse_mix
+    from merging.synthetic import random_factors
+    from server.cuda_graphs import DecodeGraphs
+    from server.runtime import ModelRuntime
+
+    runtime = ModelRuntime(DEMO_DIR / "base", device="cuda", dtype=dtype, max_loras=4, core_slots=8,
+                           kv_cache_bytes=64 << 20, cuda_graphs=True)  # fmt: skip
+    adapters = {n: load_adapter(DEMO_DIR / "adapters" / n, n) for n in ("sql", "python", "pystr", "json")}
+    family, _ = AdapterFamily().extend_all(adapters.values())
+    runtime.cores.install(family)
+    graphs = runtime.graphs
+    assert graphs.capture_buckets(4) == 3 * len(runtime.key_widths()) * 2
+    assert all(g.graph is not None for g in graphs._graphs.values())
+
+    def core(spec, fam=family):
+        return runtime.cores.acquire(runtime.cores_to_device(merge_core(parse_mix(spec), fam), fam))
+
+    ties = {"method": "ties", "density": 0.5, "children": [{"adapter": n} for n in adapters]}
+    cores = [core(ties), 0, core("json")]
+    factors = [0, runtime.pool.acquire(_mix(runtime, "sql")), 0]
+    captured = _greedy(runtime, PROMPTS, factors, cores=cores)
+    runtime.graphs = DecodeGraphs(runtime, capture=False)
+    assert _greedy(runtime, PROMPTS, factors, cores=cores) == captured
+    runtime.graphs = graphs
+    shapes = {m: f.shape for m, f in adapters["sql"].modules.items()}
+    grown = family.extend(LoraAdapter("extra", random_factors(shapes, 16, 32.0, seed=5), fingerprint="extra"))
+    runtime.cores.offer(grown)
+    cores[1] = core("extra", grown)  # the pool regrows to rank 80: captured again
+    assert runtime.cores.rank == 80
+    captured = _greedy(runtime, PROMPTS, [0, 0, 0], cores=cores)
+    runtime.graphs = DecodeGraphs(runtime, capture=False)
+    assert _greedy(runtime, PROMPTS, [0, 0, 0], cores=cores) == captured
 
 
 def test_the_server_answers_on_cuda():

@@ -15,6 +15,9 @@ Rows (test split), every merge with weight 1 per adapter unless the row says oth
 - a hierarchical mix (the code adapters first, then the rest), and the recommended mix: the best
   all-adapter candidate on the validation split, scored as the server serves it (low-rank factors).
 
+Every merge is made as ``mixserve serve`` makes it: lowrank mixes on the adapter family's coordinates
+(``merging/core_merge.py``, what the server caches and serves), dense-space ones by ``merge_mix``.
+
 Nothing is chosen on the test split: it is scored once per row.
 """
 
@@ -29,7 +32,9 @@ from pathlib import Path
 import torch
 
 from merging.adapters import LoraAdapter, load_adapter
+from merging.core_merge import core_space_reason, merge_core
 from merging.delta import MergedDelta
+from merging.family import AdapterFamily
 from merging.merge import merge_mix
 from merging.spec import parse_mix
 from mixserve.eval.geometry import adapter_geometry
@@ -98,6 +103,7 @@ class QualityBenchmark:
         self.model_dir, self.adapter_dirs = Path(model_dir), dict(adapter_dirs)
         self.mut = ModelUnderTest(model_dir)
         self.adapters: dict[str, LoraAdapter] = {n: load_adapter(p, n) for n, p in adapter_dirs.items()}
+        self.family, _ = AdapterFamily().extend_all(self.adapters[n] for n in sorted(self.adapters))
         self.names = [t for t in TASKS if t in self.adapters] + sorted(set(self.adapters) - set(TASKS))
         self.tasks = [t for t in TASKS if t in self.adapters]
         self.splits = {
@@ -111,7 +117,12 @@ class QualityBenchmark:
 
     # ------------------------------------------------------------------------------------------ rows
     def merge(self, mix: dict | str) -> MergedDelta:
-        return merge_mix(parse_mix(mix), self.adapters)
+        """The merge as ``mixserve serve`` makes it: lowrank mixes on the adapter family's cores
+        (``merge_core``), the rest (dense-space nodes) with ``merge_mix``."""
+        spec = parse_mix(mix)
+        if core_space_reason(spec, self.family, self.adapters) is None:
+            return merge_core(spec, self.family).to_merged(self.family)
+        return merge_mix(spec, self.adapters)
 
     def run_row(
         self,
