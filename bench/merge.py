@@ -243,7 +243,7 @@ def core_markdown(result: dict) -> str:
         f"{', '.join(f'{s:.2f} s' for s in reg)}. Cold mixes: the median of {result['repeats']}, each with new weights.",
         "",
         "| method | first mix of an adapter set (bases computed) | cold mix over a known set | merge_mix lowrank "
-        "(today's path) | speed-up | cores, bf16 | lowrank factors, bf16 | core vs merge_mix rel. err |",
+        "(the factor path) | speed-up | cores, bf16 | lowrank factors, bf16 | core vs merge_mix rel. err |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:

@@ -233,24 +233,26 @@ class _GroupEvaluator:
             A = torch.stack([f.A for f in fs]).to(self.dtype)
             B = torch.stack([f.B * f.scale for f in fs]).to(self.dtype)  # a module's scale may differ
             return LowRankDelta(A=A, B=B)
-        children = [self.eval(c, f"{path}.{i}") for i, c in enumerate(node.children)]
-        if all(c is None for c in children):
-            return None
         weights = [c.weight for c in node.children]
         method, params = get_method(node.method), node.params()
-        factors = [c if c is not None else self._empty() for c in children]
-        if method.linear and node.rank is None:
-            return concat_weighted(factors, weights, float(sum(weights)) if params.normalize else 1.0)
         kind = "qr" if method.family == "spectral" else "svd"
-
-        def compute() -> SharedBasis:
-            return self._padded(shared_basis(factors, orthogonalize=kind), sum(f.rank for f in factors))
-
+        if method.linear and node.rank is None:
+            factors = self._children(node, path)
+            if factors is None:
+                return None
+            return concat_weighted(factors, weights, float(sum(weights)) if params.normalize else 1.0)
         if self.bases is not None and all(isinstance(c, AdapterLeaf) for c in node.children):
+            # The set's basis may be cached: the children's factors are only needed to compute it.
+            if all(self.group[0] not in self.family.members[c.adapter].modules for c in node.children):
+                return None
             adapter_set = (self.family.version, kind, str(self.dtype), tuple(c.adapter for c in node.children))
-            basis = self.bases.get_or_compute(adapter_set, tuple(self.group), compute)
+            basis = self.bases.get_or_compute(adapter_set, tuple(self.group),
+                                              lambda: self._basis(self._children(node, path), kind))  # fmt: skip
         else:
-            basis = compute()
+            factors = self._children(node, path)
+            if factors is None:
+                return None
+            basis = self._basis(factors, kind)
         if merges_batched(method):
             masks = self._masks(node, path, basis.cores, params.drop_rate) if method.sparsify == "random" else None
             core = merge_tensors(method, basis.cores, weights, params, keep_masks=masks, batched=True)
@@ -265,6 +267,16 @@ class _GroupEvaluator:
         if node.rank is not None:
             self.record_energy(kept)
         return delta
+
+    def _children(self, node: MixNode, path: str) -> list[LowRankDelta] | None:
+        """The children's deltas, a rank-0 block for a child that leaves the group alone; None if all do."""
+        children = [self.eval(c, f"{path}.{i}") for i, c in enumerate(node.children)]
+        if all(c is None for c in children):
+            return None
+        return [c if c is not None else self._empty() for c in children]
+
+    def _basis(self, factors: list[LowRankDelta], kind: str) -> SharedBasis:
+        return self._padded(shared_basis(factors, orthogonalize=kind), sum(f.rank for f in factors))
 
     def record_energy(self, kept: float | torch.Tensor) -> None:
         values = kept.tolist() if isinstance(kept, torch.Tensor) else [kept] * len(self.group)

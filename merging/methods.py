@@ -335,8 +335,10 @@ def _merge_batched(
     if not merges_batched(method):
         raise ValueError(f"{method.name} does not merge stacks; merge slice by slice")
     parts = list(tensors)
-    if method.sparsify == "magnitude":
-        parts = [trim_below(t, magnitude_thresholds(t, params.density)) for t in parts]
+    if method.sparsify == "magnitude":  # every child's thresholds in one selection
+        taus = magnitude_thresholds(torch.cat(parts), params.density)
+        taus = taus.split(len(parts[0])) if taus is not None else [None] * len(parts)
+        parts = [trim_below(t, tau) for t, tau in zip(parts, taus, strict=True)]
     elif method.sparsify == "random":
         if keep_masks is None:
             raise ValueError("batched DARE merges take their keep masks (draw_keep_masks per slice)")
