@@ -33,14 +33,23 @@ def _load(url: str, stop: threading.Event) -> None:
     """Mixed traffic: adapters, a pinned mix, and ad-hoc mixes (merges, cache misses, evictions)."""
     import concurrent.futures as cf
 
-    mixes = ["sql", "json", "code", None] + [
-        {"method": "dare_ties", "drop_rate": 0.3, "seed": s, "children": [{"adapter": "sql"}, {"adapter": "json"}]}
-        for s in range(6)
-    ]
+    named = ["sql", "json", "code", None]
 
     def one(i: int) -> None:
+        # Every other request an ad-hoc mix never seen before (a new DARE seed): merges and cache misses go
+        # on for the whole run, and evictions once the 5 MiB budget holds a dozen core-space mixes.
+        mix = (
+            named[(i // 2) % len(named)]
+            if i % 2
+            else {
+                "method": "dare_ties",
+                "drop_rate": 0.3,
+                "seed": i,
+                "children": [{"adapter": "sql"}, {"adapter": "json"}],
+            }
+        )
         body = {"prompt": "### task: sql\n### input: count the books per author\n### output:\n",
-                "mix": mixes[i % len(mixes)], "max_tokens": 12}  # fmt: skip
+                "mix": mix, "max_tokens": 12}  # fmt: skip
         httpx.post(url + "/generate", json=body, timeout=60)
 
     i = 0
