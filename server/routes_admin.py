@@ -124,4 +124,5 @@ async def cache(state: StateDep):
             "core_pool_bytes": cores.nbytes, "core_pool_rank": cores.rank,
             "family": {"version": family.version, "adapters": sorted(family.members), "rank": family.rank,
                        "max_rank": family.max_rank, "bytes": family.nbytes, "refused": state.family_refused,
+                       "build_seconds": state.family_seconds,
                        "basis_cache_sets": len(state.bases), "basis_cache_bytes": state.bases.nbytes}}  # fmt: skip

@@ -67,7 +67,8 @@ class ServerState:
         self.runtime = ModelRuntime(
             config.model, device=config.device, dtype=dtype, max_len=config.max_len,
             kv_cache_bytes=config.kv_cache_bytes, block_size=config.block_size, max_loras=config.max_loras,
-            core_slots=config.core_slots or 2 * config.max_batch, default_kv_tokens=config.max_batch * 4096, memory_utilization=config.memory_utilization,
+            core_slots=config.core_slots or 2 * config.max_batch, default_kv_tokens=config.max_batch * 4096,
+            memory_utilization=config.memory_utilization,
             reserve_bytes=None if config.cache_bytes is None else 2 * config.cache_bytes, cuda_graphs=config.cuda_graphs,
         )  # fmt: skip
         self.base_name = config.model_name or (
@@ -87,7 +88,9 @@ class ServerState:
         t0 = time.perf_counter()
         for name in self.registry.names():
             self._admit_to_family(self.registry[name])
-        self.family_seconds = time.perf_counter() - t0
+        self.family_seconds = time.perf_counter() - t0  # reported in /admin/cache
+        log.info("adapter family: %d adapters, rank %d, built in %.1f s", len(self.family.members), self.family.rank,
+                 self.family_seconds)  # fmt: skip
         self.runtime.cores.install(self.family)
         if self.runtime.graphs is not None:  # CUDA: every decode shape captured now, not on first use
             t0 = time.perf_counter()
@@ -235,6 +238,10 @@ class ServerState:
         except FamilyFullError as exc:
             self.family_refused[adapter.name] = str(exc)
             log.warning("adapter %s is served from full factors: %s", adapter.name, exc)
+            return False
+        except Exception as exc:  # e.g. out of memory: the adapter stays registered, served from factors
+            log.exception("adapter %s could not join the adapter family", adapter.name)
+            self.family_refused[adapter.name] = f"extending the family failed: {type(exc).__name__}: {exc}"
             return False
         self.family_refused.pop(adapter.name, None)
         return True

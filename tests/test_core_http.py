@@ -122,3 +122,23 @@ def test_an_adapter_registered_while_requests_run(root):
         with cf.ThreadPoolExecutor(3) as pool:
             texts = list(pool.map(lambda mix: generate(url, SQL, mix, 12)["text"], [outside, TIES, with_extra]))
         assert texts == [generate(url, SQL, mix, 12)["text"] for mix in (outside, TIES, with_extra)]
+
+
+def test_an_adapter_whose_family_extension_fails_stays_registered_on_the_factor_path(root, monkeypatch):
+    from merging.family import AdapterFamily
+
+    config = ServeConfig(model=DEMO / "base", adapters=root, admin_token=TOKEN, max_batch=4, pin_file=None)
+    with running_server(config) as (url, _):
+
+        def fails(self, adapter, **kw):
+            raise RuntimeError("simulated out of memory")
+
+        monkeypatch.setattr(AdapterFamily, "extend", fails)
+        _extra(root / "extra", seed=13)
+        r = httpx.post(url + "/admin/adapters", json={"name": "extra", "path": "extra"}, headers=ADMIN, timeout=60)
+        assert r.status_code == 200 and r.json()["family"] is False, r.text
+        assert "simulated out of memory" in r.json()["family_note"]
+        mix = {"method": "ties", "density": 0.5, "children": [{"adapter": "sql"}, {"adapter": "extra"}]}
+        assert _warm(url, mix)["path"] == "factors"
+        assert _warm(url, TIES)["path"] == "core"  # the family as it was keeps serving
+        assert generate(url, SQL, mix, 8)["completion_tokens"] > 0
