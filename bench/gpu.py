@@ -128,7 +128,7 @@ def core_measures(runtime, device: torch.device, repeats: int, t_base: float, t_
     bases = BasisCache(max_bytes=1 << 34)
     first = _median_seconds(lambda: merge_core(spec(0), family, bases=BasisCache()), device, 1, warmup=1)
     cold = _median_seconds(lambda: merge_core(spec(1), family, bases=bases), device, max(3, repeats // 10), warmup=1)
-    slots = [runtime.cores.acquire(runtime.cores_to_device(merge_core(spec(i), family, bases=bases), family))
+    slots = [runtime.cores.acquire(runtime.cores_to_device(merge_core(spec(i), family, bases=bases)))
              for i in range(32)]  # fmt: skip
     bs1, tables1 = decode_rows(runtime, 1, 128)
     rows32, tables = decode_rows(runtime, 32, 128)

@@ -69,7 +69,7 @@ def random_core_mixes(runtime: ModelRuntime, n_adapters: int, rank: int, mixes: 
         weights = (torch.rand(n_adapters, generator=g) + 0.5).tolist()
         mix = parse_mix({"method": "task_arithmetic", "children": [{"adapter": f"a{i}", "weight": w}
                                                                    for i, w in enumerate(weights)]})  # fmt: skip
-        out.append(runtime.cores_to_device(merge_core(mix, family), family))
+        out.append(runtime.cores_to_device(merge_core(mix, family)))
     return out
 
 

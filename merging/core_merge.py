@@ -77,8 +77,7 @@ def core_space_reason(
     mix: AdapterLeaf | MixNode, family: AdapterFamily, adapters: Mapping[str, LoraAdapter]
 ) -> str | None:
     """Why ``mix`` cannot be merged on the family's coordinates; ``None`` when it can."""
-    dense = _dense_node(mix)
-    if dense:
+    if _dense_node(mix):
         return "a dense-space node"
     for leaf in leaves(mix):
         adapter = adapters.get(leaf.adapter)
@@ -136,12 +135,6 @@ class BasisCache:
                     old, _ = self._sets.popitem(last=False)
                     self.nbytes -= self._set_bytes.pop(old)
         return basis
-
-    def clear(self) -> None:
-        with self._lock:
-            self._sets.clear()
-            self._set_bytes.clear()
-            self.nbytes = 0
 
 
 def _basis_bytes(basis: SharedBasis) -> int:

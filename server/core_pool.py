@@ -43,48 +43,33 @@ from server.slots import SlotTable
 class PreparedCores:
     """A core-space mix laid out by layer and input group on the serving device: what the mix cache
     holds and the pool copies from. ``groups``: key -> ``[n, ra, rb]``, member ``j``'s ``C_j^T``
-    (zero-padded to the group's largest member); ``dims``: key -> each member's ``(rb, ra)``;
-    ``version``: the family version its cores are in (only a version number: a cached mix does not keep
-    its family's bases alive)."""
+    (zero-padded to the group's largest member); ``version``: the family version its cores are in (only
+    a version number: a cached mix does not keep its family's bases alive)."""
 
-    def __init__(self, groups: dict[str, torch.Tensor], dims: dict[str, tuple[tuple[int, int], ...]],
-                 version: int) -> None:  # fmt: skip
-        self.groups, self.dims, self.version = groups, dims, version
+    def __init__(self, groups: dict[str, torch.Tensor], version: int) -> None:
+        self.groups, self.version = groups, version
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.groups.values())
 
-    def module_cores(self) -> dict[str, torch.Tensor]:
-        """``{module: C}`` back from the grouped layout (for inspection and tests), unpadded."""
-        out = {}
-        for key, t in self.groups.items():
-            layer, group = key.split(".")
-            for j, (proj, (rb, ra)) in enumerate(zip(GROUPS[group], self.dims[key], strict=True)):
-                if rb and ra and t[j].any():
-                    out[group_prefix(int(layer), group) + proj] = t[j, :ra, :rb].T
-        return out
 
-
-def prepare_cores(core_mix: CoreMix, family: AdapterFamily, layers: int, device: torch.device,
-                  dtype: torch.dtype) -> PreparedCores:  # fmt: skip
-    """``CoreMix`` cores grouped by shared input, transposed, on the serving device (``family``: the
-    version they were merged at, for the shapes)."""
-    groups, dims = {}, {}
+def prepare_cores(core_mix: CoreMix, layers: int, device: torch.device, dtype: torch.dtype) -> PreparedCores:
+    """``CoreMix`` cores grouped by shared input, transposed, on the serving device."""
+    groups = {}
     for i in range(layers):
         for group, projections in GROUPS.items():
-            modules = [group_prefix(i, group) + p for p in projections]
-            if not any(m in core_mix.cores for m in modules):
+            cores = [core_mix.cores.get(group_prefix(i, group) + p) for p in projections]
+            present = [C for C in cores if C is not None]
+            if not present:
                 continue
-            dims[f"{i}.{group}"] = member_dims = tuple(family.dims(m) for m in modules)
-            t = torch.zeros(len(modules), max(ra for _, ra in member_dims), max(rb for rb, _ in member_dims),
+            t = torch.zeros(len(cores), max(C.shape[1] for C in present), max(C.shape[0] for C in present),
                             dtype=dtype)  # fmt: skip
-            for j, m in enumerate(modules):
-                C = core_mix.cores.get(m)
+            for j, C in enumerate(cores):
                 if C is not None:
                     t[j, : C.shape[1], : C.shape[0]] = C.T
             groups[f"{i}.{group}"] = t.to(device)
-    return PreparedCores(groups, dims, core_mix.version)
+    return PreparedCores(groups, core_mix.version)
 
 
 @dataclass

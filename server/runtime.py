@@ -31,7 +31,6 @@ import torch
 import torch.nn.functional as F  # noqa: N812 - the usual name
 
 from merging.core_merge import CoreMix
-from merging.family import AdapterFamily
 from server.core_pool import CorePlan, CorePool, PreparedCores, prepare_cores
 from server.fused_linear import fuse_linears
 from server.kv_cache import NULL_BLOCK, PagedKVCache, bytes_per_block, check_fits, cpu_kv_budget, cuda_kv_budget
@@ -209,10 +208,10 @@ class ModelRuntime:
                 )
         return prepare_lora(factors, len(self.layers), self.device, self.dtype)
 
-    def cores_to_device(self, core_mix: CoreMix, family: AdapterFamily) -> PreparedCores:
+    def cores_to_device(self, core_mix: CoreMix) -> PreparedCores:
         """A core-space merge laid out by input group on the serving device (its family's shapes are the
         base model's: adapters are checked against them when registered)."""
-        return prepare_cores(core_mix, family, len(self.layers), self.device, self.dtype)
+        return prepare_cores(core_mix, len(self.layers), self.device, self.dtype)
 
     # ----------------------------------------------------------------------------------------- mixes
     def can_acquire(self, mix: PreparedLora | PreparedCores | None) -> bool:

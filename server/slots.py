@@ -71,7 +71,3 @@ class SlotTable:
         self._refs[slot] -= 1
         if self._refs[slot] == 0:
             self._idle[slot] = None
-
-    def loaded(self) -> dict[int, object]:
-        """``{slot: mix}`` for the slots whose mix is still alive."""
-        return {slot: mix for slot, (_, ref) in self._loaded.items() if (mix := ref()) is not None}

@@ -199,13 +199,14 @@ class ServerState:
         """The merge to run for ``spec`` on the adapters and family as they are now: on the family's
         cores when every adapter is a member and no node is dense-space, else to full factors."""
         adapters, family, runtime, max_rank = self.registry.snapshot(), self.family, self.runtime, self.config.max_rank
-        fallback = core_space_reason(spec, family, adapters) if self.config.family_rank else "the family is disabled"
+        enabled = bool(self.config.family_rank)
 
-        def merge() -> MergedMix:
+        def merge() -> MergedMix:  # only on a cache miss, in the merge thread
             t0 = time.perf_counter()
+            fallback = core_space_reason(spec, family, adapters) if enabled else "the family is disabled"
             if fallback is None:
                 core = merge_core(spec, family, max_rank=max_rank, bases=self.bases)
-                return MergedMix(runtime.cores_to_device(core, family), core.method, core.space,
+                return MergedMix(runtime.cores_to_device(core), core.method, core.space,
                                  time.perf_counter() - t0, core.ranks, core.energy_kept, path="core")  # fmt: skip
             merged = merge_mix(spec, adapters).to_lowrank(max_rank)
             factors = runtime.lora_to_device(merged.lowrank_factors())

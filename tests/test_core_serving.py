@@ -47,7 +47,7 @@ def served():
     assert not refused
     runtime.cores.install(family)
     specs = {k: parse_mix(v) for k, v in MIXES.items()}
-    cores = {k: runtime.cores_to_device(merge_core(s, family), family) for k, s in specs.items()}
+    cores = {k: runtime.cores_to_device(merge_core(s, family)) for k, s in specs.items()}
     factors = {
         k: runtime.lora_to_device(merge_mix(s, adapters).to_lowrank().lowrank_factors()) for k, s in specs.items()
     }
@@ -186,7 +186,7 @@ def test_the_pool_regrows_when_the_family_does_and_keeps_older_cores(served):
         grown = family.extend(extra)
         assert grown.rank == 80 and runtime.cores.rank == 64
         version = runtime.cores.version
-        newer = runtime.cores_to_device(merge_core(specs["sql"], grown), grown)
+        newer = runtime.cores_to_device(merge_core(specs["sql"], grown))
         with pytest.raises(ValueError, match="never offered"):
             runtime.cores.acquire(newer)
         runtime.cores.offer(grown)

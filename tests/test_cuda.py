@@ -110,7 +110,7 @@ def test_core_mixes_in_captured_graphs_match_the_eager_step(dtype):
     assert all(g.graph is not None for g in graphs._graphs.values())
 
     def core(spec, fam=family):
-        return runtime.cores.acquire(runtime.cores_to_device(merge_core(parse_mix(spec), fam), fam))
+        return runtime.cores.acquire(runtime.cores_to_device(merge_core(parse_mix(spec), fam)))
 
     ties = {"method": "ties", "density": 0.5, "children": [{"adapter": n} for n in adapters]}
     cores = [core(ties), 0, core("json")]
