@@ -41,7 +41,7 @@ from server.config import DEMO_DIR
 from server.core_pool import PreparedCores
 from server.kv_cache import bytes_per_block
 from server.lora_pool import PreparedLora
-from server.runtime import PROJECTIONS, DecodeRow, ModelRuntime, PrefillChunk
+from server.runtime import DecodeRow, ModelRuntime, PrefillChunk
 
 
 def random_mix(runtime: ModelRuntime, rank: int, seed: int) -> PreparedLora:
@@ -155,7 +155,7 @@ def run(model_dir: Path, batch: int, mixes: int, rank: int, context: int, repeat
         "rank": rank,
         "context": context,
         "repeats": repeats,
-        "projections": len(PROJECTIONS),
+        "projections": len(runtime.linears) // layers,
         "family": family,
         "core_rank": runtime.cores.rank,
         "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}",

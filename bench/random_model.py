@@ -1,4 +1,4 @@
-"""A random-weight Mistral-7B-shaped model directory and four random rank-16 adapters, for benchmarks.
+"""A random-weight Mistral-7B- or Qwen3-8B-shaped model directory and four random rank-16 adapters.
 
 Nothing can be downloaded here, so realistic-width serving runs (``bench.serve --model``, ``bench.ops
 --model``) use random weights of the real shapes: the step costs what a 7B's costs, the text is noise.
@@ -8,6 +8,10 @@ The tokenizer is a 32,000-word whitespace vocabulary (``w3`` ... ``w31999``; unk
 
     python -m bench.random_model --out /tmp/m7b --layers 32 --dtype bfloat16 --device cuda   # a GPU run
     python -m bench.random_model --out /tmp/mistral2l --layers 2                             # CPU, fp32
+    python -m bench.random_model --out /tmp/qwen3l2 --family qwen3 --layers 2                # Qwen3-8B's layers
+
+The vocabulary is 32,000 words for both (Qwen3's is 151,936: a 2-layer model's step would be mostly its
+output layer, which says nothing about the layers' side paths).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from merging.synthetic import MISTRAL_7B, write_random_adapter
+from merging.synthetic import MISTRAL_7B, QWEN3_8B, LlamaShape, write_random_adapter
 from mixserve.eval.tasks import TASKS as ADAPTERS  # named like the demo's: bench.serve's mixes use these names
 from server.config import DTYPES
 
@@ -39,15 +43,20 @@ def write_tokenizer(out: Path, vocab: int) -> None:
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
-def write_model(out: Path, layers: int, dtype: torch.dtype, device: str, max_len: int, seed: int = 0) -> None:
+VOCAB = 32000
+SHAPES = {"mistral": MISTRAL_7B, "qwen3": QWEN3_8B}
+EXTRA = {"mistral": {"sliding_window": None}, "qwen3": {"head_dim": 128, "rope_theta": 1e6}}
+
+
+def write_model(out: Path, layers: int, dtype: torch.dtype, device: str, max_len: int, seed: int = 0,
+                family: str = "mistral") -> None:  # fmt: skip
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    s = MISTRAL_7B
+    s = SHAPES[family]
     config = AutoConfig.for_model(
-        "mistral", hidden_size=s.hidden, intermediate_size=s.intermediate, num_hidden_layers=layers,
-        num_attention_heads=s.heads, num_key_value_heads=s.kv_heads, vocab_size=s.vocab,
-        max_position_embeddings=max_len, sliding_window=None, tie_word_embeddings=False, bos_token_id=1,
-        eos_token_id=2,
+        family, hidden_size=s.hidden, intermediate_size=s.intermediate, num_hidden_layers=layers,
+        num_attention_heads=s.heads, num_key_value_heads=s.kv_heads, vocab_size=VOCAB,
+        max_position_embeddings=max_len, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, **EXTRA[family],
     )  # fmt: skip
     torch.manual_seed(seed)
     with torch.device(device):  # random init on the GPU takes seconds where a CPU takes minutes at 7B
@@ -58,20 +67,24 @@ def write_model(out: Path, layers: int, dtype: torch.dtype, device: str, max_len
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True, help="the model directory (adapters go to OUT-adapters)")
-    ap.add_argument("--layers", type=int, default=32, help="decoder layers (default 32: the whole 7B)")
+    ap.add_argument("--family", default="mistral", choices=sorted(SHAPES),
+                    help="mistral: Mistral-7B's shapes (default); qwen3: Qwen3-8B's (q/k norms, head_dim 128)")
+    ap.add_argument("--layers", type=int, default=None, help="decoder layers (default: the whole model's)")
     ap.add_argument("--dtype", default="float32", choices=DTYPES, help="weights' dtype (default float32)")
     ap.add_argument("--device", default="cpu", help="where the random weights are drawn (default cpu)")
     ap.add_argument("--max-len", dest="max_len", type=int, default=4096, help="context (default 4096)")
     ap.add_argument("--rank", type=int, default=16, help="the adapters' LoRA rank (default 16)")
     args = ap.parse_args(argv)
-    if not 1 <= args.layers <= MISTRAL_7B.layers:
-        ap.error(f"--layers must be 1 to {MISTRAL_7B.layers}")
+    shape: LlamaShape = SHAPES[args.family]
+    layers = args.layers or shape.layers
+    if not 1 <= layers <= shape.layers:
+        ap.error(f"--layers must be 1 to {shape.layers}")
     t0 = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
-    write_model(args.out, args.layers, getattr(torch, args.dtype), args.device, args.max_len)
-    write_tokenizer(args.out, MISTRAL_7B.vocab)
+    write_model(args.out, layers, getattr(torch, args.dtype), args.device, args.max_len, family=args.family)
+    write_tokenizer(args.out, VOCAB)
     adapters = args.out.with_name(args.out.name + "-adapters")
-    shapes = MISTRAL_7B.module_shapes(layers=args.layers)
+    shapes = shape.module_shapes(layers=layers)
     for seed, name in enumerate(ADAPTERS, start=1):
         write_random_adapter(adapters / name, shapes, rank=args.rank, alpha=2.0 * args.rank, seed=seed)
     print(f"wrote {args.out} and {adapters} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)

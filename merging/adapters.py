@@ -56,7 +56,9 @@ class LoraAdapter:
         for module, f in self.modules.items():
             key = f"{module}.weight"
             if key not in base_shapes:
-                raise AdapterError(f"adapter {self.name!r}: module {module!r} is not a weight of the base model")
+                known = sorted({".".join(k.split(".")[-3:-1]) for k in base_shapes})
+                raise AdapterError(f"adapter {self.name!r}: module {module!r} is not an adaptable projection of the "
+                                   f"base model (adaptable: {', '.join(known)})")  # fmt: skip
             if tuple(base_shapes[key]) != f.shape:
                 raise AdapterError(
                     f"adapter {self.name!r}: module {module!r} adapts a {f.shape[0]}x{f.shape[1]} weight "

@@ -61,6 +61,8 @@ class LlamaShape:
 
 # Mistral-7B-v0.1: hidden 4096, intermediate 14336, 32 layers, 32 heads, 8 KV heads (kv dim 1024).
 MISTRAL_7B = LlamaShape(hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8, vocab=32000)
+# Qwen3-8B: hidden 4096, intermediate 12288, 36 layers, 32 heads of 128, 8 KV heads, a 151,936-token vocabulary.
+QWEN3_8B = LlamaShape(hidden=4096, intermediate=12288, layers=36, heads=32, kv_heads=8, vocab=151936)
 
 
 def write_tiny_llama(path: str | Path, shape: LlamaShape = LlamaShape(), seed: int = 0) -> Path:

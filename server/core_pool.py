@@ -36,7 +36,7 @@ import torch
 
 from merging.core_merge import CoreMix
 from merging.family import AdapterFamily
-from server.lora_pool import GROUPS, RANK_ALIGN, group_prefix
+from server.lora_pool import RANK_ALIGN
 from server.slots import SlotTable
 
 
@@ -54,21 +54,21 @@ class PreparedCores:
         return sum(t.numel() * t.element_size() for t in self.groups.values())
 
 
-def prepare_cores(core_mix: CoreMix, layers: int, device: torch.device, dtype: torch.dtype) -> PreparedCores:
-    """``CoreMix`` cores grouped by shared input, transposed, on the serving device."""
+def prepare_cores(core_mix: CoreMix, layout: Mapping[str, Sequence[str]], device: torch.device,
+                  dtype: torch.dtype) -> PreparedCores:  # fmt: skip
+    """``CoreMix`` cores grouped by shared input, transposed, on the serving device; ``layout``:
+    ``"<layer>.<group>" -> [module names]`` (the runtime's)."""
     groups = {}
-    for i in range(layers):
-        for group, projections in GROUPS.items():
-            cores = [core_mix.cores.get(group_prefix(i, group) + p) for p in projections]
-            present = [C for C in cores if C is not None]
-            if not present:
-                continue
-            t = torch.zeros(len(cores), max(C.shape[1] for C in present), max(C.shape[0] for C in present),
-                            dtype=dtype)  # fmt: skip
-            for j, C in enumerate(cores):
-                if C is not None:
-                    t[j, : C.shape[1], : C.shape[0]] = C.T
-            groups[f"{i}.{group}"] = t.to(device)
+    for key, modules in layout.items():
+        cores = [core_mix.cores.get(m) for m in modules]
+        present = [C for C in cores if C is not None]
+        if not present:
+            continue
+        t = torch.zeros(len(cores), max(C.shape[1] for C in present), max(C.shape[0] for C in present), dtype=dtype)
+        for j, C in enumerate(cores):
+            if C is not None:
+                t[j, : C.shape[1], : C.shape[0]] = C.T
+        groups[key] = t.to(device)
     return PreparedCores(groups, core_mix.version)
 
 
@@ -97,7 +97,7 @@ class CorePool:
 
     def __init__(self, groups: Mapping[str, tuple[int, Sequence[str], Sequence[int]]], slots: int,
                  dtype: torch.dtype, device: torch.device) -> None:  # fmt: skip
-        """``groups``: ``"<layer>.<group>" -> (in features, member projections, member out features)``."""
+        """``groups``: ``"<layer>.<group>" -> (in features, member modules, member out features)``."""
         self.groups = {k: (n_in, tuple(names), tuple(outs)) for k, (n_in, names, outs) in groups.items()}
         self.dtype, self.device = dtype, device
         self.table = SlotTable(slots, "core-space mix")
@@ -139,13 +139,12 @@ class CorePool:
             self._grow(rank)
         R = self.rank
         for key, (V, U, _) in self.buffers.items():
-            layer, group = key.split(".")
             _, names, outs = self.groups[key]
             V.zero_()
             U.zero_()
             col = 0
-            for j, (proj, out) in enumerate(zip(names, outs, strict=True)):
-                basis = family.bases.get(group_prefix(int(layer), group) + proj)
+            for j, (module, out) in enumerate(zip(names, outs, strict=True)):
+                basis = family.bases.get(module)
                 if basis is not None:
                     V[:, j * R : j * R + basis.V.shape[1]] = basis.V
                     U[j * R : j * R + basis.U.shape[1], col : col + out] = basis.U.mT

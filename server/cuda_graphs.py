@@ -3,8 +3,8 @@
 A decode step launches a few hundred small kernels; at small batch their launch cost, not the weights'
 bytes, bounds the step. Captured once, a graph replays them all with one launch (vLLM and gpt-fast do
 the same). What a graph needs, and the runtime provides: no host-device syncs inside the step, and
-every input in a static buffer — token ids, positions, cache positions, block tables, the factor pool's
-row groups, the rows' core slots. The KV cache and the pools' buffers are allocated once (a pool that
+every input in a static buffer — token ids, positions, cache positions, block tables (and the sliding
+windows' narrower ones), the factor pool's row groups, the rows' core slots. The KV cache and the pools' buffers are allocated once (a pool that
 grows its rank bumps its ``version`` and the graphs are captured again).
 
 A step of ``B`` rows runs in the graph of the next batch bucket; the padding rows come first, on the
@@ -43,6 +43,7 @@ class _Graph:
     table: torch.Tensor
     groups: torch.Tensor | None  # int32 end row per slot (grouped) or [rows] slot index (masked)
     core_slots: torch.Tensor | None  # [rows] each row's core-pool slot
+    narrow: dict[int, tuple[torch.Tensor, torch.Tensor]]  # window -> (window tables, first key positions)
     graph: object | None = None
     out: torch.Tensor | None = None  # the last hidden states [rows, hidden]
 
@@ -86,9 +87,10 @@ class DecodeGraphs:
     def bucket(rows: int) -> int:
         return next((b for b in BATCH_BUCKETS if b >= rows), rows)
 
-    def run(self, rows: Sequence, tables: list[list[int]], where: list[int]) -> torch.Tensor:
+    def run(self, rows: Sequence, tables: list[list[int]], where: list[int],
+            windows: dict[int, tuple[list[list[int]], list[int]]]) -> torch.Tensor:  # fmt: skip
         """Logits for ``rows`` (sorted by mix slot), ``tables`` padded to one width, ``where`` their cache
-        positions."""
+        positions, ``windows`` the narrow windows' tables (``runtime.window_tables``)."""
         rt = self.runtime
         if self._versions() != self._pool_version:  # a pool's buffers were reallocated
             self._reset()
@@ -114,12 +116,16 @@ class DecodeGraphs:
             host["groups"] = self._groups(slots)
         if cored:
             host["core_slots"] = core_slots
-        for name, values in host.items():
-            getattr(g, name).copy_(rt._tensor(values, getattr(g, name).dtype), non_blocking=True)
+        statics = [(getattr(g, name), values) for name, values in host.items()]
+        for w, (wtables, firsts) in windows.items():
+            statics += [(g.narrow[w][0], [[NULL_BLOCK] * len(wtables[0])] * pad + wtables),
+                        (g.narrow[w][1], [0] * pad + firsts)]  # fmt: skip
+        for buffer, values in statics:
+            buffer.copy_(rt._tensor(values, buffer.dtype), non_blocking=True)
         if g.graph is not None:
             g.graph.replay()
         else:
-            g.out = rt._decode_core(g.ids, g.positions, g.where, g.table, *self._plans(g), False)
+            g.out = rt._decode_core(g.ids, g.positions, g.where, g.table, *self._plans(g), g.narrow, False)
         return rt._logits(g.out[pad:])  # outside the graph: a new tensor, not the static output
 
     def _groups(self, slots: list[int]) -> list[int]:
@@ -148,8 +154,9 @@ class DecodeGraphs:
         if mixed:
             groups = zeros(rt.pool.slots, dtype=torch.int32) + rows if rt.pool.grouped else zeros(rows)
         # All-padding contents: a capture only writes to the null block.
+        narrow = {w: (zeros(rows, wb) + NULL_BLOCK, zeros(rows)) for w, wb in rt.narrow_windows(nb).items()}
         g = _Graph(zeros(rows), zeros(rows), zeros(rows) + NULL_BLOCK * rt.kv.block_size,
-                   zeros(rows, nb) + NULL_BLOCK, groups, zeros(rows) if cored else None)  # fmt: skip
+                   zeros(rows, nb) + NULL_BLOCK, groups, zeros(rows) if cored else None, narrow)  # fmt: skip
         if not self.capture:
             return g
         args = (g.ids, g.positions, g.where, g.table)
@@ -157,11 +164,11 @@ class DecodeGraphs:
         stream.wait_stream(torch.cuda.current_stream(dev))
         with torch.inference_mode(), torch.cuda.stream(stream):
             for _ in range(2):  # warm-up: lazy kernel and workspace set-up stays out of the graph
-                rt._decode_core(*args, *self._plans(g), False)
+                rt._decode_core(*args, *self._plans(g), g.narrow, False)
         torch.cuda.current_stream(dev).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         # thread_local: merges copying mixes to the device on their own thread may run meanwhile.
         with torch.inference_mode(), torch.cuda.graph(graph, pool=self._mempool, capture_error_mode="thread_local"):
-            g.out = rt._decode_core(*args, *self._plans(g), False)
+            g.out = rt._decode_core(*args, *self._plans(g), g.narrow, False)
         g.graph = graph
         return g

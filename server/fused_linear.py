@@ -14,7 +14,7 @@ class FusedLinear:
 
     weight: torch.Tensor  # [sum of outs, in]
     bias: torch.Tensor | None
-    sizes: tuple[int, ...]  # each member's output features, in ``GROUPS`` order
+    sizes: tuple[int, ...]  # each member's output features, in the group's order (``architectures.py``)
 
 
 def fuse_linears(linears: Sequence[torch.nn.Linear]) -> FusedLinear:

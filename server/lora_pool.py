@@ -36,15 +36,8 @@ import torch.nn.functional as F  # noqa: N812 - the usual name
 from server.slots import SlotTable
 
 RANK_ALIGN = 16  # padded ranks are multiples of this: aligned strides, and few regrowths
-# Projections that read the same input share one A product: [q|k|v] and [gate|up].
-GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gateup": ("gate_proj", "up_proj"),
-          "down": ("down_proj",)}  # fmt: skip
 # module name -> (A [r, in], B [out, r] with the LoRA scale folded in)
 LoraFactorsByModule = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
-
-
-def group_prefix(layer: int, group: str) -> str:
-    return f"model.layers.{layer}.{'self_attn' if group in ('qkv', 'o') else 'mlp'}."
 
 
 @dataclass(frozen=True)
@@ -52,7 +45,7 @@ class LoraGroup:
     """One layer's projections that share an input: ``t = x A_cat^T`` once, then ``y_j += t_j B_j^T``."""
 
     A_T: torch.Tensor  # [in, sum of the members' ranks]
-    members: tuple[tuple[str, int, int, torch.Tensor], ...]  # (projection, rank start, rank end, B_j^T [r_j, out])
+    members: tuple[tuple[str, int, int, torch.Tensor], ...]  # (module, rank start, rank end, B_j^T [r_j, out])
 
 
 class PreparedLora:
@@ -71,29 +64,24 @@ class PreparedLora:
 
     def module_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """``{module: (A, B)}`` back from the grouped layout (for inspection and tests)."""
-        out = {}
-        for key, g in self.groups.items():
-            layer, group = key.split(".")
-            for proj, r0, r1, B_T in g.members:
-                out[group_prefix(int(layer), group) + proj] = (g.A_T[:, r0:r1].T, B_T.T)
-        return out
+        return {module: (g.A_T[:, r0:r1].T, B_T.T) for g in self.groups.values() for module, r0, r1, B_T in g.members}
 
 
-def prepare_lora(by_module: LoraFactorsByModule, layers: int, device: torch.device, dtype: torch.dtype) -> PreparedLora:
-    """Checked ``{module: (A, B)}`` grouped by shared input (A's of a group concatenated, B's transposed)."""
+def prepare_lora(by_module: LoraFactorsByModule, layout: Mapping[str, Sequence[str]], device: torch.device,
+                 dtype: torch.dtype) -> PreparedLora:  # fmt: skip
+    """Checked ``{module: (A, B)}`` grouped by shared input (A's of a group concatenated, B's transposed);
+    ``layout``: ``"<layer>.<group>" -> [module names]`` (the runtime's)."""
     groups = {}
-    for i in range(layers):
-        for group, projections in GROUPS.items():
-            prefix = group_prefix(i, group)
-            present = [(p, *by_module[prefix + p]) for p in projections if prefix + p in by_module]
-            if not present:
-                continue
-            members, r0 = [], 0
-            for p, A, B in present:
-                members.append((p, r0, r0 + A.shape[0], B.T.to(device, dtype).contiguous()))
-                r0 += A.shape[0]
-            A_cat = torch.cat([A for _, A, _ in present], dim=0)
-            groups[f"{i}.{group}"] = LoraGroup(A_cat.T.to(device, dtype).contiguous(), tuple(members))
+    for key, modules in layout.items():
+        present = [(m, *by_module[m]) for m in modules if m in by_module]
+        if not present:
+            continue
+        members, r0 = [], 0
+        for m, A, B in present:
+            members.append((m, r0, r0 + A.shape[0], B.T.to(device, dtype).contiguous()))
+            r0 += A.shape[0]
+        A_cat = torch.cat([A for _, A, _ in present], dim=0)
+        groups[key] = LoraGroup(A_cat.T.to(device, dtype).contiguous(), tuple(members))
     return PreparedLora(groups)
 
 
@@ -124,7 +112,7 @@ class LoraPool:
 
     def __init__(self, groups: Mapping[str, tuple[int, Sequence[str], Sequence[int]]], max_loras: int,
                  dtype: torch.dtype, device: torch.device) -> None:  # fmt: skip
-        """``groups``: ``"<layer>.<group>" -> (in features, member projections, member out features)``."""
+        """``groups``: ``"<layer>.<group>" -> (in features, member modules, member out features)``."""
         if max_loras < 1:
             raise ValueError("max_loras must be at least 1")
         self.groups = {k: (n_in, tuple(names), tuple(outs)) for k, (n_in, names, outs) in groups.items()}

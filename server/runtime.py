@@ -1,54 +1,40 @@
 """The model runtime: the resident base model, its paged KV cache and the pooled LoRA side path.
 
-It owns every tensor of the serving path; it knows nothing about requests, HTTP or scheduling.
-
-The forward pass is written here (gpt-fast style) over the weights of a Hugging Face Llama-family
-model (Llama, Mistral, Qwen2: the same module names). A step's tokens are packed into one
-``[tokens, hidden]`` batch (decode: one token per sequence; prefill: chunks of several prompts), so
-every linear layer is one GEMM over all of them, plus every row's own mix through the pool:
-
-    y = x W^T (+ b) + (x A_slot(row)^T) B_slot(row)^T       (two grouped products per input group)
-
-whatever the number of distinct mixes in the step (``lora_pool.py``). Fewer ops per layer: [q|k|v]
-and [gate|up] run as one GEMM each (weights concatenated at load, the projections' own weights turned
-into views of them), RMSNorm is one fused op, rotary cos / sin are computed once per step and applied
-to q's and k's heads in place (three ops), and keys and values go to the cache in one write.
+It owns every tensor of the serving path; it knows nothing about requests, HTTP or scheduling. The
+decoder's math (one forward for every family of ``architectures.py``) is in ``decoder.py``; this module
+lays out each step: packed tokens, cache positions, block tables, the pools' plans, attention per layer.
 
 Nothing in a step reads a device value back to the host: positions, block tables and row groups are
 known on the host and copied in. Batch invariance: greedy tokens must not depend on the rest of the
 batch. Decode attention reads each row's own blocks, padded to the batch's widest row rounded up to a
 power of two (at least ``MIN_KEYS`` keys), the tail masked; masked keys add exact zeros and the kernels
 walk keys in fixed blocks from position 0, so only the batch size of the products varies (tested).
+Sliding-window layers read a narrower table: the ``window_blocks(w)`` blocks that reach back over the
+window from each row's last block (all its blocks stay allocated: full-attention layers, and the
+engine's reservation of prompt + ``max_tokens`` at admission, still need them).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F  # noqa: N812 - the usual name
 
 from merging.core_merge import CoreMix
+from server.architectures import UnsupportedModelError, resolve
 from server.core_pool import CorePlan, CorePool, PreparedCores, prepare_cores
-from server.fused_linear import fuse_linears
+from server.decoder import Decoder
 from server.kv_cache import NULL_BLOCK, PagedKVCache, bytes_per_block, check_fits, cpu_kv_budget, cuda_kv_budget
-from server.lora_pool import (
-    GROUPS,
-    LoraFactorsByModule,
-    LoraPool,
-    PreparedLora,
-    SidePlan,
-    group_prefix,
-    prepare_lora,
-)
+from server.lora_pool import LoraFactorsByModule, LoraPool, PreparedLora, SidePlan, prepare_lora
 from server.paged_attention import chunk_attention, decode_attention, key_mask
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+log = logging.getLogger("mixserve.runtime")
 MIN_KEYS = 64  # decode attention reads at least this many keys per row
-PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")  # fmt: skip
+# window -> (each row's window table [rows, window blocks], the position of its first key [rows])
+WindowTables = dict[int, tuple[torch.Tensor, torch.Tensor]]
 
 
 class ServingError(RuntimeError):
@@ -86,10 +72,10 @@ class ModelRuntime:
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         config = AutoConfig.from_pretrained(model_dir)
-        if config.model_type not in SUPPORTED_MODEL_TYPES:
-            raise ServingError(
-                f"model type {config.model_type!r} is not supported (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
-            )
+        try:
+            resolve(config)  # refuse before loading any weight
+        except UnsupportedModelError as exc:
+            raise ServingError(str(exc)) from None
         hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
         self._setup(hf, AutoTokenizer.from_pretrained(model_dir), Path(model_dir).name, **options)
 
@@ -123,38 +109,26 @@ class ModelRuntime:
         weights leave); elsewhere room for ``default_kv_tokens`` tokens (at most 32 full contexts).
         ``cuda_graphs``: on CUDA, decode steps replay captured graphs (``cuda_graphs.py``)."""
         config = hf.config
-        if config.model_type not in SUPPORTED_MODEL_TYPES:
-            raise ServingError(f"model type {config.model_type!r} is not supported")
+        try:
+            self.spec = resolve(config)
+        except UnsupportedModelError as exc:
+            raise ServingError(str(exc)) from None
         self.tokenizer, self.name, self.config = tokenizer, name, config
         self.device, self.dtype = hf.lm_head.weight.device, hf.lm_head.weight.dtype
-        inner = hf.model
-        self.embed = inner.embed_tokens.weight
-        self.final_norm = inner.norm
-        self.lm_head = hf.lm_head.weight
-        self.rotary = inner.rotary_emb
-        self.layers = list(inner.layers)
-        self.linears: dict[str, torch.nn.Linear] = {
-            f"model.layers.{i}.{p}": layer.get_submodule(p) for i, layer in enumerate(self.layers) for p in PROJECTIONS
-        }
-        # [q|k|v] and [gate|up] as one GEMM each; the per-projection linears stay as views (shapes, o / down).
-        self.fused = {
-            f"{i}.{group}": fuse_linears([self.linears[group_prefix(i, group) + p] for p in GROUPS[group]])
-            for i in range(len(self.layers))
-            for group in ("qkv", "gateup")
-        }
-        self.heads = config.num_attention_heads
-        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
-        self.window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
-        self.max_len = min(max_len or config.max_position_embeddings, config.max_position_embeddings)
+        self.decoder = Decoder(hf, self.spec)
+        self.embed = hf.model.embed_tokens.weight
+        self.layers = self.decoder.layers_hf
+        self.linears, self.fused = self.decoder.linears, self.decoder.fused
+        self.heads, self.kv_heads, self.head_dim = self.spec.heads, self.spec.kv_heads, self.spec.head_dim
+        self.windows = self.spec.windows  # per layer (None: full attention)
+        self.max_len = min(max_len or self.spec.max_positions, self.spec.max_positions)
         self._hf = hf  # keeps the parameters alive
         self.kv = self._make_kv_cache(kv_cache_bytes, block_size, default_kv_tokens, memory_utilization, reserve_bytes)
         self._kv_tokens = [self.kv.layer(i) for i in range(len(self.layers))]  # [positions, 2 KV, d] views
         self._kv_blocks = [t.view(self.kv.num_blocks, block_size, *t.shape[1:]) for t in self._kv_tokens]
         shapes = {k: tuple(lin.weight.shape) for k, lin in self.linears.items()}
-        groups = {f"{i}.{g}": (shapes[group_prefix(i, g) + names[0]][1], names,
-                               [shapes[group_prefix(i, g) + n][0] for n in names])
-                  for i in range(len(self.layers)) for g, names in GROUPS.items()}  # fmt: skip
+        groups = {key: (shapes[names[0]][1], names, [shapes[n][0] for n in names])
+                  for key, names in self.decoder.groups.items()}  # fmt: skip
         self.pool = LoraPool(groups, max_loras, self.dtype, self.device)
         self.cores = CorePool(groups, core_slots, self.dtype, self.device)
         self.graphs = None
@@ -206,12 +180,12 @@ class ModelRuntime:
                 raise ServingError(
                     f"module {name!r}: delta {B.shape[0]}x{A.shape[1]} vs weight {tuple(lin.weight.shape)}"
                 )
-        return prepare_lora(factors, len(self.layers), self.device, self.dtype)
+        return prepare_lora(factors, self.decoder.groups, self.device, self.dtype)
 
     def cores_to_device(self, core_mix: CoreMix) -> PreparedCores:
         """A core-space merge laid out by input group on the serving device (its family's shapes are the
         base model's: adapters are checked against them when registered)."""
-        return prepare_cores(core_mix, len(self.layers), self.device, self.dtype)
+        return prepare_cores(core_mix, self.decoder.groups, self.device, self.dtype)
 
     # ----------------------------------------------------------------------------------------- mixes
     def can_acquire(self, mix: PreparedLora | PreparedCores | None) -> bool:
@@ -237,67 +211,15 @@ class ModelRuntime:
         t = torch.tensor(values, dtype=dtype)
         return t if self.device.type == "cpu" else t.pin_memory().to(self.device, non_blocking=True)
 
-    @staticmethod
-    def _norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """The model's RMSNorm as one fused op (HF's module runs eight: casts, pow, mean, rsqrt, muls).
-        Equal in fp32; in bf16 it rounds once where HF rounds twice (at most 1 ulp apart)."""
-        return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.variance_epsilon)
-
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, where: torch.Tensor, side: SidePlan | None,
                  core: CorePlan | None, attend) -> torch.Tensor:  # fmt: skip
-        """Packed tokens (``where``: their cache positions; rows sorted by factor-pool slot) through every
-        layer; ``side`` / ``core``: the factor and core pools' plans for the step (None: no row uses that
-        pool). ``attend(i, q, heads)`` is layer ``i``'s attention, called after the tokens' keys and values
-        are in the cache. Returns the last hidden states. Device tensors in, so a graph can capture it."""
-        h = self.embed[ids]  # [N, hidden]
-        cos, sin = self.rotary(h, positions[None])  # [1, N, d]
-        half = self.head_dim // 2  # rotate_half(x) = roll(x, half) with the first half's sign in sin
-        cos, sin = (
-            cos[0, :, None].to(h.dtype),
-            torch.cat((-sin[0, :, :half], sin[0, :, half:]), -1)[:, None].to(h.dtype),
-        )
-        for i, layer in enumerate(self.layers):
-            x = self._norm(layer.input_layernorm, h)
-            fused = self.fused[f"{i}.qkv"]
-            qkv = F.linear(x, fused.weight, fused.bias)
-            if side is not None:
-                self.pool.add_side(f"{i}.qkv", x, qkv, side)
-            if core is not None:
-                self.cores.add_side(f"{i}.qkv", x, qkv, core)
-            heads = qkv.view(len(h), self.heads + 2 * self.kv_heads, self.head_dim)
-            qk = heads[:, : self.heads + self.kv_heads]
-            torch.addcmul(qk * cos, qk.roll(half, -1), sin, out=qk)  # rotary, in place
-            self._kv_tokens[i][where] = heads[:, self.heads :]  # keys and values of every token, one write
-            attn = attend(i, heads[:, : self.heads], heads)
-            o = self._base(f"model.layers.{i}.self_attn.o_proj", attn)
-            if side is not None:
-                self.pool.add_side(f"{i}.o", attn, o, side)
-            if core is not None:
-                self.cores.add_side(f"{i}.o", attn, o, core)
-            h = h + o
-            x = self._norm(layer.post_attention_layernorm, h)
-            fused = self.fused[f"{i}.gateup"]
-            gate_up = F.linear(x, fused.weight, fused.bias)
-            if side is not None:
-                self.pool.add_side(f"{i}.gateup", x, gate_up, side)
-            if core is not None:
-                self.cores.add_side(f"{i}.gateup", x, gate_up, core)
-            gate, up = gate_up.split(fused.sizes, dim=-1)
-            act = F.silu(gate) * up
-            down = self._base(f"model.layers.{i}.mlp.down_proj", act)
-            if side is not None:
-                self.pool.add_side(f"{i}.down", act, down, side)
-            if core is not None:
-                self.cores.add_side(f"{i}.down", act, down, core)
-            h = h + down
-        return h
-
-    def _base(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        lin = self.linears[name]
-        return F.linear(x, lin.weight, lin.bias)
+        """The decoder over packed tokens (rows sorted by factor-pool slot) with the pools' plans for the step
+        (None: no row uses that pool); ``attend(i, q, heads)``: layer ``i``'s attention."""
+        sides = [(pool, plan) for pool, plan in ((self.pool, side), (self.cores, core)) if plan is not None]
+        return self.decoder.forward(ids, positions, where, self._kv_tokens, sides, attend)
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        return F.linear(self._norm(self.final_norm, h), self.lm_head).float()
+        return self.decoder.logits(h)
 
     def _slot_mapping(self, blocks: Sequence[int], start: int, end: int) -> list[int]:
         bs = self.kv.block_size
@@ -322,11 +244,15 @@ class ModelRuntime:
             slots += [ch.lora_slot] * len(ch.ids)
             core_slots += [ch.core_slot] * len(ch.ids)
 
-        history = [self._chunk_blocks(ch, b - a) for a, b, ch in spans]  # once, not per layer
+        # Per chunk and distinct window: the blocks its attention reads (once, not per layer).
+        history = [{w: self._chunk_blocks(ch, b - a, w) for w in set(self.windows)} for a, b, ch in spans]
+        scale, softcap = self.spec.attn_scale, self.spec.attn_softcap
 
         def attend(i: int, q: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
-            outs = [chunk_attention(self._kv_blocks[i], blocks, q[a:b], heads[a:b, self.heads :], ch.start, self.window)
-                    for (a, b, ch), blocks in zip(spans, history, strict=True)]  # fmt: skip
+            w = self.windows[i]
+            outs = [chunk_attention(self._kv_blocks[i], hist[w][0], q[a:b], heads[a:b, self.heads :], ch.start, w,
+                                    hist[w][1], scale, softcap)
+                    for (a, b, ch), hist in zip(spans, history, strict=True)]  # fmt: skip
             return outs[0] if len(outs) == 1 else torch.cat(outs)
 
         side, core = self.pool.plan(slots, self._tensor), self.cores.plan(core_slots, self._tensor)
@@ -335,9 +261,13 @@ class ModelRuntime:
         logits = self._logits(h[last])
         return logits if order == sorted(order) else logits[self._tensor(_inverse(order))]
 
-    def _chunk_blocks(self, ch: PrefillChunk, n: int) -> torch.Tensor | None:
-        """The blocks a chunk of ``n`` tokens attends over (None for a first chunk: its own keys suffice)."""
-        return self._tensor(list(ch.blocks[: self.kv.blocks_for(ch.start + n)])) if ch.start else None
+    def _chunk_blocks(self, ch: PrefillChunk, n: int, window: int | None) -> tuple[torch.Tensor | None, int]:
+        """The blocks a chunk of ``n`` tokens attends over and the first one's index (None for a first
+        chunk: its own keys suffice); with a window, from the block holding the first key it reaches."""
+        if not ch.start:
+            return None, 0
+        first = max(0, ch.start - window + 1) // self.kv.block_size if window is not None else 0
+        return self._tensor(list(ch.blocks[first : self.kv.blocks_for(ch.start + n)])), first
 
     @torch.inference_mode()
     def decode(self, rows: Sequence[DecodeRow]) -> torch.Tensor:
@@ -352,13 +282,15 @@ class ModelRuntime:
         nb = self.key_blocks(max(r.position for r in rows))
         tables = [list(r.blocks[:nb]) + [NULL_BLOCK] * (nb - len(r.blocks[:nb])) for r in rows]
         where = [r.blocks[r.position // bs] * bs + r.position % bs for r in rows]  # each row's new cache slot
+        windows = self.window_tables(rows, nb)
         if self.graphs is not None:
-            logits = self.graphs.run(rows, tables, where)
+            logits = self.graphs.run(rows, tables, where, windows)
         else:
             side = self.pool.plan([r.lora_slot for r in rows], self._tensor)
             core = self.cores.plan([r.core_slot for r in rows], self._tensor)
+            narrow = {w: (self._tensor(t), self._tensor(f)) for w, (t, f) in windows.items()}
             logits = self._decode_core(self._tensor([r.token for r in rows]), self._tensor([r.position for r in rows]),
-                                       self._tensor(where), self._tensor(tables), side, core)  # fmt: skip
+                                       self._tensor(where), self._tensor(tables), side, core, narrow)  # fmt: skip
         return logits if order == sorted(order) else logits[self._tensor(_inverse(order))]
 
     def key_blocks(self, position: int) -> int:
@@ -367,20 +299,47 @@ class ModelRuntime:
         values (and graph buckets); rows read their own blocks, then the null block."""
         return -(-max(MIN_KEYS, 1 << position.bit_length()) // self.kv.block_size)
 
+    def narrow_windows(self, nb: int) -> dict[int, int]:
+        """``{window: blocks}`` for the layers' windows narrower than a decode step's ``nb`` key blocks:
+        those layers read a table of ``blocks`` blocks per row instead (a row's window spans at most
+        ``ceil((w - 1) / block_size) + 1`` blocks, whatever its position)."""
+        bs = self.kv.block_size
+        wide = {w: -(-(w - 1) // bs) + 1 for w in set(self.windows) if w is not None}
+        return {w: b for w, b in wide.items() if b < nb}
+
+    def window_tables(self, rows: Sequence[DecodeRow], nb: int) -> dict[int, tuple[list[list[int]], list[int]]]:
+        """Per narrow window (:meth:`narrow_windows`): each row's table from the block holding the first key
+        its window reaches (null-padded), and that block's first position. A row's table depends on its
+        own position only (batch invariance)."""
+        bs, out = self.kv.block_size, {}
+        for w, wb in self.narrow_windows(nb).items():
+            firsts = [max(0, r.position // bs - wb + 1) for r in rows]
+            tables = [list(r.blocks[f : f + wb]) + [NULL_BLOCK] * (wb - len(r.blocks[f : f + wb]))
+                      for r, f in zip(rows, firsts, strict=True)]  # fmt: skip
+            out[w] = (tables, [f * bs for f in firsts])
+        return out
+
     def key_widths(self) -> list[int]:
         """Every value :meth:`key_blocks` takes within the context."""
         return sorted({self.key_blocks((1 << k) - 1) for k in range(self.max_len.bit_length() + 1)
                        if (1 << k) - 1 < self.max_len} | {self.key_blocks(self.max_len - 1)})  # fmt: skip
 
     def _decode_core(self, ids: torch.Tensor, positions: torch.Tensor, where: torch.Tensor, table: torch.Tensor,
-                     side: SidePlan | None, core: CorePlan | None, logits: bool = True) -> torch.Tensor:  # fmt: skip
-        """The decode step on device tensors (what a CUDA graph captures): ``table`` ``[rows, blocks]``.
-        Logits, or with ``logits=False`` the last hidden states (graphs stop there: ``[rows, vocab]`` fp32
-        per captured shape would be memory no budget counts)."""
-        mask = key_mask(table.shape[1] * self.kv.block_size, positions, self.window)[:, None, None, :]
+                     side: SidePlan | None, core: CorePlan | None, narrow: WindowTables,
+                     logits: bool = True) -> torch.Tensor:  # fmt: skip
+        """The decode step on device tensors (what a CUDA graph captures): ``table`` ``[rows, blocks]``,
+        ``narrow`` the narrow windows' tables. Logits, or with ``logits=False`` the last hidden states
+        (graphs stop there: ``[rows, vocab]`` fp32 per captured shape would be memory no budget counts)."""
+        bs = self.kv.block_size
+        views = {}  # per distinct window: the table its layers read and their mask, once per step
+        for w in set(self.windows):
+            t, first = narrow.get(w, (table, 0))
+            views[w] = t, key_mask(t.shape[1] * bs, positions, w, first)[:, None, None, :]
+        scale, softcap = self.spec.attn_scale, self.spec.attn_softcap
 
         def attend(i: int, q: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
-            return decode_attention(self._kv_blocks[i], table, q, mask)
+            t, mask = views[self.windows[i]]
+            return decode_attention(self._kv_blocks[i], t, q, mask, scale, softcap)
 
         h = self._forward(ids, positions, where, side, core, attend)
         return self._logits(h) if logits else h

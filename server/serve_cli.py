@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 from server.config import DEMO_DIR, DTYPES, Limits, ServeConfig
+from server.model_source import ModelNotFoundError, locate_model
 
 EPILOG = """\
 examples:
@@ -14,6 +15,8 @@ examples:
   mixserve serve --pin-file mixes.yaml             # pre-merge and pin named mixes at start-up
   MIXSERVE_ADMIN_TOKEN=secret mixserve serve --host 0.0.0.0 --model /models/mistral --adapters /adapters \\
       --device cuda --dtype bfloat16
+  mixserve serve --model Qwen/Qwen3-8B --adapters /adapters --device cuda --dtype bfloat16
+                                                   # a model id already in the local Hugging Face cache
 
 mixes.yaml:
   code:    {method: ties, density: 0.5, children: [{adapter: python}, {adapter: pystr}]}
@@ -54,7 +57,10 @@ def add_serve_parser(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     d, lim = ServeConfig(), Limits()
-    s.add_argument("--model", type=Path, default=DEMO_DIR / "base", help="base model directory (default: the demo)")
+    s.add_argument("--model", default=str(DEMO_DIR / "base"),
+                   help="base model: a directory, or a Hugging Face model id already in the local cache (nothing is "
+                        "downloaded; families: llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text, phi3) "
+                        "(default: the demo)")  # fmt: skip
     s.add_argument("--adapters", type=Path, default=DEMO_DIR / "adapters",
                    help="adapter root: every sub-directory is registered; admins can add others under it only")  # fmt: skip
     s.add_argument("--model-name", dest="model_name", help="name clients use for the base (default: its directory)")
@@ -137,14 +143,18 @@ def add_serve_parser(sub) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> ServeConfig:
+    try:
+        model, model_id = locate_model(args.model)
+    except ModelNotFoundError as exc:
+        raise SystemExit(f"mixserve serve: {exc}") from None
     pin_file = args.pin_file
-    if pin_file is None and args.model == DEMO_DIR / "base" and args.adapters == DEMO_DIR / "adapters":
+    if pin_file is None and model == DEMO_DIR / "base" and args.adapters == DEMO_DIR / "adapters":
         demo_pins = DEMO_DIR / "pins.yaml"
         pin_file = demo_pins if demo_pins.is_file() else None
     limits = Limits(max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens,
                     max_mix_adapters=args.max_mix_adapters)  # fmt: skip
     return ServeConfig(
-        model=args.model, adapters=args.adapters, model_name=args.model_name, device=args.device, dtype=args.dtype,
+        model=model, adapters=args.adapters, model_name=args.model_name or model_id, device=args.device, dtype=args.dtype,
         host=args.host, port=args.port, max_batch=args.max_batch, max_len=args.max_len, max_waiting=args.max_waiting,
         max_tune_jobs=args.max_tune_jobs, max_prefill_tokens=args.max_prefill_tokens, max_rank=args.max_rank,
         cache_bytes=None if args.cache_mb is None else int(args.cache_mb * 2**20),
@@ -163,8 +173,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = config_from_args(args)
-    if not config.model.is_dir():
-        raise SystemExit(f"mixserve serve: --model {config.model} is not a directory")
     app = create_app(config)
     server = DrainingServer(uvicorn.Config(app, host=config.host, port=config.port, log_level=args.log_level,
                                            timeout_graceful_shutdown=int(config.drain_seconds)))  # fmt: skip

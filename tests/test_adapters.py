@@ -42,7 +42,7 @@ def test_adapter_shapes_checked_against_the_base(tiny_base, peft_adapters):
     with pytest.raises(AdapterError, match=r"model.layers.0.self_attn.q_proj.*33x32"):
         load_adapter(peft_adapters["sql"]).check_base_shapes(wrong)
     del wrong["model.layers.0.self_attn.q_proj.weight"]
-    with pytest.raises(AdapterError, match="not a weight of the base model"):
+    with pytest.raises(AdapterError, match="is not an adaptable projection of the base model"):
         load_adapter(peft_adapters["sql"]).check_base_shapes(wrong)
 
 

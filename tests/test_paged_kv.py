@@ -9,6 +9,7 @@ import httpx
 import pytest
 import torch
 
+from server.architectures import LLAMA_GROUPS
 from server.kv_cache import (
     NULL_BLOCK,
     OutOfBlocksError,
@@ -76,18 +77,22 @@ def test_a_context_the_cache_cannot_hold_is_refused_at_start_saying_what_fits():
     assert runtime.kv.capacity_tokens == 160 and runtime.kv.nbytes == 11 * per_block
 
 
-def _mix(rank: int, seed: int, layers: int = 1, width: int = 8) -> object:
+def _mix(rank: int, seed: int, width: int = 8) -> object:
     g = torch.Generator().manual_seed(seed)
     factors = {}
     for p, (o, i) in {"self_attn.q_proj": (width, width), "self_attn.v_proj": (4, width),
                       "mlp.down_proj": (width, 12)}.items():  # fmt: skip
         factors[f"model.layers.0.{p}"] = (torch.randn(rank, i, generator=g), torch.randn(o, rank, generator=g))
-    return prepare_lora(factors, layers, torch.device("cpu"), torch.float32)
+    return prepare_lora(factors, _LAYOUT, torch.device("cpu"), torch.float32)
+
+
+_LAYOUT = {f"0.{g}": [f"model.layers.0.{p}" for p in names] for g, names in LLAMA_GROUPS}
 
 
 def _pool(max_loras: int) -> LoraPool:
-    groups = {"0.qkv": (8, ("q_proj", "k_proj", "v_proj"), (8, 4, 4)), "0.o": (8, ("o_proj",), (8,)),
-              "0.gateup": (8, ("gate_proj", "up_proj"), (12, 12)), "0.down": (12, ("down_proj",), (8,))}  # fmt: skip
+    ins, outs = {"0.qkv": 8, "0.o": 8, "0.gateup": 8, "0.down": 12}, {"0.qkv": (8, 4, 4), "0.o": (8,),
+                                                                       "0.gateup": (12, 12), "0.down": (8,)}  # fmt: skip
+    groups = {key: (ins[key], _LAYOUT[key], outs[key]) for key in _LAYOUT}
     return LoraPool(groups, max_loras, torch.float32, torch.device("cpu"))
 
 
@@ -188,7 +193,7 @@ def test_a_failed_load_leaves_the_pool_usable_and_idle_slots_do_not_keep_mixes_a
     assert pool.rank == 16 and pool.can_acquire(big)
     monkeypatch.undo()
     assert pool.acquire(big) == slot and pool.rank == 32
-    assert pool.acquire(prepare_lora({}, 1, torch.device("cpu"), torch.float32)) == 0  # a mix with no factors
+    assert pool.acquire(prepare_lora({}, _LAYOUT, torch.device("cpu"), torch.float32)) == 0  # a mix with no factors
 
 
 @needs_demo

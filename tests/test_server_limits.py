@@ -93,7 +93,7 @@ def test_only_good_adapters_in_the_root_are_registered(server):
 
 @pytest.mark.parametrize(("path", "needle"), [
     ("zoo/truncated", "safetensors"), ("zoo/garbage", "safetensors"), ("zoo/huge_header", "safetensors"),
-    ("zoo/nan", "NaN"), ("zoo/wrong_shapes", "but the base model's is"), ("zoo/other_model", "not a weight of the base"),
+    ("zoo/nan", "NaN"), ("zoo/wrong_shapes", "but the base model's is"), ("zoo/other_model", "not an adaptable projection of the base"),
     ("zoo/dora", "DoRA"), ("zoo/pickled", "refusing pickle"), ("zoo/escape", "outside the adapter root"),
     ("../outside", "outside the adapter root"), ("/etc", "outside the adapter root"), ("zoo/missing", "not a directory"),
 ])  # fmt: skip
