@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.runtime_harness import greedy as _greedy
+
 DEMO = Path(__file__).resolve().parents[1] / "mixserve" / "demo"
 pytestmark = pytest.mark.skipif(not (DEMO / "base" / "model.safetensors").is_file(), reason="mixserve/demo not trained")
 
@@ -52,29 +54,6 @@ def served():
         k: runtime.lora_to_device(merge_mix(s, adapters).to_lowrank().lowrank_factors()) for k, s in specs.items()
     }
     return runtime, adapters, specs, cores, factors, family
-
-
-def _greedy(runtime, batch, steps: int = 12) -> list[list[int]]:
-    """Greedy tokens for ``(prompt ids, mix or None)`` sequences prefilled and decoded together."""
-    from server.runtime import DecodeRow, PrefillChunk
-
-    tables = [runtime.kv.allocate(runtime.kv.blocks_for(len(ids) + steps)) for ids, _ in batch]
-    slots = [runtime.acquire(mix) for _, mix in batch]
-    try:
-        logits = runtime.prefill(
-            [PrefillChunk(ids, 0, t, *s) for (ids, _), t, s in zip(batch, tables, slots, strict=True)]
-        )
-        tokens = [[int(row.argmax())] for row in logits]
-        for _ in range(steps - 1):
-            logits = runtime.decode([DecodeRow(tok[-1], len(ids) + len(tok) - 1, t, *s)
-                                     for (ids, _), tok, t, s in zip(batch, tokens, tables, slots, strict=True)])  # fmt: skip
-            for tok, row in zip(tokens, logits, strict=True):
-                tok.append(int(row.argmax()))
-        return tokens
-    finally:
-        for t, s in zip(tables, slots, strict=True):
-            runtime.kv.free(t)
-            runtime.release(*s)
 
 
 def _ids(runtime, text: str) -> list[int]:

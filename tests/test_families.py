@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from tests.conftest import make_peft_adapter
+from tests.runtime_harness import greedy as _greedy
 
 WINDOW = 12
 SMALL = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
@@ -111,35 +112,6 @@ def _reference(model: torch.nn.Module, ids: list[int], steps: int) -> list[int]:
         for _ in range(steps):
             seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
     return seq[len(ids) :]
-
-
-def _greedy(runtime, batch, steps: int, chunk: int) -> list[list[int]]:
-    """Greedy tokens for ``(prompt ids, prepared mix or None)`` rows prefilled in chunks and decoded together."""
-    from server.runtime import DecodeRow, PrefillChunk
-
-    tables = [runtime.kv.allocate(runtime.kv.blocks_for(len(ids) + steps)) for ids, _ in batch]
-    slots = [runtime.acquire(mix) for _, mix in batch]
-    try:
-        done, first = [0] * len(batch), {}
-        while todo := [i for i, (ids, _) in enumerate(batch) if done[i] < len(ids)]:
-            n = {i: min(len(batch[i][0]) - done[i], chunk) for i in todo}
-            logits = runtime.prefill([PrefillChunk(batch[i][0][done[i] : done[i] + n[i]], done[i], tables[i], *slots[i])
-                                      for i in todo])  # fmt: skip
-            for row, i in enumerate(todo):
-                done[i] += n[i]
-                if done[i] == len(batch[i][0]):
-                    first[i] = int(logits[row].argmax())
-        tokens = [[first[i]] for i in range(len(batch))]
-        for _ in range(steps - 1):
-            logits = runtime.decode([DecodeRow(tok[-1], len(ids) + len(tok) - 1, t, *s)
-                                     for (ids, _), tok, t, s in zip(batch, tokens, tables, slots, strict=True)])  # fmt: skip
-            for tok, row in zip(tokens, logits, strict=True):
-                tok.append(int(row.argmax()))
-        return tokens
-    finally:
-        for t, s in zip(tables, slots, strict=True):
-            runtime.kv.free(t)
-            runtime.release(*s)
 
 
 @pytest.fixture(scope="module")
