@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU measurement in one run (a lent GPU machine's time is short): from the repository root,
 #   bench/gpu_all.sh OUT_DIR [NAME]
-# 0. tests/test_cuda.py (the GPU-only tests).
+# 0. tests/test_cuda.py and the families' captured-graph test (the GPU-only tests).
 # 1. bench/gpu.sh: random-weight Mistral-7B bf16, 8 rank-16 mixes: bs1 decode vs the bandwidth bound,
 #    32 rows over 8 mixes vs one, CUDA graphs vs eager, lowrank TIES merge of the whole 7B.
 # 2. A random Mistral-7B (32 layers, bf16) and four rank-16 adapters written to /tmp, then
@@ -37,11 +37,12 @@ stage() {  # stage SECONDS LABEL COMMAND...
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
     python3 -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)"
 } 2>&1 | tee -a "$log"
-stage 90 "tests/test_cuda.py (graph capture, serve on CUDA)" python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
+stage 110 "tests/test_cuda.py + the families (graph capture, serve on CUDA)" python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py \
+    tests/test_families.py -m gpu
 stage 110 "gpu.sh (Mistral-7B bf16)" python3 -m bench.gpu $tiny --out "$out/$name"
 stage 70 "random Mistral-7B bf16 + adapters" python3 -m bench.random_model --out /tmp/m7b --layers "$layers" \
     --dtype bfloat16 --device "$device"
-stage 190 "bench.serve, Mistral-7B on the GPU" python3 -m bench.serve --model /tmp/m7b --adapters /tmp/m7b-adapters \
+stage 170 "bench.serve, Mistral-7B on the GPU" python3 -m bench.serve --model /tmp/m7b --adapters /tmp/m7b-adapters \
     --device "$device" --dtype bfloat16 --concurrency 1,8,32 --rounds 1 --max-tokens 32 --skip-cold \
     --skip-peft-naive --peft-combination cat --out "$out/serve-$name-mistral7b"
 stage 60 "bench.cold, Mistral-7B on the GPU" python3 -m bench.cold --model /tmp/m7b --adapters /tmp/m7b-adapters \

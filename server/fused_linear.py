@@ -20,6 +20,9 @@ class FusedLinear:
 def fuse_linears(linears: Sequence[torch.nn.Linear]) -> FusedLinear:
     """Concatenate the members' weights (and biases) and make each member's parameters views into the
     result, so the fused copy does not double the weights' memory."""
+    if len(linears) == 1:  # fused in the checkpoint already (Phi-3's qkv_proj, gate_up_proj): no copy
+        lin = linears[0]
+        return FusedLinear(lin.weight, lin.bias, (lin.out_features,))
     with torch.no_grad():
         sizes = tuple(lin.out_features for lin in linears)
         weight = torch.cat([lin.weight for lin in linears])
