@@ -67,8 +67,12 @@ def write_model(out: Path, layers: int, dtype: torch.dtype, device: str, max_len
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True, help="the model directory (adapters go to OUT-adapters)")
-    ap.add_argument("--family", default="mistral", choices=sorted(SHAPES),
-                    help="mistral: Mistral-7B's shapes (default); qwen3: Qwen3-8B's (q/k norms, head_dim 128)")
+    ap.add_argument(
+        "--family",
+        default="mistral",
+        choices=sorted(SHAPES),
+        help="mistral: Mistral-7B's shapes (default); qwen3: Qwen3-8B's (q/k norms, head_dim 128)",
+    )
     ap.add_argument("--layers", type=int, default=None, help="decoder layers (default: the whole model's)")
     ap.add_argument("--dtype", default="float32", choices=DTYPES, help="weights' dtype (default float32)")
     ap.add_argument("--device", default="cpu", help="where the random weights are drawn (default cpu)")

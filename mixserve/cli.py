@@ -247,6 +247,14 @@ def _humaneval(model: Path, adapters: dict[str, Path], args: argparse.Namespace)
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """``mixserve serve``: the server with this package's tune jobs mounted (``POST /admin/mixes/tune``)."""
+    from mixserve.tune_jobs import TuneService
+    from server.serve_cli import cmd_serve as serve
+
+    return serve(args, extensions=[TuneService()])
+
+
 def build_parser() -> argparse.ArgumentParser:
     from server.config import DEMO_DIR
     from server.serve_cli import add_serve_parser
@@ -368,6 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.set_defaults(func=cmd_tune)
 
     add_serve_parser(sub)
+    sub.choices["serve"].set_defaults(func=cmd_serve)
 
     e = sub.add_parser("example", help="write a tiny random base model and three example adapters")
     e.add_argument("--out", default="mixserve-example", help="output directory (default: ./mixserve-example)")

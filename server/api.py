@@ -7,11 +7,12 @@ import asyncio
 import json
 import logging
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
+from typing import Protocol
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -30,7 +31,20 @@ _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permi
           404: "not_found_error", 409: "conflict_error", 413: "invalid_request_error", 429: "rate_limit_error"}  # fmt: skip
 
 
-def create_app(config: ServeConfig) -> FastAPI:
+class Extension(Protocol):
+    """Routes and a lifecycle that the command serving the app adds to it (``mixserve serve`` adds tune jobs,
+    ``mixserve/tune_jobs.py``): the server imports nothing of them."""
+
+    router: APIRouter  # mounted before the built-in routes (its paths win over their patterns)
+
+    def attach(self, state: ServerState) -> None:
+        """Called once the model is loaded, before the server is ready."""
+
+    async def shutdown(self) -> None:
+        """Called first when the app stops, before the engine drains."""
+
+
+def create_app(config: ServeConfig, extensions: Sequence[Extension] = ()) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.server = None
@@ -42,6 +56,8 @@ def create_app(config: ServeConfig) -> FastAPI:
             try:
                 state = await asyncio.get_running_loop().run_in_executor(engine_thread, ServerState, config,
                                                                          engine_thread)  # fmt: skip
+                for extension in extensions:
+                    extension.attach(state)
                 await state.start()
                 app.state.server = state
                 log.info("ready: %s, adapters %s, pins %s", state.base_name, state.registry.names(), sorted(state.pins))
@@ -53,11 +69,15 @@ def create_app(config: ServeConfig) -> FastAPI:
         yield
         loader.cancel()
         if app.state.server is not None:
+            for extension in extensions:
+                await extension.shutdown()
             await app.state.server.shutdown()
         engine_thread.shutdown(wait=False)
 
     app = FastAPI(title="mixserve", version="0.1.0", lifespan=lifespan)
     app.state.config = config
+    for extension in extensions:
+        app.include_router(extension.router)
     app.include_router(routes_openai.router)
     app.include_router(routes_admin.router)
     app.include_router(routes_playground.router)

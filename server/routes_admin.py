@@ -13,7 +13,7 @@ from fastapi import APIRouter, Depends, Request
 from merging.adapters import AdapterError
 from server.auth import bearer, secrets_match
 from server.routes_openai import StateDep
-from server.schemas import PinMixRequest, RegisterAdapterRequest, TuneJobRequest
+from server.schemas import PinMixRequest, RegisterAdapterRequest
 from server.state import RequestError, ServerState
 
 
@@ -68,28 +68,6 @@ async def pin_mix(body: PinMixRequest, state: StateDep):
             "path": mix.path, "fallback": mix.fallback, "merge_seconds": mix.seconds, "bytes": mix.nbytes,
             "max_rank": max(mix.ranks.values(), default=0),
             "min_energy_kept": min(mix.energy_kept.values(), default=1.0)}  # fmt: skip
-
-
-@router.post("/mixes/tune", status_code=202)
-async def start_tune(body: TuneJobRequest, state: StateDep):
-    """Start a background search for the best mix (one at a time: 409 while one runs)."""
-    return state.tune_jobs.start(body.model_dump()).view()
-
-
-@router.get("/mixes/tune")
-async def list_tunes(state: StateDep):
-    return {"jobs": [j.view() for j in state.tune_jobs.jobs.values()]}
-
-
-@router.get("/mixes/tune/{job_id}")
-async def get_tune(job_id: str, state: StateDep):
-    return state.tune_jobs.get(job_id).view(with_trials=True)
-
-
-@router.delete("/mixes/tune/{job_id}")
-async def cancel_tune(job_id: str, state: StateDep):
-    """Cancel a running job (its in-flight generations are aborted); a finished one is left as it is."""
-    return (await state.tune_jobs.cancel(job_id)).view()
 
 
 @router.delete("/mixes/{name}")

@@ -88,22 +88,6 @@ class PinMixRequest(BaseModel):
     pin: bool = True
 
 
-class TuneJobRequest(BaseModel):
-    """``POST /admin/mixes/tune``: what to search (see ``mixserve tune --help``); bounds checked server-side."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    tasks: list[str] | None = Field(None, max_length=16, description="tasks to score (default: every task with "
-                                    "a registered adapter of its name)")  # fmt: skip
-    adapters: list[str] | None = Field(None, max_length=16, description="adapters to merge (default: the tasks')")
-    budget: int = Field(20, description="trials (1 to 1000)")
-    n_val: int = Field(20, description="validation examples per task (1 to 500)")
-    methods: list[str] | None = Field(None, max_length=32, description="methods to choose among (default: all tunable)")
-    space: str = Field("lowrank", description="'lowrank', 'dense' or 'both' (searched)")
-    seed: int = Field(0, ge=0, le=2**31 - 1)
-    pin_as: str | None = Field(None, description="pin the best mix under this name when the job completes")
-
-
 def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
     """The OpenAI error shape, used on every endpoint."""
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}

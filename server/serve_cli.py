@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 from server.config import DEMO_DIR, DTYPES, Limits, ServeConfig
@@ -166,14 +167,15 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
     )  # fmt: skip
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
+def cmd_serve(args: argparse.Namespace, extensions: Sequence = ()) -> int:
+    """Serve until SIGTERM / SIGINT; ``extensions``: routes the calling command adds (``server.api.Extension``)."""
     import uvicorn
 
     from server.api import create_app
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = config_from_args(args)
-    app = create_app(config)
+    app = create_app(config, extensions)
     server = DrainingServer(uvicorn.Config(app, host=config.host, port=config.port, log_level=args.log_level,
                                            timeout_graceful_shutdown=int(config.drain_seconds)))  # fmt: skip
     server.run()

@@ -113,9 +113,6 @@ class ServerState:
             step_executor=engine_executor,
         )
         self.pins: dict[str, PinnedMix] = {}
-        from server.tune_jobs import TuneJobs  # imports this module
-
-        self.tune_jobs = TuneJobs(self, config.max_tune_jobs)
         self.ready = False
         self.started = time.time()
 
@@ -130,7 +127,6 @@ class ServerState:
 
     async def shutdown(self) -> None:
         self.ready = False
-        await self.tune_jobs.shutdown()
         drained = await self.engine.drain(self.config.drain_seconds)
         if not drained:
             log.warning("drain deadline passed with requests in flight; aborting them")

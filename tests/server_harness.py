@@ -16,11 +16,16 @@ from server.readiness import free_port
 
 
 @contextmanager
-def running_server(config: ServeConfig, ready_timeout: float = 120.0):
-    """Yield the base URL once ``/ready`` is true; stop the server (and its lifespan) afterwards."""
+def running_server(config: ServeConfig, ready_timeout: float = 120.0, extensions=None):
+    """Yield the base URL once ``/ready`` is true; stop the server (and its lifespan) afterwards. The app is
+    `mixserve serve`'s: with the tune jobs mounted unless ``extensions`` says otherwise."""
     config.host, config.port = "127.0.0.1", free_port()
     threads = torch.get_num_threads()  # the server sets torch's (process-wide) CPU threads; tests get theirs back
-    app = create_app(config)
+    if extensions is None:
+        from mixserve.tune_jobs import TuneService
+
+        extensions = [TuneService()]
+    app = create_app(config, extensions)
     server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -21,11 +21,19 @@ def test_server_sources_do_not_import_the_trainer_or_the_harness():
     assert not offenders, offenders
 
 
+def test_server_imports_nothing_of_mixserve():
+    """One-way layering: `mixserve` (the command, the tune jobs, the eval) builds on `server`, never back."""
+    imports = re.compile(r"^\s*(from|import)\s+mixserve\b", re.M)
+    offenders = [p.name for p in (ROOT / "server").glob("*.py") if imports.search(p.read_text())]
+    assert not offenders, offenders
+    code = "import sys, server.api, server.serve_cli; print(sorted(m for m in sys.modules if m.startswith('mixserve')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
 def test_importing_the_app_loads_neither():
     prefixes = ("mixserve.demo", "mixserve.eval.harness", "mixserve.eval.benchmark", "transformers.trainer")
-    code = (
-        f"import sys, server.api, server.tune_jobs; print(sorted(m for m in sys.modules if m.startswith({prefixes!r})))"
-    )
+    code = f"import sys, server.api, mixserve.tune_jobs; print(sorted(m for m in sys.modules if m.startswith({prefixes!r})))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "[]", out.stdout
 

@@ -8,10 +8,10 @@ from types import SimpleNamespace
 
 import pytest
 
-import server.tune_jobs as tune_jobs
+import mixserve.tune_jobs as tune_jobs
+from mixserve.tune_jobs import TuneJobs
 from server.engine import TokenEvent
 from server.state import RequestError
-from server.tune_jobs import TuneJobs
 
 REQUEST = {"tasks": ["sql"], "adapters": None, "budget": 2, "n_val": 2, "methods": None, "space": "lowrank",
            "seed": 0, "pin_as": None}  # fmt: skip

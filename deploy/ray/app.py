@@ -101,6 +101,7 @@ class MixserveReplica:
     def __init__(self, serve_kwargs: dict[str, Any] | None = None) -> None:
         import uvicorn
 
+        from mixserve.tune_jobs import TuneService
         from server.api import create_app
         from server.config import ServeConfig
         from server.readiness import free_port, wait_until_ready
@@ -108,7 +109,7 @@ class MixserveReplica:
         config = ServeConfig(**(serve_kwargs or {}))
         config.host, config.port = "127.0.0.1", free_port()
         self.url = f"http://127.0.0.1:{config.port}"
-        self._server = uvicorn.Server(uvicorn.Config(create_app(config), host=config.host, port=config.port,
+        self._server = uvicorn.Server(uvicorn.Config(create_app(config, [TuneService()]), host=config.host, port=config.port,
                                                      log_level="warning"))  # fmt: skip
         threading.Thread(target=self._server.run, daemon=True).start()
         wait_until_ready(self.url)

@@ -1,5 +1,9 @@
 """Mix tuning as a background admin job: the same search as ``mixserve tune``, scored through the engine.
 
+``mixserve serve`` mounts it on the server as an extension (:class:`TuneService`: the
+``/admin/mixes/tune`` routes and the jobs' lifecycle), so the dependency runs one way: this module
+imports ``server`` and ``mixserve.eval``; ``server`` imports neither.
+
 Each trial's mix is validated like any request's, merged through the mix cache and its validation
 prompts run greedily through the engine beside user traffic (at most ``concurrency`` of them in
 flight, so a job never fills the queue users need); serving goes on while a job runs. One job at a
@@ -20,14 +24,34 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from fastapi import APIRouter, Depends
+from pydantic import BaseModel, ConfigDict, Field
+
 from merging.merge import mix_key
 from server.generation import collect, encode_prompt, start_generation
+from server.routes_admin import require_admin
 from server.sampling import SamplingParams
 from server.state import RequestError, ResolvedMix, ServerState
 
 log = logging.getLogger("mixserve.tune")
 MAX_FINISHED_JOBS = 16  # finished jobs kept for GET
 QUEUE_FULL_RETRIES = 40  # ~1 min of backoff while user traffic keeps the queue full
+
+
+class TuneJobRequest(BaseModel):
+    """``POST /admin/mixes/tune``: what to search (see ``mixserve tune --help``); bounds checked server-side."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tasks: list[str] | None = Field(None, max_length=16, description="tasks to score (default: every task with "
+                                    "a registered adapter of its name)")  # fmt: skip
+    adapters: list[str] | None = Field(None, max_length=16, description="adapters to merge (default: the tasks')")
+    budget: int = Field(20, description="trials (1 to 1000)")
+    n_val: int = Field(20, description="validation examples per task (1 to 500)")
+    methods: list[str] | None = Field(None, max_length=32, description="methods to choose among (default: all tunable)")
+    space: str = Field("lowrank", description="'lowrank', 'dense' or 'both' (searched)")
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    pin_as: str | None = Field(None, description="pin the best mix under this name when the job completes")
 
 
 @dataclass
@@ -222,3 +246,42 @@ class TuneJobs:
 
     def jobs_max_tokens(self) -> int:
         return min(64, self.state.config.limits.max_tokens, self.state.runtime.max_len // 2)
+
+
+class TuneService:
+    """The tune jobs as a server extension (``server.api.Extension``): ``POST /admin/mixes/tune`` starts a
+    job, ``GET`` lists them or shows one with its trials, ``DELETE`` cancels; admin token required."""
+
+    def __init__(self) -> None:
+        self.jobs: TuneJobs | None = None
+        self.router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
+        self.router.add_api_route("/mixes/tune", self.start_job, methods=["POST"], status_code=202)
+        self.router.add_api_route("/mixes/tune", self.list_jobs, methods=["GET"])
+        self.router.add_api_route("/mixes/tune/{job_id}", self.get_job, methods=["GET"])
+        self.router.add_api_route("/mixes/tune/{job_id}", self.cancel_job, methods=["DELETE"])
+
+    def attach(self, state: ServerState) -> None:
+        self.jobs = TuneJobs(state, state.config.max_tune_jobs)
+
+    async def shutdown(self) -> None:
+        if self.jobs is not None:
+            await self.jobs.shutdown()
+
+    def _jobs(self) -> TuneJobs:
+        if self.jobs is None:  # require_admin answered 503 first while loading; kept for safety
+            raise RequestError(503, "the server is still loading", None, "loading")
+        return self.jobs
+
+    async def start_job(self, body: TuneJobRequest) -> dict:
+        """Start a background search for the best mix (one at a time: 409 while one runs)."""
+        return self._jobs().start(body.model_dump()).view()
+
+    async def list_jobs(self) -> dict:
+        return {"jobs": [j.view() for j in self._jobs().jobs.values()]}
+
+    async def get_job(self, job_id: str) -> dict:
+        return self._jobs().get(job_id).view(with_trials=True)
+
+    async def cancel_job(self, job_id: str) -> dict:
+        """Cancel a running job (its in-flight generations are aborted); a finished one is left as it is."""
+        return (await self._jobs().cancel(job_id)).view()
