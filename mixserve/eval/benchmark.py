@@ -39,9 +39,18 @@ from merging.merge import merge_mix
 from merging.spec import parse_mix
 from mixserve.eval.geometry import adapter_geometry
 from mixserve.eval.harness import ModelUnderTest, evaluate
+from mixserve.eval.intervals import (
+    accuracy_draws,
+    interval,
+    mean_kept_draws,
+    retention_draws,
+    separated,
+    unit_weights,
+)
+from mixserve.eval.latency import ServingLatency
 from mixserve.eval.report import plot_results, to_markdown
 from mixserve.eval.scorers import TaskScore
-from mixserve.eval.tasks import TASKS, make_split
+from mixserve.eval.tasks import TASKS, held_out_unit, make_split
 
 CODE_TASKS = ("python", "pystr")
 PAIRS = (("sql", "json"), ("python", "pystr"), ("sql", "python"))
@@ -98,7 +107,9 @@ class QualityBenchmark:
         n_val: int,
         batch_size: int = 32,
         grid: SearchGrid | None = None,
+        latency: tuple[int, int] = (24, 5),
     ) -> None:
+        """``latency``: decode steps and rounds of each row's serving-path timing (``latency.py``)."""
         self.grid = grid or SearchGrid()
         self.model_dir, self.adapter_dirs = Path(model_dir), dict(adapter_dirs)
         self.mut = ModelUnderTest(model_dir)
@@ -110,8 +121,12 @@ class QualityBenchmark:
             "test": {t: make_split(t, "test", n_test) for t in self.tasks},
             "val": {t: make_split(t, "val", n_val) for t in self.tasks},
         }
+        self.units = {split: {t: [held_out_unit(e, i) for i, e in enumerate(exs)] for t, exs in by_task.items()}
+                      for split, by_task in self.splits.items()}  # fmt: skip
+        self.latency = ServingLatency(self.model_dir, self.family, self.adapters, steps=latency[0], rounds=latency[1])
         self.batch_size = batch_size
         self.reference: dict[str, dict[str, float]] = {"test": {}, "val": {}}
+        self.reference_correct: dict[str, dict[str, str]] = {"test": {}, "val": {}}
         self.rows: list[dict] = []
         self.search: dict[str, list[dict]] = {}
 
@@ -142,9 +157,11 @@ class QualityBenchmark:
         tasks = tasks or self.tasks
         examples = {t: self.splits[split][t] for t in tasks}
         t0 = time.perf_counter()
-        scores, ms = evaluate(
-            self.mut, merged, examples, batch_size=self.batch_size, latency_prompts=4 if timing else 0
-        )
+        scores = evaluate(self.mut, merged, examples, batch_size=self.batch_size)
+        eval_s = time.perf_counter() - t0
+        ms = base_ms = None
+        if timing:  # through the serving path, against the base in the same run (latency.py)
+            ms, base_ms = self.latency.measure(self.latency.prepare(mix, merged))
         headline = task_scores(scores)
         ret = retention(headline, self.reference[split]) if group not in ("base", "single") else {}
         row = {
@@ -158,10 +175,12 @@ class QualityBenchmark:
             "json_valid": scores["json"].valid if "json" in scores else None,
             "retention": ret,
             "mean_retention": mean_retention(ret) if ret else None,
-            "ms_per_token": ms if timing else None,
+            "ms_per_token": ms,
+            "ms_vs_base": ms / base_ms if ms is not None else None,
             "merge_s": merged.seconds if merged is not None else 0.0,
-            "eval_s": time.perf_counter() - t0,
+            "eval_s": eval_s,
             "failures": {t: s.failures for t, s in scores.items() if s.failures},
+            "correct": {t: s.correct for t, s in scores.items()},
         }
         shown = " ".join(f"{t} {v:.2f}" for t, v in headline.items())
         extra = f" | retention {row['mean_retention']:.2f}" if ret else ""
@@ -175,6 +194,7 @@ class QualityBenchmark:
         for name in self.tasks:
             row = self.run_row(f"adapter {name} alone", "single", name, split=split, keep=split == "test")
             self.reference[split][name] = row["scores"][name]
+            self.reference_correct[split][name] = row["correct"][name]
 
     # ------------------------------------------------------------------------------ validation search
     def _val(self, label: str, mix: dict, space: str) -> dict:
@@ -251,7 +271,36 @@ class QualityBenchmark:
         served = self.merge(recommended["mix"]).to_lowrank()
         self.run_row(f"recommended `all-tasks`: {_describe(recommended['mix'])} [{recommended['mix']['space']}], "
                      "as served", "recommended", recommended["mix"], merged=served)  # fmt: skip
-        return {"rows": self.rows, "search": self.search, "recommended_mix": recommended["mix"]}
+        return {"rows": self.rows, "search": self.search, "recommended_mix": recommended["mix"],
+                "ranking": self.intervals(), "held_out_units": self.unit_counts()}  # fmt: skip
+
+    # ------------------------------------------------------------------------------------ intervals
+    def unit_counts(self) -> dict[str, dict[str, int]]:
+        """Distinct held-out units per split and task (what the intervals resample)."""
+        return {split: {t: len(set(u)) for t, u in by_task.items()} for split, by_task in self.units.items()}
+
+    def intervals(self) -> list[dict]:
+        """95% intervals (``intervals.py``) on every test row's scores, kept and mean kept, into the rows;
+        returns the ranking of the all-adapter rows: each against the best by mean kept, separated or not."""
+        weights = {t: unit_weights(u, seed=i) for i, (t, u) in enumerate(self.units["test"].items())}
+        draws = {}
+        for r in self.rows:
+            ci = {"scores": {t: interval(accuracy_draws(c, weights[t])) for t, c in r["correct"].items()}}
+            if r["retention"]:
+                kept = retention_draws(r["correct"], self.reference_correct["test"], weights)
+                draws[r["row"]] = mean_kept_draws(kept)
+                ci["retention"] = {t: interval(k) for t, k in kept.items()}
+                ci["mean_retention"] = interval(draws[r["row"]])
+            r["intervals"] = ci
+        ranked = sorted((r for r in self.rows if r["group"] in RANKED and len(r["retention"]) == len(self.tasks)),
+                        key=lambda r: -r["mean_retention"])  # fmt: skip
+        if not ranked:
+            return []
+        best = draws[ranked[0]["row"]]
+        return [{"row": r["row"], "mean_kept": r["mean_retention"], "interval": r["intervals"]["mean_retention"],
+                 "difference_to_best": interval(best - draws[r["row"]]) if i else (0.0, 0.0),
+                 "separated_from_best": bool(i) and separated(best, draws[r["row"]])}
+                for i, r in enumerate(ranked)]  # fmt: skip
 
     def peft_rows(self, ties_mix: dict) -> None:
         """The four adapters merged by PEFT with the tuned dense TIES row's density and lambda."""
@@ -274,6 +323,9 @@ class QualityBenchmark:
                          merged=merged)  # fmt: skip
 
 
+RANKED = ("all", "peft", "hierarchical", "recommended")  # the rows that merge every adapter
+
+
 def _describe(mix: dict) -> str:
     """A short label for a one-level mix: method and the hyper-parameters that were tuned."""
     parts = [mix["method"]]
@@ -285,11 +337,11 @@ def _describe(mix: dict) -> str:
 
 
 def run_benchmark(model_dir: Path, adapter_dirs: dict[str, Path], out_dir: Path, *, n_test: int, n_val: int,
-                  peft: bool = True, grid: SearchGrid | None = None) -> dict:  # fmt: skip
+                  peft: bool = True, grid: SearchGrid | None = None, latency: tuple[int, int] = (24, 5)) -> dict:  # fmt: skip
     """Run the whole table; write ``quality.{json,md}``, ``recommended_mix.json`` and ``retention.png``."""
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    bench = QualityBenchmark(model_dir, adapter_dirs, n_test, n_val, grid=grid)
+    bench = QualityBenchmark(model_dir, adapter_dirs, n_test, n_val, grid=grid, latency=latency)
     result = bench.run(peft=peft)
     result["reference"] = bench.reference
     result["geometry"] = adapter_geometry(bench.mut.params, bench.adapters)

@@ -64,7 +64,7 @@ class ModelUnderTest:
     def generate(
         self, prompts: Sequence[str], *, max_new_tokens: int = 64, batch_size: int = 32, min_new_tokens: int = 0
     ) -> Generated:
-        """Greedy completions, cut at the first eos; counts generated tokens (eos included) for ms/token.
+        """Greedy completions, cut at the first eos; counts generated tokens (eos included).
         ``min_new_tokens``: eos is suppressed until that many tokens are out."""
         texts, new_tokens, t0 = [], 0, time.perf_counter()
         eos = self.tokenizer.eos_token_id
@@ -88,15 +88,6 @@ class ModelUnderTest:
                 texts.append(self.tokenizer.decode(ids, skip_special_tokens=True))
         return Generated(texts, new_tokens, time.perf_counter() - t0)
 
-    def ms_per_token(self, prompts: Sequence[str], max_new_tokens: int = 32) -> float:
-        """Latency at batch size 1 (what one user sees): every prompt decodes exactly
-        ``max_new_tokens`` tokens (eos suppressed), so all rows time the same work whatever they answer;
-        one untimed warm-up call first."""
-        exact = {"max_new_tokens": max_new_tokens, "min_new_tokens": max_new_tokens, "batch_size": 1}
-        self.generate(prompts[:1], **exact)  # warm-up
-        runs = [self.generate([p], **exact) for p in prompts]
-        return 1000 * sum(g.seconds for g in runs) / max(sum(g.new_tokens for g in runs), 1)
-
 
 def evaluate(
     mut: ModelUnderTest,
@@ -104,14 +95,11 @@ def evaluate(
     examples: dict[str, list[Example]],
     *,
     batch_size: int = 32,
-    latency_prompts: int = 4,
-) -> tuple[dict[str, TaskScore], float]:
-    """Scores per task with ``merged`` folded in, and ms/token at batch 1."""
+) -> dict[str, TaskScore]:
+    """Scores per task with ``merged`` folded in (latency is measured on the serving path: ``latency.py``)."""
     scores = {}
     with mut.folded(merged):
         for task, exs in examples.items():
             out = mut.generate([e.prompt for e in exs], batch_size=batch_size)
             scores[task] = score(task, exs, out.texts)
-        first = [exs[0].prompt for exs in examples.values() if exs][:latency_prompts]
-        ms = mut.ms_per_token(first) if first else float("nan")
-    return scores, ms
+    return scores

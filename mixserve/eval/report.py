@@ -25,23 +25,54 @@ def _ret(x: float | None) -> str:
     return "" if x is None else f"{x:.2f}"
 
 
+def _with_ci(text: str, ci: list | tuple | None, fmt) -> str:
+    return text if not text or ci is None else f"{text} ({fmt(ci[0])}-{fmt(ci[1])})"
+
+
 def _table(rows: list[dict], tasks: list[str]) -> list[str]:
-    head = [*[HEADLINE[t] for t in tasks], "kept: " + " / ".join(tasks), "mean kept", "ms/token", "merge"]
+    head = [*[HEADLINE[t] for t in tasks], *[f"kept {t}" for t in tasks], "mean kept", "ms/token served (x base)",
+            "merge"]  # fmt: skip
     lines = ["| row | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
     for r in rows:
-        s, ret = r["scores"], r["retention"]
+        s, ret, ci = r["scores"], r["retention"], r.get("intervals", {})
         cells = [r["row"]]
         for t in tasks:
-            cell = _pct(s.get(t))
+            cell = _with_ci(_pct(s.get(t)), ci.get("scores", {}).get(t), lambda x: f"{x:.0%}")
             if t == "json" and r["json_valid"] is not None:
-                cell += f" (valid {r['json_valid']:.0%})"
+                cell += f", valid {r['json_valid']:.0%}"
             cells.append(cell)
-        cells.append(" / ".join(_ret(ret[t]) if ret.get(t) is not None else "-" for t in tasks) if ret else "")
-        cells.append(f"**{_ret(r['mean_retention'])}**" if ret else "")
-        cells.append("" if r["ms_per_token"] is None else f"{r['ms_per_token']:.2f}")
+        for t in tasks:
+            cells.append(_with_ci(_ret(ret.get(t)), ci.get("retention", {}).get(t), _ret) if ret else "")
+        cells.append(f"**{_with_ci(_ret(r['mean_retention']), ci.get('mean_retention'), _ret)}**" if ret else "")
+        ms = r.get("ms_per_token")
+        cells.append("" if ms is None else f"{ms:.2f} ({r['ms_vs_base']:.2f}x)")
         cells.append("-" if not r["merge_s"] else f"{r['merge_s'] * 1e3:.0f} ms")
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def _ranking(ranking: list[dict]) -> list[str]:
+    if not ranking:
+        return []
+    best = ranking[0]
+    apart = [r for r in ranking[1:] if r["separated_from_best"]]
+    out = [
+        "## Ranking (mean kept, test split)",
+        "",
+        f"Every row that merges all adapters, best first. The best, *{best['row']}*, is separated (the 95% interval "
+        f"of the paired difference in mean kept excludes 0) from {len(apart)} of the {len(ranking) - 1} other rows; "
+        "the order among rows it is not separated from is not established by this table.",
+        "",
+        "| row | mean kept (95%) | best - row (95%) | separated from the best |",
+        "|---|---|---|---|",
+    ]
+    for r in ranking:
+        lo, hi = r["interval"]
+        dlo, dhi = r["difference_to_best"]
+        diff = "-" if r is best else f"{dlo:+.2f} to {dhi:+.2f}"
+        sep = "-" if r is best else ("yes" if r["separated_from_best"] else "no")
+        out.append(f"| {r['row']} | {r['mean_kept']:.2f} ({lo:.2f}-{hi:.2f}) | {diff} | {sep} |")
+    return [*out, ""]
 
 
 def to_markdown(result: dict) -> str:
@@ -54,8 +85,13 @@ def to_markdown(result: dict) -> str:
         f"Test split: {meta.get('n_test_per_task', '?')} examples per task; validation split (all tuning): "
         f"{meta.get('n_val_per_task', '?')} per task. Scores: SQL execution accuracy, pass@1, JSON exact match. "
         "*kept* = normalized retention: the merge's score on a task / that task's single adapter's score "
-        "(same split); *mean kept* averages it over the row's tasks. Greedy decoding; ms/token at batch 1, "
-        "32 tokens, the merged delta folded into the weights (the same compute for every row).",
+        "(same split); *mean kept* averages it over the row's tasks. Greedy decoding. In brackets: 95% intervals "
+        "from a bootstrap over held-out units (a python or string function combination; for SQL and JSON, whose "
+        "held-out values are new in every example, the example), 2,000 draws, paired across rows "
+        "(`mixserve/eval/intervals.py`). Held-out units in the test split: "
+        + ", ".join(f"{t} {n}" for t, n in (result.get("held_out_units") or {}).get("test", {}).items())
+        + ". ms/token served: a decode step at batch 1 through the serving path (the mix's cores or factors as "
+        "the server holds them), median of 5 rounds taken in turns with the base model; x base = that ratio.",
         "",
     ]
     for group, title in SECTIONS:
@@ -63,6 +99,7 @@ def to_markdown(result: dict) -> str:
                   or (group == "hierarchical" and r["group"] == "recommended")]  # fmt: skip
         if chosen:
             out += [f"## {title}", "", *_table(chosen, tasks), ""]
+    out += _ranking(result.get("ranking") or [])
     if result.get("recommended_mix"):
         out += ["The recommended mix (`all-tasks`, the best on the validation split by mean kept):", "",
                 "```json", _compact(result["recommended_mix"]), "```", ""]  # fmt: skip
@@ -101,7 +138,13 @@ def plot_results(result: dict, out: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(14, 0.32 * len(rows) + 2.2), gridspec_kw={"width_ratios": [3, 2]})
     ax = axes[0]
     ys = range(len(rows))
-    ax.barh(list(ys), [r["mean_retention"] or 0 for r in rows], color="0.85", label="mean")
+    means = [r["mean_retention"] or 0 for r in rows]
+    cis = [r.get("intervals", {}).get("mean_retention") or (m, m) for r, m in zip(rows, means, strict=True)]
+    err = [
+        [m - lo for m, (lo, _) in zip(means, cis, strict=True)],
+        [hi - m for m, (_, hi) in zip(means, cis, strict=True)],
+    ]
+    ax.barh(list(ys), means, xerr=err, color="0.85", ecolor="0.3", capsize=2, label="mean (95% interval)")
     for i, t in enumerate(tasks):
         ax.scatter([r["retention"].get(t) or 0 for r in rows], list(ys), s=14, color=f"C{i}", label=t, zorder=3)
     ax.axvline(0.85, color="k", lw=0.8, ls="--")

@@ -227,6 +227,11 @@ class TaskScore:
     accuracy: float  # sql: execution match; python/pystr: pass@1; json: exact match
     valid: float | None = None  # json: parseable
     failures: dict[str, int] = field(default_factory=dict)
+    correct: str = ""  # per example, in order: "1" counted in accuracy, "0" not (for the bootstrap intervals)
+
+
+def _bits(flags: Sequence[bool]) -> str:
+    return "".join("1" if f else "0" for f in flags)
 
 
 def score(task: str, examples: Sequence[Example], outputs: Sequence[str]) -> TaskScore:
@@ -236,7 +241,7 @@ def score(task: str, examples: Sequence[Example], outputs: Sequence[str]) -> Tas
         ok = [
             sql_execution_match(e.check["setup"], e.answer, o.strip()) for e, o in zip(examples, outputs, strict=True)
         ]
-        return TaskScore(task, n, sum(ok) / max(n, 1))
+        return TaskScore(task, n, sum(ok) / max(n, 1), correct=_bits(ok))
     if task in ("python", "pystr"):
         results = run_python_tests_many(
             [(extract_code(o), e.check["tests"]) for e, o in zip(examples, outputs, strict=True)]
@@ -245,8 +250,11 @@ def score(task: str, examples: Sequence[Example], outputs: Sequence[str]) -> Tas
         for r in results:
             if not r.passed:
                 failures[r.reason] = failures.get(r.reason, 0) + 1
-        return TaskScore(task, n, sum(r.passed for r in results) / max(n, 1), failures=failures)
+        passed = [r.passed for r in results]
+        return TaskScore(task, n, sum(passed) / max(n, 1), failures=failures, correct=_bits(passed))
     if task == "json":
         pairs = [json_scores(o, e.check["expected"]) for e, o in zip(examples, outputs, strict=True)]
-        return TaskScore(task, n, sum(x for _, x in pairs) / max(n, 1), valid=sum(v for v, _ in pairs) / max(n, 1))
+        exact = [bool(x) for _, x in pairs]
+        return TaskScore(task, n, sum(exact) / max(n, 1), valid=sum(v for v, _ in pairs) / max(n, 1),
+                         correct=_bits(exact))  # fmt: skip
     raise ValueError(f"unknown task {task!r}")

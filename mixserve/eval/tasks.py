@@ -373,6 +373,15 @@ def json_example(rng: random.Random, split: Split, open_vocab: bool = True) -> E
     return Example("json", format_prompt("json", text), json.dumps(obj), {"expected": obj})
 
 
+def held_out_unit(example: Example, index: int) -> str:
+    """What an example holds out, as the unit that varies between splits' draws (``intervals.py``): the
+    function it asks for (a python reducer x predicate combination, a string operation x parameter), and
+    for SQL and JSON, whose held-out values are drawn afresh per example, the example itself."""
+    if example.task in ("python", "pystr"):
+        return example.answer[len("def ") : example.answer.index("(")]
+    return f"{example.task}:{index}"
+
+
 GENERATORS: dict[str, Callable[..., Example]] = {
     "sql": sql_example,
     "python": python_example,

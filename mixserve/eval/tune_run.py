@@ -33,7 +33,7 @@ class HarnessScorer:
 
     def __call__(self, mix: dict | str | None, examples: dict) -> dict[str, float]:
         merged = None if mix is None else merge_mix(parse_mix(mix), self.adapters)
-        scores, _ = evaluate(self.mut, merged, examples, batch_size=self.batch_size, latency_prompts=0)
+        scores = evaluate(self.mut, merged, examples, batch_size=self.batch_size)
         return {t: s.accuracy for t, s in scores.items()}
 
 
