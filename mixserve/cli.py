@@ -139,7 +139,13 @@ def cmd_merge(args: argparse.Namespace) -> int:
             )
         label = "merging + folding" if args.format == "full" else "merging"
         report = merge_to_disk(
-            mix, adapters, out, fmt=args.format, base=args.base, rank=args.rank, progress=Progress(label)
+            mix,
+            adapters,
+            out,
+            fmt=args.format,
+            base=_model_dir(args.base, "merge", "--base") if args.base else None,
+            rank=args.rank,
+            progress=Progress(label),
         )
     except ValidationError as e:  # main() prints it as one line (or the traceback with --debug)
         raise ValueError(one_line(e).replace("invalid value", "invalid mix", 1)) from e
@@ -184,10 +190,20 @@ def cmd_demo_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_dir(value: str, command: str, flag: str) -> Path:
+    """A model directory, or a model id already in the local Hugging Face cache (offline), as for serve."""
+    from server.model_source import ModelNotFoundError, locate_model
+
+    try:
+        return locate_model(value)[0]
+    except ModelNotFoundError as exc:
+        raise SystemExit(f"mixserve {command}: {str(exc).replace('--model', flag, 1)}") from None
+
+
 def _demo_adapters(args: argparse.Namespace, command: str) -> tuple[Path, dict[str, Path]]:
     from server.config import DEMO_DIR
 
-    model = Path(args.model) if args.model else DEMO_DIR / "base"
+    model = _model_dir(args.model, command, "--model") if args.model else DEMO_DIR / "base"
     if not (model / "config.json").is_file():
         raise SystemExit(f"mixserve {command}: --model {model} is not a model directory (no config.json)")
     if args.adapter:
@@ -270,7 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG_MERGE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    m.add_argument("--base", help="base model directory (HF layout, safetensors); required for --format full")
+    m.add_argument(
+        "--base",
+        help="base model directory (HF layout, safetensors) or a model id in the local Hugging Face "
+        "cache; required for --format full",
+    )
     m.add_argument(
         "--adapter", action="append", default=[], metavar="NAME=PATH", help="a PEFT LoRA adapter directory (repeat)"
     )

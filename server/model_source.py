@@ -25,7 +25,7 @@ def locate_model(value: str | Path, revision: str | None = None) -> tuple[Path, 
         return path, None
     text = str(value)
     if path.exists() or not MODEL_ID.match(text):
-        raise ModelNotFoundError(f"--model {text} is not a model directory")
+        raise ModelNotFoundError(f"--model {text} is not a directory")
     from huggingface_hub import snapshot_download
 
     cache = hub_cache()

@@ -57,7 +57,7 @@ def test_a_model_id_resolves_from_the_cache_and_a_missing_one_is_one_sentence(ca
     with pytest.raises(ModelNotFoundError, match=r"^--model acme/absent: no such directory, and no model 'acme/absent' "
                                                  r"in the local Hugging Face cache \(.*\); mixserve downloads nothing"):  # fmt: skip
         locate_model("acme/absent")
-    with pytest.raises(ModelNotFoundError, match="is not a model directory"):
+    with pytest.raises(ModelNotFoundError, match="is not a directory"):
         locate_model(str(snapshot / "config.json"))
 
 
@@ -104,3 +104,22 @@ def test_served_from_the_cache_id_the_openai_client_gets_transformers_and_peft_t
     assert texts == want
     assert len(set(want)) == 3
     shutil.rmtree(hub.parent / "ties")
+
+
+def test_merge_takes_a_cached_model_id_as_its_base(cached_model, monkeypatch, tmp_path, capsys):
+    """`mixserve merge --format full --base <id>` folds a mix into the cached Gemma 3, offline."""
+    from safetensors.torch import load_file
+
+    from mixserve.cli import main
+
+    hub, snapshot, adapters = cached_model
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    assert main(["merge", "--base", REPO, "--adapter", f"a={adapters / 'a'}", "--adapter", f"b={adapters / 'b'}",
+                 "--method", "ties", "--density", "0.5", "--format", "full", "--out", str(tmp_path / "full")]) == 0  # fmt: skip
+    merged, base = load_file(tmp_path / "full" / "model.safetensors"), load_file(snapshot / "model.safetensors")
+    key = "model.layers.0.self_attn.q_proj.weight"
+    assert merged[key].shape == base[key].shape and not torch.equal(merged[key], base[key])
+    capsys.readouterr()
+    assert main(["merge", "--base", "acme/absent", "--adapter", f"a={adapters / 'a'}", "--format", "full",
+                 "--out", str(tmp_path / "none")]) == 2  # fmt: skip
+    assert capsys.readouterr().err.splitlines()[-1].startswith("mixserve merge: --base acme/absent: no such directory")
