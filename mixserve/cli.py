@@ -202,8 +202,11 @@ def _model_dir(value: str, command: str, flag: str) -> Path:
 
 def _demo_adapters(args: argparse.Namespace, command: str) -> tuple[Path, dict[str, Path]]:
     from server.config import DEMO_DIR
+    from server.model_source import MODEL_ID
 
-    model = _model_dir(args.model, command, "--model") if args.model else DEMO_DIR / "base"
+    model = Path(args.model) if args.model else DEMO_DIR / "base"
+    if args.model and not model.is_dir() and MODEL_ID.match(args.model):  # a model id in the local HF cache
+        model = _model_dir(args.model, command, "--model")
     if not (model / "config.json").is_file():
         raise SystemExit(f"mixserve {command}: --model {model} is not a model directory (no config.json)")
     if args.adapter:
