@@ -85,6 +85,7 @@ class Decoder:
         self.final_norm = make_norm(inner.norm, fam.unit_offset_norms)
         self.lm_head = hf.lm_head.weight
         self.rotary = inner.rotary_emb
+        self._rope_kinds = tuple(dict.fromkeys(spec.rope_keys))  # the distinct rotary frequency sets
         self.act = ACT2FN[spec.activation]
         self.heads, self.kv_heads, self.head_dim = spec.heads, spec.kv_heads, spec.head_dim
         self.layers_hf = list(inner.layers)
@@ -125,7 +126,7 @@ class Decoder:
         frequencies are the ones transformers' rotary module computed for the config (rope scaling
         included); computed here so nothing depends on the batch's longest position."""
         out = {}
-        for key in dict.fromkeys(self.spec.rope_keys):
+        for key in self._rope_kinds:
             prefix = f"{key}_" if key is not None else ""
             inv_freq = getattr(self.rotary, f"{prefix}inv_freq")
             scaling = getattr(self.rotary, f"{prefix}attention_scaling")

@@ -16,7 +16,6 @@ engine's reservation of prompt + ``max_tokens`` at admission, still need them).
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,6 @@ from server.kv_cache import NULL_BLOCK, PagedKVCache, bytes_per_block, check_fit
 from server.lora_pool import LoraFactorsByModule, LoraPool, PreparedLora, SidePlan, prepare_lora
 from server.paged_attention import chunk_attention, decode_attention, key_mask
 
-log = logging.getLogger("mixserve.runtime")
 MIN_KEYS = 64  # decode attention reads at least this many keys per row
 # window -> (each row's window table [rows, window blocks], the position of its first key [rows])
 WindowTables = dict[int, tuple[torch.Tensor, torch.Tensor]]
@@ -126,6 +124,9 @@ class ModelRuntime:
         self.kv = self._make_kv_cache(kv_cache_bytes, block_size, default_kv_tokens, memory_utilization, reserve_bytes)
         self._kv_tokens = [self.kv.layer(i) for i in range(len(self.layers))]  # [positions, 2 KV, d] views
         self._kv_blocks = [t.view(self.kv.num_blocks, block_size, *t.shape[1:]) for t in self._kv_tokens]
+        self._window_kinds = tuple(dict.fromkeys(self.windows))  # the distinct windows (None: full attention)
+        # A window of w keys spans at most ceil((w - 1) / block_size) + 1 blocks, whatever the row's position.
+        self._window_blocks = {w: -(-(w - 1) // block_size) + 1 for w in self._window_kinds if w is not None}
         shapes = {k: tuple(lin.weight.shape) for k, lin in self.linears.items()}
         groups = {key: (shapes[names[0]][1], names, [shapes[n][0] for n in names])
                   for key, names in self.decoder.groups.items()}  # fmt: skip
@@ -245,7 +246,7 @@ class ModelRuntime:
             core_slots += [ch.core_slot] * len(ch.ids)
 
         # Per chunk and distinct window: the blocks its attention reads (once, not per layer).
-        history = [{w: self._chunk_blocks(ch, b - a, w) for w in set(self.windows)} for a, b, ch in spans]
+        history = [{w: self._chunk_blocks(ch, b - a, w) for w in self._window_kinds} for a, b, ch in spans]
         scale, softcap = self.spec.attn_scale, self.spec.attn_softcap
 
         def attend(i: int, q: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
@@ -303,9 +304,7 @@ class ModelRuntime:
         """``{window: blocks}`` for the layers' windows narrower than a decode step's ``nb`` key blocks:
         those layers read a table of ``blocks`` blocks per row instead (a row's window spans at most
         ``ceil((w - 1) / block_size) + 1`` blocks, whatever its position)."""
-        bs = self.kv.block_size
-        wide = {w: -(-(w - 1) // bs) + 1 for w in set(self.windows) if w is not None}
-        return {w: b for w, b in wide.items() if b < nb}
+        return {w: b for w, b in self._window_blocks.items() if b < nb}
 
     def window_tables(self, rows: Sequence[DecodeRow], nb: int) -> dict[int, tuple[list[list[int]], list[int]]]:
         """Per narrow window (:meth:`narrow_windows`): each row's table from the block holding the first key
@@ -332,7 +331,7 @@ class ModelRuntime:
         (graphs stop there: ``[rows, vocab]`` fp32 per captured shape would be memory no budget counts)."""
         bs = self.kv.block_size
         views = {}  # per distinct window: the table its layers read and their mask, once per step
-        for w in set(self.windows):
+        for w in self._window_kinds:
             t, first = narrow.get(w, (table, 0))
             views[w] = t, key_mask(t.shape[1] * bs, positions, w, first)[:, None, None, :]
         scale, softcap = self.spec.attn_scale, self.spec.attn_softcap
