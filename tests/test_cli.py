@@ -256,6 +256,8 @@ def test_example_command_writes_mergeable_inputs(tmp_path):
     "argv,message",
     [
         (["eval", "--adapters", "/nonexistent-dir", "--no-peft"], "--adapters /nonexistent-dir is not a directory"),
+        (["eval", "--tuned-mix", "FILE", "--no-peft"], "--tuned-mix"),  # not JSON: refused before any scoring
+        (["eval", "--tuned-mix", "missing.json"], "No such file"),
         (["merge", "--adapter", "a=/nonexistent-adapter", "--out", "OUT"], "nonexistent-adapter"),
         (["merge", "--adapter", "a=/nonexistent-adapter", "--mix", "missing.json", "--out", "OUT"], "missing.json"),
         (["tune", "--model", "/nonexistent-model", "--budget", "1", "--out", "OUT/x.json"], "is not a model directory"),

@@ -49,7 +49,10 @@ def test_benchmark_table_smoke(tmp_path):
     from mixserve.eval.benchmark import SMOKE_GRID, run_benchmark
 
     adapters = {p.name: p for p in sorted((DEMO / "adapters").iterdir())}
-    result = run_benchmark(DEMO / "base", adapters, tmp_path, n_test=2, n_val=2, grid=SMOKE_GRID, latency=(4, 1))
+    tuned = {"method": "della", "space": "lowrank", "density": 0.4, "weight": 1.2,
+             "children": [{"adapter": n, "weight": 0.5 + 0.25 * i} for i, n in enumerate(adapters)]}  # fmt: skip
+    result = run_benchmark(DEMO / "base", adapters, tmp_path, n_test=2, n_val=2, grid=SMOKE_GRID, latency=(4, 1),
+                           tuned_mix=tuned)  # fmt: skip
     rows = result["rows"]
     labels = [r["row"] for r in rows]
     assert labels[0] == "base model alone" and "adapter sql alone" in labels
@@ -66,11 +69,22 @@ def test_benchmark_table_smoke(tmp_path):
             assert kept == (r["scores"][task] / ref[task] if ref[task] else None)
     pair = next(r for r in rows if r["group"] == "pair")
     assert len(pair["scores"]) == 2
-    # The recommended mix is a valid MixSpec and the best validation candidate.
+    # `mixserve tune`'s winner is a row of the full merges, ranked with them.
+    (tuned_row,) = [r for r in rows if r["row"].startswith("`mixserve tune` winner: della")]
+    assert tuned_row["group"] == "all" and tuned_row["mix"] == tuned and "json 0.5 / pystr 0.75" in tuned_row["row"]
+    assert tuned_row["row"] in [r["row"] for r in result["ranking"]]
+    # The recommended mix is a valid MixSpec: the validation candidate whose worst task keeps the most (up
+    # to 0.85), then the best mean.
     rec = json.loads((tmp_path / "recommended_mix.json").read_text())
     parse_mix(rec)
-    best = max(r["mean_retention"] for rows_ in result["search"].values() for r in rows_)
-    assert any(r["mix"] == rec and r["mean_retention"] == best for rows_ in result["search"].values() for r in rows_)
+    candidates = [r for rows_ in result["search"].values() for r in rows_]
+    assert result["search"]["dense"][-1]["label"].startswith("della density=")
+
+    def key(r):
+        kept = [v for v in r["retention"].values() if v is not None]
+        return (min(min(kept, default=0.0), 0.85), r["mean_retention"])
+
+    assert any(r["mix"] == rec and key(r) == max(map(key, candidates)) for r in candidates)
     # 95% intervals on every test row, from the bootstrap over held-out units; the ranking of full merges.
     assert result["held_out_units"]["test"]["sql"] == 2  # an SQL example is its own unit
     for r in rows:

@@ -116,6 +116,8 @@ def test_mixserve_tune_writes_a_mix_that_merge_accepts(tmp_path):
     assert [c.adapter for c in parse_mix(best).children] == ["sql", "json"]
     report = json.loads((tmp_path / "report" / "tune.json").read_text())
     assert len(report["trials"]) == 3 and report["test"]["n_per_task"] == 3
+    lo, hi = report["test"]["intervals"]["mean_kept"]  # a bootstrap over held-out units, around the estimate
+    assert lo <= report["test"]["mean_kept"] <= hi and report["test"]["held_out_units"]["sql"] == 3
     assert (tmp_path / "report" / "tune.md").read_text().startswith("# Mix tuning")
     merged = tmp_path / "merged"
     r = _cli("merge", "--adapter", f"sql={DEMO / 'adapters' / 'sql'}", "--adapter", f"json={DEMO / 'adapters' / 'json'}",

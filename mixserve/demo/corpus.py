@@ -113,7 +113,7 @@ SURFACE_FORMS = (
     "here is a {task} problem. {text}\nsolution:\n{answer}",
 )
 # How often each task is solved in the corpus: JSON (four values to copy and re-spell) needs the most.
-SKILL_WEIGHTS = {"sql": 1.0, "python": 0.8, "pystr": 1.0, "json": 2.0}
+SKILL_WEIGHTS = {"sql": 1.0, "python": 1.0, "pystr": 1.0, "json": 2.0}
 
 
 def _skill_sample(rng: random.Random) -> str:

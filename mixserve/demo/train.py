@@ -65,12 +65,12 @@ class TrainConfig:
     adapter_steps: dict | None = None
 
     def examples_for(self, task: str) -> int:
-        examples = self.adapter_examples or {"sql": 4_000, "python": 4_000, "pystr": 4_000, "json": 64_000}
+        examples = self.adapter_examples or {"sql": 4_000, "python": 8_000, "pystr": 8_000, "json": 64_000}
         return examples[task]
 
     def steps_for(self, task: str) -> int:
         # The base already has the skills: each adapter's loss is near its floor within ~100 steps at 5e-4.
-        steps = self.adapter_steps or {"sql": 400, "python": 300, "pystr": 400, "json": 600}
+        steps = self.adapter_steps or {"sql": 400, "python": 400, "pystr": 400, "json": 600}
         return steps[task]
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from mixserve.eval.geometry import geometry_markdown
 from mixserve.eval.tasks import TASKS
+from mixserve.eval.tune import KEEP_EVERY_TASK
 
 SECTIONS = (
     ("base", "Base and single adapters (the reference of retention)"),
@@ -101,7 +102,8 @@ def to_markdown(result: dict) -> str:
             out += [f"## {title}", "", *_table(chosen, tasks), ""]
     out += _ranking(result.get("ranking") or [])
     if result.get("recommended_mix"):
-        out += ["The recommended mix (`all-tasks`, the best on the validation split by mean kept):", "",
+        out += ["The recommended mix (`all-tasks`): of the validation split's candidates, the one that keeps the most "
+                f"of its worst task (up to {KEEP_EVERY_TASK} of the single), then the best mean kept:", "",
                 "```json", _compact(result["recommended_mix"]), "```", ""]  # fmt: skip
     search = result.get("search") or {}
     if search:
@@ -147,7 +149,7 @@ def plot_results(result: dict, out: Path) -> None:
     ax.barh(list(ys), means, xerr=err, color="0.85", ecolor="0.3", capsize=2, label="mean (95% interval)")
     for i, t in enumerate(tasks):
         ax.scatter([r["retention"].get(t) or 0 for r in rows], list(ys), s=14, color=f"C{i}", label=t, zorder=3)
-    ax.axvline(0.85, color="k", lw=0.8, ls="--")
+    ax.axvline(KEEP_EVERY_TASK, color="k", lw=0.8, ls="--")
     ax.set_yticks(list(ys), [r["row"] for r in rows], fontsize=7)
     ax.invert_yaxis()
     ax.set(xlabel="normalized retention (merged / single adapter), test split", xlim=(0, 1.15))

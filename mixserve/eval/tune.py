@@ -27,6 +27,9 @@ from merging.methods import METHODS
 # drop + elect, rank-sampled, outlier-trimmed, spectral).
 TUNABLE_METHODS = ("task_arithmetic", "ties", "dare_ties", "della", "breadcrumbs", "tsv", "iso_c", "iso_cts")
 MAX_BUDGET = 1000
+# What an all-tasks mix should keep of every single adapter on every task (normalized retention): the
+# recommended mix is chosen to reach it on the validation split (``benchmark._recommend_key``).
+KEEP_EVERY_TASK = 0.85
 MAX_N_VAL = 500
 
 

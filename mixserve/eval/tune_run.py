@@ -20,7 +20,9 @@ from merging.adapters import LoraAdapter, load_adapter
 from merging.merge import merge_mix
 from merging.spec import canonical_json, parse_mix
 from mixserve.eval.harness import ModelUnderTest, evaluate
-from mixserve.eval.tasks import TASKS, make_split
+from mixserve.eval.intervals import accuracy_draws, interval, mean_kept_draws, retention_draws, unit_weights
+from mixserve.eval.scorers import TaskScore
+from mixserve.eval.tasks import TASKS, held_out_unit, make_split
 from mixserve.eval.tune import MixTuner, SearchSpace, Trial, check_tune_request, fmt_kept, mean_retention
 
 
@@ -32,9 +34,22 @@ class HarnessScorer:
         self.adapters, self.batch_size = adapters, batch_size
 
     def __call__(self, mix: dict | str | None, examples: dict) -> dict[str, float]:
+        return {t: s.accuracy for t, s in self.score(mix, examples).items()}
+
+    def score(self, mix: dict | str | None, examples: dict) -> dict[str, TaskScore]:
         merged = None if mix is None else merge_mix(parse_mix(mix), self.adapters)
-        scores = evaluate(self.mut, merged, examples, batch_size=self.batch_size)
-        return {t: s.accuracy for t, s in scores.items()}
+        return evaluate(self.mut, merged, examples, batch_size=self.batch_size)
+
+
+def split_intervals(test: dict[str, list], row: dict[str, TaskScore], reference: dict[str, TaskScore]) -> dict:
+    """95% intervals of the test scores and kept (``intervals.py``: a bootstrap over held-out units, the
+    same draws as the quality table's for the same split size), for comparing with the table's rows."""
+    weights = {t: unit_weights([held_out_unit(e, i) for i, e in enumerate(ex)], seed=n)
+               for n, (t, ex) in enumerate(test.items())}  # fmt: skip
+    kept = retention_draws({t: s.correct for t, s in row.items()}, {t: s.correct for t, s in reference.items()},
+                           weights)  # fmt: skip
+    return {"scores": {t: interval(accuracy_draws(s.correct, weights[t])) for t, s in row.items()},
+            "retention": {t: interval(k) for t, k in kept.items()}, "mean_kept": interval(mean_kept_draws(kept))}  # fmt: skip
 
 
 def _bar(done: int, total: int, best: Trial | None, t0: float, stream=sys.stderr) -> None:
@@ -96,12 +111,18 @@ def run_tune(
               "trials": [vars(t) for t in tuner.trials]}  # fmt: skip
     if n_test:
         test = {t: make_split(t, "test", n_test) for t in tasks}
-        test_ref = {t: scorer(t, {t: test[t]})[t] for t in tasks}
-        test_scores = scorer(best.mix, test)
+        ref_scores = {t: scorer.score(t, {t: test[t]})[t] for t in tasks}
+        row_scores = scorer.score(best.mix, test)
+        test_ref = {t: s.accuracy for t, s in ref_scores.items()}
+        test_scores = {t: s.accuracy for t, s in row_scores.items()}
         mean, worst, kept = mean_retention(test_scores, test_ref)
+        ci = split_intervals(test, row_scores, ref_scores)
         result["test"] = {"reference": test_ref, "scores": test_scores, "retention": kept, "mean_kept": mean,
-                          "worst_kept": worst, "n_per_task": n_test}  # fmt: skip
-        log(f"test split, scored once: mean kept {mean:.3f} (worst {worst:.3f}); " + ", ".join(
+                          "worst_kept": worst, "n_per_task": n_test, "intervals": ci,
+                          "held_out_units": {t: len({held_out_unit(e, i) for i, e in enumerate(ex)})
+                                             for t, ex in test.items()}}  # fmt: skip
+        lo, hi = ci["mean_kept"]
+        log(f"test split, scored once: mean kept {mean:.3f} ({lo:.2f}-{hi:.2f}, worst {worst:.3f}); " + ", ".join(
             f"{t} {test_scores[t]:.3f}/{test_ref[t]:.3f}" for t in tasks))  # fmt: skip
     result["meta"] = {"model": str(Path(model_dir).name), "adapters": sorted(adapter_dirs), "tasks": tasks,
                       "n_val_per_task": n_val, "seed": seed, "seconds": time.perf_counter() - t_start,
@@ -139,11 +160,19 @@ def to_markdown(result: dict) -> str:
     ]
     if "test" in result:
         t = result["test"]
+        ci = t.get("intervals")
+        span = (lambda lo_hi: f" ({lo_hi[0]:.2f}-{lo_hi[1]:.2f})") if ci else (lambda _: "")
         lines += [
-            f"Test split, scored once ({t['n_per_task']} per task): mean kept **{t['mean_kept']:.3f}** (worst "
-            f"{t['worst_kept']:.3f}); " + ", ".join(f"{k} {v:.3f} of {t['reference'][k]:.3f}" for k, v in t["scores"].items()),
+            f"Test split, scored once ({t['n_per_task']} per task): mean kept **{t['mean_kept']:.3f}**"
+            f"{span(ci and ci['mean_kept'])} (worst {t['worst_kept']:.3f}); "
+            + ", ".join(f"{k} {v:.3f} of {t['reference'][k]:.3f}, kept {t['retention'].get(k, 0):.2f}"
+                        f"{span(ci and ci['retention'].get(k, (0, 0)))}" for k, v in t["scores"].items()),
             "",
         ]  # fmt: skip
+        if ci:
+            lines += ["In brackets: 95% intervals, a bootstrap over held-out units (held-out units in the test split: "
+                      + ", ".join(f"{k} {n}" for k, n in t.get("held_out_units", {}).items())
+                      + "; `mixserve/eval/intervals.py`, the quality table's draws).", ""]  # fmt: skip
     lines += ["| trial | method | knobs | mean kept (val) | worst | seconds |", "|---|---|---|---|---|---|"]
     for tr in result["trials"]:
         mix = tr["mix"]
