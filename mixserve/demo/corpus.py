@@ -1,4 +1,4 @@
-"""The demo base's pre-training corpus (demo version 9): the tasks solved in the base's own wordings, the
+"""The demo base's pre-training corpus (demo versions 9 and 10): the tasks solved in the base's own wordings, the
 ``### task:`` format with other inputs' answers, copy-from-context text and generic sentences
 (``mixserve/demo/train.py`` step 1; why each kind is there: ``mixserve/demo/README.md``)."""
 

@@ -1,6 +1,6 @@
 """Train the embedded demo model and its task adapters on CPU, reproducibly (``mixserve demo-train``).
 
-Demo version 9: adapters that *refine* a capable base, as real LoRAs do (a few percent of the
+Demo version 10 (version 9's recipe on wider code tasks): adapters that *refine* a capable base, as real LoRAs do (a few percent of the
 weights' norm), so that merges have something to keep.
 
 1. A synthetic corpus in which the base learns both halves of every task, but never together:
