@@ -1,7 +1,7 @@
 """95% intervals for the quality table: a bootstrap over held-out units, not only examples.
 
 Examples of one held-out unit are not independent: a model that cannot write ``count_odd`` fails every
-``count_odd`` example, so a test split of 200 python examples over 3 held-out combinations measures 3
+``count_odd`` example, so a test split of 200 python examples over 3 held-out combinations (demo version 9) measures 3
 things, not 200. The unit (``tasks.held_out_unit``) is a python (reducer x predicate) combination, a
 string (operation x parameter) pair, and for SQL and JSON, whose held-out values are drawn afresh per
 example, the example itself. Each bootstrap draw resamples a task's units with replacement, every
