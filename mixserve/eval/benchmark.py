@@ -41,10 +41,8 @@ from merging.spec import parse_mix
 from mixserve.eval.geometry import adapter_geometry
 from mixserve.eval.harness import ModelUnderTest, evaluate
 from mixserve.eval.intervals import (
-    accuracy_draws,
     interval,
-    mean_kept_draws,
-    retention_draws,
+    row_intervals,
     separated,
     unit_weights,
 )
@@ -303,13 +301,10 @@ class QualityBenchmark:
         weights = {t: unit_weights(u, seed=i) for i, (t, u) in enumerate(self.units["test"].items())}
         draws = {}
         for r in self.rows:
-            ci = {"scores": {t: interval(accuracy_draws(c, weights[t])) for t, c in r["correct"].items()}}
-            if r["retention"]:
-                kept = retention_draws(r["correct"], self.reference_correct["test"], weights)
-                draws[r["row"]] = mean_kept_draws(kept)
-                ci["retention"] = {t: interval(k) for t, k in kept.items()}
-                ci["mean_retention"] = interval(draws[r["row"]])
-            r["intervals"] = ci
+            reference = self.reference_correct["test"] if r["retention"] else None
+            r["intervals"], mean = row_intervals(r["correct"], reference, weights)
+            if mean is not None:
+                draws[r["row"]] = mean
         ranked = sorted((r for r in self.rows if r["group"] in RANKED and len(r["retention"]) == len(self.tasks)),
                         key=lambda r: -r["mean_retention"])  # fmt: skip
         if not ranked:

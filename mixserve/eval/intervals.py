@@ -58,6 +58,20 @@ def mean_kept_draws(kept: Mapping[str, np.ndarray]) -> np.ndarray:
     return np.mean(np.stack(list(kept.values())), axis=0)
 
 
+def row_intervals(row_correct: Mapping[str, str], reference_correct: Mapping[str, str] | None,
+                  weights: Mapping[str, np.ndarray]) -> tuple[dict, np.ndarray | None]:  # fmt: skip
+    """One row's 95% intervals: ``{"scores": {task: ci}}``, and with a reference (the single adapters)
+    ``"retention": {task: ci}`` and ``"mean_retention": ci``; plus the mean-kept draws (None without one)."""
+    ci: dict = {"scores": {t: interval(accuracy_draws(c, weights[t])) for t, c in row_correct.items()}}
+    if reference_correct is None:
+        return ci, None
+    kept = retention_draws(row_correct, reference_correct, weights)
+    mean = mean_kept_draws(kept)
+    ci["retention"] = {t: interval(k) for t, k in kept.items()}
+    ci["mean_retention"] = interval(mean)
+    return ci, mean
+
+
 def separated(a: np.ndarray, b: np.ndarray) -> bool:
     """Whether the 95% interval of the paired difference ``a - b`` excludes 0."""
     lo, hi = interval(a - b)

@@ -20,7 +20,7 @@ from merging.adapters import LoraAdapter, load_adapter
 from merging.merge import merge_mix
 from merging.spec import canonical_json, parse_mix
 from mixserve.eval.harness import ModelUnderTest, evaluate
-from mixserve.eval.intervals import accuracy_draws, interval, mean_kept_draws, retention_draws, unit_weights
+from mixserve.eval.intervals import row_intervals, unit_weights
 from mixserve.eval.scorers import TaskScore
 from mixserve.eval.tasks import TASKS, held_out_unit, make_split
 from mixserve.eval.tune import MixTuner, SearchSpace, Trial, check_tune_request, fmt_kept, mean_retention
@@ -46,10 +46,8 @@ def split_intervals(test: dict[str, list], row: dict[str, TaskScore], reference:
     same draws as the quality table's for the same split size), for comparing with the table's rows."""
     weights = {t: unit_weights([held_out_unit(e, i) for i, e in enumerate(ex)], seed=n)
                for n, (t, ex) in enumerate(test.items())}  # fmt: skip
-    kept = retention_draws({t: s.correct for t, s in row.items()}, {t: s.correct for t, s in reference.items()},
-                           weights)  # fmt: skip
-    return {"scores": {t: interval(accuracy_draws(s.correct, weights[t])) for t, s in row.items()},
-            "retention": {t: interval(k) for t, k in kept.items()}, "mean_kept": interval(mean_kept_draws(kept))}  # fmt: skip
+    ci, _ = row_intervals({t: s.correct for t, s in row.items()}, {t: s.correct for t, s in reference.items()}, weights)
+    return {"scores": ci["scores"], "retention": ci["retention"], "mean_kept": ci["mean_retention"]}
 
 
 def _bar(done: int, total: int, best: Trial | None, t0: float, stream=sys.stderr) -> None:
