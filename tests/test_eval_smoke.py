@@ -78,6 +78,9 @@ def test_benchmark_table_smoke(tmp_path):
     rec = json.loads((tmp_path / "recommended_mix.json").read_text())
     parse_mix(rec)
     candidates = [r for rows_ in result["search"].values() for r in rows_]
+    # The tuner's winner was chosen on validation, so it is a candidate there too (in its own space).
+    (tuned_val,) = [r for r in result["search"]["lowrank"] if r["label"].startswith("`mixserve tune` winner")]
+    assert tuned_val["mix"] == tuned and tuned_val["split"] == "val"
     assert result["search"]["dense"][-1]["label"].startswith("della density=")
 
     def key(r):

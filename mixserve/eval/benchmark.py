@@ -266,8 +266,11 @@ class QualityBenchmark:
                 self.run_row(f"{_describe(val_row['mix'])}, tuned on val [{space}]", "all", val_row["mix"])
         if tuned_mix is not None:  # `mixserve tune`'s winner (chosen on this validation split), scored once
             space = tuned_mix.get("space", "dense")
-            self.run_row(f"`mixserve tune` winner: {_describe(tuned_mix)}, weights {_weights(tuned_mix)} [{space}]",
-                         "all", tuned_mix)  # fmt: skip
+            label = f"`mixserve tune` winner: {_describe(tuned_mix)}, weights {_weights(tuned_mix)}"
+            # Also a candidate of the recommended mix: it was chosen on validation, so it competes there
+            # with the grid's rows under the same rule, and the test split still decides nothing.
+            self._val(label, tuned_mix, space)
+            self.run_row(f"{label} [{space}]", "all", tuned_mix)
         if peft:
             self.peft_rows(tuned["dense"]["ties"]["mix"])
         for pair in PAIRS:
@@ -285,8 +288,10 @@ class QualityBenchmark:
         candidates = [r for rows in self.search.values() for r in rows]
         recommended = max(candidates, key=_recommend_key)
         served = self.merge(recommended["mix"]).to_lowrank()
-        self.run_row(f"recommended `all-tasks`: {_describe(recommended['mix'])} [{recommended['mix']['space']}], "
-                     "as served", "recommended", recommended["mix"], merged=served)  # fmt: skip
+        mix = recommended["mix"]
+        weighted = any("weight" in c for c in mix.get("children", []))
+        self.run_row(f"recommended `all-tasks`: {_describe(mix)}{', weights ' + _weights(mix) if weighted else ''} "
+                     f"[{mix['space']}], as served", "recommended", mix, merged=served)  # fmt: skip
         return {"rows": self.rows, "search": self.search, "recommended_mix": recommended["mix"],
                 "ranking": self.intervals(), "held_out_units": self.unit_counts()}  # fmt: skip
 

@@ -102,7 +102,8 @@ def to_markdown(result: dict) -> str:
             out += [f"## {title}", "", *_table(chosen, tasks), ""]
     out += _ranking(result.get("ranking") or [])
     if result.get("recommended_mix"):
-        out += ["The recommended mix (`all-tasks`): of the validation split's candidates, the one that keeps the most "
+        out += ["The recommended mix (`all-tasks`): of the validation split's candidates (the validation search "
+                "below and, when given, `mixserve tune`'s winner), the one that keeps the most "
                 f"of its worst task (up to {KEEP_EVERY_TASK} of the single), then the best mean kept:", "",
                 "```json", _compact(result["recommended_mix"]), "```", ""]  # fmt: skip
     search = result.get("search") or {}
