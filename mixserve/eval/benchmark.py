@@ -44,7 +44,7 @@ from mixserve.eval.intervals import (
     interval,
     row_intervals,
     separated,
-    unit_weights,
+    split_weights,
 )
 from mixserve.eval.latency import ServingLatency
 from mixserve.eval.report import plot_results, to_markdown
@@ -266,7 +266,7 @@ class QualityBenchmark:
                 self.run_row(f"{_describe(val_row['mix'])}, tuned on val [{space}]", "all", val_row["mix"])
         if tuned_mix is not None:  # `mixserve tune`'s winner (chosen on this validation split), scored once
             space = tuned_mix.get("space", "dense")
-            label = f"`mixserve tune` winner: {_describe(tuned_mix)}, weights {_weights(tuned_mix)}"
+            label = f"`mixserve tune` winner: {_describe(tuned_mix)}"
             # Also a candidate of the recommended mix: it was chosen on validation, so it competes there
             # with the grid's rows under the same rule, and the test split still decides nothing.
             self._val(label, tuned_mix, space)
@@ -289,9 +289,8 @@ class QualityBenchmark:
         recommended = max(candidates, key=_recommend_key)
         served = self.merge(recommended["mix"]).to_lowrank()
         mix = recommended["mix"]
-        weighted = any("weight" in c for c in mix.get("children", []))
-        self.run_row(f"recommended `all-tasks`: {_describe(mix)}{', weights ' + _weights(mix) if weighted else ''} "
-                     f"[{mix['space']}], as served", "recommended", mix, merged=served)  # fmt: skip
+        self.run_row(f"recommended `all-tasks`: {_describe(mix)} [{mix['space']}], as served", "recommended", mix,
+                     merged=served)  # fmt: skip
         return {"rows": self.rows, "search": self.search, "recommended_mix": recommended["mix"],
                 "ranking": self.intervals(), "held_out_units": self.unit_counts()}  # fmt: skip
 
@@ -303,7 +302,7 @@ class QualityBenchmark:
     def intervals(self) -> list[dict]:
         """95% intervals (``intervals.py``) on every test row's scores, kept and mean kept, into the rows;
         returns the ranking of the all-adapter rows: each against the best by mean kept, separated or not."""
-        weights = {t: unit_weights(u, seed=i) for i, (t, u) in enumerate(self.units["test"].items())}
+        weights = split_weights(self.units["test"])
         draws = {}
         for r in self.rows:
             reference = self.reference_correct["test"] if r["retention"] else None
@@ -345,13 +344,15 @@ RANKED = ("all", "peft", "hierarchical", "recommended")  # the rows that merge e
 
 
 def _describe(mix: dict) -> str:
-    """A short label for a one-level mix: method and the hyper-parameters that were tuned."""
+    """A short label for a one-level mix: method, the hyper-parameters that were tuned, and the
+    children's weights when any is given."""
     parts = [mix["method"]]
     for key in ("density", "drop_rate", "epsilon", "gamma", "sv_fraction", "common_fraction"):
         if key in mix:
             parts.append(f"{key.replace('_', ' ')} {mix[key]}")
     parts.append(f"lambda {mix.get('weight', 1.0)}")
-    return f"{parts[0]} ({', '.join(parts[1:])})"
+    weighted = any("weight" in c for c in mix.get("children", []))
+    return f"{parts[0]} ({', '.join(parts[1:])})" + (f", weights {_weights(mix)}" if weighted else "")
 
 
 def _weights(mix: dict) -> str:

@@ -30,6 +30,12 @@ def unit_weights(units: Sequence[str], draws: int = DRAWS, seed: int = 0) -> np.
     return counts[:, index].astype(np.float64)
 
 
+def split_weights(units: Mapping[str, Sequence[str]], draws: int = DRAWS) -> dict[str, np.ndarray]:
+    """``unit_weights`` for every task of a split, seeded by the task's position: the quality table and
+    ``mixserve tune``'s test report draw the same resamples of the same split."""
+    return {t: unit_weights(u, draws, seed=i) for i, (t, u) in enumerate(units.items())}
+
+
 def accuracy_draws(correct: Sequence[bool] | str, weights: np.ndarray) -> np.ndarray:
     """The accuracy in every draw: ``sum(w * correct) / sum(w)`` (``correct`` as bools or a '0'/'1' string)."""
     c = np.frombuffer(correct.encode(), dtype=np.uint8) - ord("0") if isinstance(correct, str) else np.asarray(correct)

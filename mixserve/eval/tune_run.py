@@ -20,7 +20,7 @@ from merging.adapters import LoraAdapter, load_adapter
 from merging.merge import merge_mix
 from merging.spec import canonical_json, parse_mix
 from mixserve.eval.harness import ModelUnderTest, evaluate
-from mixserve.eval.intervals import row_intervals, unit_weights
+from mixserve.eval.intervals import row_intervals, split_weights
 from mixserve.eval.scorers import TaskScore
 from mixserve.eval.tasks import TASKS, held_out_unit, make_split
 from mixserve.eval.tune import MixTuner, SearchSpace, Trial, check_tune_request, fmt_kept, mean_retention
@@ -44,8 +44,7 @@ class HarnessScorer:
 def split_intervals(test: dict[str, list], row: dict[str, TaskScore], reference: dict[str, TaskScore]) -> dict:
     """95% intervals of the test scores and kept (``intervals.py``: a bootstrap over held-out units, the
     same draws as the quality table's for the same split size), for comparing with the table's rows."""
-    weights = {t: unit_weights([held_out_unit(e, i) for i, e in enumerate(ex)], seed=n)
-               for n, (t, ex) in enumerate(test.items())}  # fmt: skip
+    weights = split_weights({t: [held_out_unit(e, i) for i, e in enumerate(ex)] for t, ex in test.items()})
     ci, _ = row_intervals({t: s.correct for t, s in row.items()}, {t: s.correct for t, s in reference.items()}, weights)
     return {"scores": ci["scores"], "retention": ci["retention"], "mean_kept": ci["mean_retention"]}
 
