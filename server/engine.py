@@ -330,14 +330,15 @@ class Engine:
         seq.last_token_time = now
         params = seq.req.params
         self.metrics.generated_tokens.labels(seq.req.mix_label).inc()
-        if token in self._eos and not params.ignore_eos:
-            self._finish(seq, "stop")
-            return
-        seq.tokens.append(token)
-        seq.pending_ids.append(token)
-        text = self._detokenize(seq)
         finish = None
-        if params.stop:
+        if token in self._eos and not params.ignore_eos:
+            # The end: what was held back for stop matching (below) is sent now, or it would be lost.
+            text, finish = seq.text, "stop"
+        else:
+            seq.tokens.append(token)
+            seq.pending_ids.append(token)
+            text = self._detokenize(seq)
+        if params.stop and finish is None:
             hits = [i for i in (text.find(s, max(0, seq.emitted_chars - len(s))) for s in params.stop) if i >= 0]
             if hits:
                 text, finish = text[: min(hits)], "stop"
