@@ -39,6 +39,7 @@ from merging.lowrank import SharedBasis, concat_weighted, from_core, shared_basi
 from merging.merge import MergeError, mask_generator
 from merging.methods import draw_keep_masks, get_method, merge_tensors, merges_batched
 from merging.spec import AdapterLeaf, MixNode, leaves, mix_hash
+from merging.steps import DECISION_DTYPE
 
 
 @dataclass
@@ -167,7 +168,7 @@ def merge_core(
     ranks: dict[str, int] = {}
     energy: dict[str, float] = {}
     for group in _groups(modules, names, family):
-        ev = _GroupEvaluator(group, family, dtype, bases)
+        ev = _GroupEvaluator(group, family, DECISION_DTYPE, bases)  # decisions in float64, C rounded below
         delta = ev.eval(mix, "0")
         if delta is None:
             continue
@@ -177,7 +178,7 @@ def merge_core(
             trimmed, kept = from_core(basis, basis.cores[0], max_rank)
             ev.record_energy(kept)
             delta, B = trimmed, trimmed.B
-        C = B @ delta.A  # [M, rb, ra]
+        C = (B @ delta.A).to(dtype)  # [M, rb, ra]
         finite = torch.isfinite(C).flatten(1).all(1)
         if not bool(finite.all()):
             bad = group[int((~finite).nonzero()[0])]
@@ -300,7 +301,7 @@ class _GroupEvaluator:
                            cores=[pad(c, (0, pa, 0, pb)) for c in basis.cores])  # fmt: skip
 
     def _generator(self, node: MixNode, path: str, module: str) -> torch.Generator:
-        return mask_generator(node.seed or 0, path, module, self.device)
+        return mask_generator(node.seed or 0, path, module)
 
     def _masks(self, node: MixNode, path: str, cores: list[torch.Tensor], drop_rate: float) -> list[torch.Tensor]:
         """Each module's DARE masks from its own generator (``merge_mix``'s draws), stacked per child."""

@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+# Entries of the float64 product :meth:`LowRankDelta.dense` forms at a time (64 MB).
+_DENSE_BLOCK = 1 << 23
+
 
 @dataclass(frozen=True)
 class LowRankDelta:
@@ -19,6 +22,12 @@ class LowRankDelta:
     A: torch.Tensor
     B: torch.Tensor
     scale: float = 1.0
+
+    def to(self, dtype: torch.dtype) -> LowRankDelta:
+        """The same delta with factors in ``dtype`` (``scale`` kept apart)."""
+        if self.A.dtype == dtype and self.B.dtype == dtype:
+            return self
+        return LowRankDelta(A=self.A.to(dtype), B=self.B.to(dtype), scale=self.scale)
 
     @property
     def rank(self) -> int:
@@ -34,9 +43,22 @@ class LowRankDelta:
         return self.A.numel() * self.A.element_size() + self.B.numel() * self.B.element_size()
 
     def dense(self) -> torch.Tensor:
-        """The dense ``dW = scale * B @ A`` (``[out, in]``), a fresh tensor."""
-        out = self.B @ self.A
-        return out if self.scale == 1.0 else out.mul_(self.scale)
+        """The dense ``dW = scale * (B @ A)`` (``[out, in]``, the factors' dtype), a fresh tensor.
+
+        Formed in float64 and rounded once: the products of float32 (or bf16) entries are exact there
+        and the rank-r sums accurate to ~1e-16, so the rounded ``dW`` is the same whatever BLAS kernel,
+        thread count or device computed it (except an entry within ~1e-16 of a rounding boundary), and
+        so is what a dense merge trims and elects on it. A float32 product differs by ~1e-7 between
+        kernels, enough to move the entries at a trim's cut-off (and the sign of near-zero sums).
+        """
+        A = self.A.to(torch.float64)
+        shape = (*self.B.shape[:-1], self.A.shape[-1])
+        out = torch.empty(shape, dtype=torch.promote_types(self.A.dtype, self.B.dtype), device=self.A.device)
+        step = max(1, _DENSE_BLOCK // max(1, shape[-1])) if self.B.dim() == 2 else shape[0]
+        for i in range(0, shape[0], step):  # row blocks of a matrix: the float64 temporaries stay small
+            block = self.B[i : i + step].to(torch.float64) @ A
+            out[i : i + step] = block.mul_(self.scale) if self.scale != 1.0 else block
+        return out
 
     def scaled_B(self) -> torch.Tensor:
         """``scale * B``: the factor to stack when the scale must live inside the factors."""

@@ -31,10 +31,12 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from merging.adapters import LoraAdapter, LoraFactors
+from merging.steps import DECISION_DTYPE
 
 # A new direction is kept when its singular value, after projecting out the existing basis twice, is
-# above this fraction of the new factor's norm: fp32 leaves ~1e-7 of an in-span factor behind.
-SPAN_RTOL = 1e-5
+# above this fraction of the new factor's norm: float64 (the bases' dtype) leaves ~1e-15 of an in-span
+# factor behind, float32 weights differ from their own rounding by ~1e-7.
+SPAN_RTOL = 1e-10
 
 
 class FamilyFullError(ValueError):
@@ -94,7 +96,7 @@ class AdapterFamily:
         bases = dict(self.bases)
         for module, f in adapter.modules.items():
             old = bases.get(module)
-            dtype = torch.promote_types(f.A.dtype, torch.float32)
+            dtype = DECISION_DTYPE  # the cores merged on these coordinates trim and elect: no float32 noise
             B, A_T = f.B.to(dtype), f.A.mT.to(dtype)
             U = _extend(old.U if old else None, B, rtol)
             V = _extend(old.V if old else None, A_T, rtol)

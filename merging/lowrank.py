@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from merging.delta import DenseDelta, LowRankDelta, ModuleDelta, refactor_lowrank
+from merging.steps import DECISION_DTYPE
 
 
 @dataclass(frozen=True)
@@ -53,8 +54,15 @@ def canonical_svd(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
 
 
 def _thin_svd_basis(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``X = Q R`` with ``Q = U`` (orthonormal, by decreasing singular value) and ``R = S V^T``."""
+    """``X = Q R`` with ``Q = U`` (orthonormal, by decreasing singular value) and ``R = S V^T``.
+
+    Directions past ``X``'s numerical rank (singular values below ``max(shape) * eps * S_max``, the
+    usual rank tolerance: rounding noise, e.g. an adapter stacked with a copy of itself) get exact zero
+    rows in ``R``, so no core entry, and no decision taken on it, is made of rounding noise.
+    """
     U, S, Vh = canonical_svd(X)
+    tol = S[..., :1] * (max(X.shape[-2:]) * torch.finfo(S.dtype).eps)
+    S = torch.where(S > tol, S, torch.zeros_like(S))
     return U, S.unsqueeze(-1) * Vh
 
 
@@ -69,10 +77,13 @@ def shared_basis(factors: Sequence[LowRankDelta], *, orthogonalize: str = "svd")
     ``orthogonalize="svd"`` (the default) gives the order-independent reference basis that trimming
     and dropping need; ``"qr"`` any orthonormal basis of the same spaces, several times cheaper on
     tall factors, for methods that do not depend on the basis (the spectral ones).
+
+    Bases and cores are computed in ``DECISION_DTYPE`` (float64), whatever the factors' dtype: what a
+    merge trims and elects in them must not depend on the kernels' rounding.
     """
     basis_of = _thin_qr_basis if orthogonalize == "qr" else _thin_svd_basis
-    B_cat = torch.cat([f.scaled_B() for f in factors], dim=-1)  # [out, R]
-    A_cat = torch.cat([f.A for f in factors], dim=-2)  # [R, in]
+    B_cat = torch.cat([f.B.to(DECISION_DTYPE) * f.scale for f in factors], dim=-1)  # [out, R]
+    A_cat = torch.cat([f.A.to(DECISION_DTYPE) for f in factors], dim=-2)  # [R, in]
     Q_B, R_B = basis_of(B_cat)  # Q_B: [out, rb], R_B: [rb, R]
     Q_A, R_A = basis_of(A_cat.mT)  # Q_A: [in, ra], R_A: [ra, R]
     cores, start = [], 0
@@ -138,4 +149,5 @@ def as_lowrank(delta: ModuleDelta, rank: int | None = None) -> tuple[LowRankDelt
     if rank is None or rank >= delta.rank:
         return delta, 1.0
     basis = shared_basis([delta])
-    return from_core(basis, basis.cores[0], rank)
+    low, kept = from_core(basis, basis.cores[0], rank)
+    return low.to(delta.A.dtype), kept

@@ -45,12 +45,12 @@ def mix_key(mix: AdapterLeaf | MixNode, adapters: Mapping[str, LoraAdapter]) -> 
     return h.hexdigest()
 
 
-def mask_generator(seed: int, path: str, module: str, device: torch.device) -> torch.Generator:
+def mask_generator(seed: int, path: str, module: str) -> torch.Generator:
     """The generator DARE / DELLA masks of node ``path`` at ``module`` are drawn from."""
-    # One stream per (seed, node, module): masks do not depend on module order or on other nodes.
-    # Drawn on the tensors' device (CPU and CUDA streams differ, as do their roundings).
+    # One stream per (seed, node, module): masks do not depend on module order or on other nodes. Always
+    # a CPU generator, whatever device merges: CUDA's streams differ, and a mix must not change with it.
     digest = hashlib.sha256(f"{seed}/{path}/{module}".encode()).digest()
-    return torch.Generator(device=device).manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
 @dataclass
@@ -81,7 +81,7 @@ class _Evaluator:
         weights = [c.weight for c in node.children]
         method, params = get_method(node.method), node.params()
         random = method.sparsify in ("random", "magnitude_sampling")
-        gen = mask_generator(node.seed or 0, path, ctx.module, self.device) if random else None
+        gen = mask_generator(node.seed or 0, path, ctx.module) if random else None
         masks = self.keep_masks.get((path, ctx.module))
         linear = method.linear
         divisor = float(sum(weights)) if params.normalize else 1.0
@@ -90,8 +90,10 @@ class _Evaluator:
             if linear and not any(isinstance(c, DenseDelta) for c in children):
                 # sum_i w_i s_i B_i A_i is one [out, R] @ [R, in] product: no per-child dW needed.
                 factors = [self._as_lowrank(c, ctx) for c in children]
-                return DenseDelta(W=concat_weighted(factors, weights, divisor).dense(), rank_hint=hint)
-            tensors = [c.dense() if c is not None else self._zeros(ctx.shape) for c in children]
+                return DenseDelta(W=concat_weighted(factors, weights, divisor).dense().to(self.dtype), rank_hint=hint)
+            # Each dW_i formed in float64 and rounded once (LowRankDelta.dense): trims and elections on it
+            # do not depend on the kernels; the merge's elementwise steps are exact-rounded operations.
+            tensors = [c.dense().to(self.dtype) if c is not None else self._zeros(ctx.shape) for c in children]
             merged = merge_tensors(method, tensors, weights, params, generator=gen, keep_masks=masks)
             return DenseDelta(W=merged, rank_hint=hint)
         factors = [self._as_lowrank(c, ctx) for c in children]
@@ -99,6 +101,7 @@ class _Evaluator:
             # Linear in the factors: concatenation is exact and needs no basis.
             return concat_weighted(factors, weights, divisor)
         # Spectral methods are basis-equivariant: any orthonormal basis (a cheaper QR) gives the same delta.
+        # Bases, cores and the node's result are float64 (DECISION_DTYPE) until the root rounds them.
         basis = shared_basis(factors, orthogonalize="qr" if method.family == "spectral" else "svd")
         core = merge_tensors(method, basis.cores, weights, params, generator=gen, keep_masks=masks)
         # A child's result is stacked again by its parent: balanced factors (see from_core).
@@ -181,7 +184,7 @@ class MixMerger:
         d = self._evaluator.eval(self.mix, ctx, "0")
         if d is None:
             return None, None
-        d = _scaled(d, self.mix.weight)
+        d = _scaled(d, self.mix.weight, self._evaluator.dtype)
         for t in (d.A, d.B) if isinstance(d, LowRankDelta) else (d.W,):
             if not torch.isfinite(t).all():
                 raise MergeError(f"module {module!r}: the merge produced NaN or Inf")
@@ -218,8 +221,10 @@ def merge_mix(
     return MergedDelta(modules, mix_hash(mix), merger.method, merger.space, time.perf_counter() - t0, energy)
 
 
-def _scaled(d: ModuleDelta, weight: float) -> ModuleDelta:
+def _scaled(d: ModuleDelta, weight: float, dtype: torch.dtype) -> ModuleDelta:
+    """The root's delta times its weight, in the working ``dtype`` (fresh tensors)."""
     if isinstance(d, LowRankDelta):
         # A leaf at the root hands back the adapter's own A: copy so results never alias adapters.
-        return LowRankDelta(A=d.A.clone(), B=d.B * (d.scale * weight))
+        A = d.A.clone() if d.A.dtype == dtype else d.A.to(dtype)
+        return LowRankDelta(A=A, B=(d.B * (d.scale * weight)).to(dtype))
     return d if weight == 1.0 else DenseDelta(W=d.W * weight, rank_hint=d.rank_hint)

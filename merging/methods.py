@@ -27,6 +27,7 @@ import torch
 
 from merging.spectral import iso_c, iso_cts, tsv_merge
 from merging.steps import (
+    DECISION_DTYPE,
     MajoritySign,
     agreeing_sum,
     bernoulli_keep_mask,
@@ -39,6 +40,7 @@ from merging.steps import (
     magnitude_sampling_probs,
     magnitude_threshold,
     magnitude_thresholds,
+    sampled_keep_mask,
     trim_below,
     weighted_sum,
 )
@@ -280,12 +282,14 @@ def merge_tensors(
         tensors = [magnitude_outliers(t, params.density, params.gamma) for t in tensors]
     elif method.sparsify == "magnitude_sampling" and params.density < 1:  # density 1 keeps all (mergekit)
         masks_in = keep_masks or [
-            torch.bernoulli(magnitude_sampling_probs(t, params.density, params.epsilon), generator=generator).bool()
-            for t in tensors
+            sampled_keep_mask(magnitude_sampling_probs(t, params.density, params.epsilon), generator) for t in tensors
         ]
         tensors = [l1_rescaled(t, m) for t, m in zip(tensors, masks_in, strict=True)]
     taus = [magnitude_threshold(t, params.density) for t in tensors] if method.sparsify == "magnitude" else None
     flats = [t.reshape(-1) for t in tensors]
+    if method.sparsify == "random" and keep_masks is None and tensors[0].device != generator.device:
+        # Masks are drawn on the generator's device (the CPU) in its block order, wherever the merge runs.
+        keep_masks = draw_keep_masks(tensors[0].shape, len(tensors), params.drop_rate, generator)
     masks = [m.reshape(-1) for m in keep_masks] if keep_masks is not None and method.sparsify == "random" else None
     out = torch.empty_like(tensors[0])
     out_flat = out.view(-1)
@@ -374,10 +378,12 @@ def _finish(method: MergeMethod, params: MergeParams, weights: Sequence[float], 
 def _merge_spectral(
     method: MergeMethod, tensors: Sequence[torch.Tensor], weights: Sequence[float], params: MergeParams
 ) -> torch.Tensor:
-    # The papers merge unweighted task matrices; a child's weight scales its matrix first. LAPACK has
-    # no half-precision SVD / QR on the CPU: those run in float32 and come back in the input dtype.
+    # The papers merge unweighted task matrices; a child's weight scales its matrix first. The SVDs run in
+    # float64 (DECISION_DTYPE): which singular values count and how the concatenated singular vectors
+    # are orthogonalised are decisions too (in float32 the demo's dense Iso-CTS moved by 4e-4 with the
+    # kernel set); the result comes back in the input dtype.
     dtype = tensors[0].dtype
-    work = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    work = DECISION_DTYPE
     weighted = [t.to(work) * w for t, w in zip(tensors, weights, strict=True)]
     if method.name == "tsv":
         out = tsv_merge(weighted, params.sv_fraction, params.lam)

@@ -26,6 +26,12 @@ import torch
 
 MajoritySign = Literal["total", "frequency"]
 
+# The precision of every quantity a merge *decides* on: the shared bases of stacked factors, the cores
+# trimmed and elected in them, and the dense task vectors' products (merging/README.md, "Decisions that
+# do not depend on rounding"). In float32 an entry within ~1e-6 of a cut-off lands on either side
+# depending on the BLAS kernel, the thread count or the device; in float64 that band is ~1e-15 wide.
+DECISION_DTYPE = torch.float64
+
 # Below this many entries torch.kthvalue on the whole tensor is cheap enough; above it, the
 # sampled bracket in kth_largest_magnitude saves most of the selection time.
 _EXACT_SELECT_BELOW = 1 << 20
@@ -138,14 +144,21 @@ def drop_and_rescale(tensor: torch.Tensor, drop_rate: float, keep_mask: torch.Te
         raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate}")
     if keep_mask.shape != tensor.shape:
         raise ValueError(f"keep mask shape {tuple(keep_mask.shape)} != tensor shape {tuple(tensor.shape)}")
-    return tensor * keep_mask.to(tensor.dtype) / (1.0 - drop_rate)
+    return tensor * keep_mask.to(device=tensor.device, dtype=tensor.dtype) / (1.0 - drop_rate)
 
 
 def bernoulli_keep_mask(
     shape: torch.Size | Sequence[int], drop_rate: float, generator: torch.Generator
 ) -> torch.Tensor:
-    """A boolean mask whose entries are kept (True) with probability ``1 - drop_rate``."""
+    """A boolean mask, on the generator's device, whose entries are kept (True) with probability
+    ``1 - drop_rate``: entry ``j`` is kept when its uniform draw ``u_j`` in ``[0, 1)`` is ``>= drop_rate``."""
     return torch.rand(tuple(shape), generator=generator, device=generator.device) >= drop_rate
+
+
+def sampled_keep_mask(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A boolean mask keeping entry ``j`` with probability ``probs_j`` (DELLA), drawn on the generator's
+    device and returned on ``probs``' device: the draws do not depend on where the merge runs."""
+    return torch.bernoulli(probs.to(generator.device), generator=generator).bool().to(probs.device)
 
 
 def magnitude_outliers(tensor: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
@@ -196,7 +209,7 @@ def magnitude_sampling_probs(tensor: torch.Tensor, density: float, epsilon: floa
 def l1_rescaled(tensor: torch.Tensor, keep: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     """``t * m * ||t||_1 / ||t * m||_1``: the masked tensor rescaled to its original L1 norm
     (mergekit's ``rescaled_masked_tensor`` with the L1 norm, what its DELLA methods use)."""
-    masked = tensor * keep.to(tensor.dtype)
+    masked = tensor * keep.to(device=tensor.device, dtype=tensor.dtype)
     before, after = tensor.abs().sum(), masked.abs().sum()
     if float(after) < eps:
         return masked

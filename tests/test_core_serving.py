@@ -83,7 +83,10 @@ def test_core_mix_logits_match_the_factor_path(served):
             runtime.kv.free(blocks)
             runtime.release(*slots)
     assert used["core"][0] == 0 < used["core"][1] and used["factors"][0] > 0 == used["factors"][1]
-    torch.testing.assert_close(out["core"], out["factors"], rtol=1e-4, atol=1e-3)  # logits of ~10: rounding
+    # One delta served two ways (U C V^T, factors): float32 rounding in different orders, ~1e-5 on logits
+    # of ~20 on any kernel set. (It failed at atol 1e-3 on an AVX-512 Xeon when the two merges' float32
+    # bases trimmed different core entries; their decisions are float64 now, merging/README.md.)
+    torch.testing.assert_close(out["core"], out["factors"], rtol=1e-5, atol=1e-4)
 
 
 def test_one_batch_of_core_factor_and_base_rows(served):

@@ -201,8 +201,11 @@ def test_shared_basis_reconstructs_every_child_exactly():
     ]
     basis = shared_basis(factors)
     assert basis.Q_B.shape[1] == sum(f.rank for f in factors)
-    torch.testing.assert_close(basis.Q_B.mT @ basis.Q_B, torch.eye(basis.Q_B.shape[1]), atol=1e-5, rtol=0)
+    # Bases and cores are float64 whatever the factors' dtype (what merges decide on them must not round).
+    assert basis.Q_B.dtype == basis.Q_A.dtype == basis.cores[0].dtype == torch.float64
+    eye = torch.eye(basis.Q_B.shape[1], dtype=torch.float64)
+    torch.testing.assert_close(basis.Q_B.mT @ basis.Q_B, eye, atol=1e-12, rtol=0)
     for f, core in zip(factors, basis.cores, strict=True):
-        _close(basis.Q_B @ core @ basis.Q_A.mT, f.dense())
+        _close(basis.Q_B @ core @ basis.Q_A.mT, f.to(torch.float64).dense(), tol=1e-12)
     delta, kept = from_core(basis, basis.cores[0], rank=2)
     assert delta.rank == 2 and 0 < kept < 1
