@@ -37,9 +37,9 @@ from merging.delta import LowRankDelta, MergedDelta, ModuleDelta
 from merging.family import AdapterFamily
 from merging.lowrank import SharedBasis, concat_weighted, from_core, shared_basis
 from merging.merge import MergeError, mask_generator
-from merging.methods import draw_keep_masks, get_method, merge_tensors, merges_batched
+from merging.methods import get_method, linear_weights, merge_tensors, merges_batched
 from merging.spec import AdapterLeaf, MixNode, leaves, mix_hash
-from merging.steps import DECISION_DTYPE
+from merging.steps import DECISION_DTYPE, draw_keep_masks
 
 
 @dataclass
@@ -234,7 +234,7 @@ class _GroupEvaluator:
             factors = self._children(node, path)
             if factors is None:
                 return None
-            return concat_weighted(factors, weights, float(sum(weights)) if params.normalize else 1.0)
+            return concat_weighted(factors, *linear_weights(weights, params))
         if self.bases is not None and all(isinstance(c, AdapterLeaf) for c in node.children):
             # The set's basis may be cached: the children's factors are only needed to compute it.
             if all(self.group[0] not in self.family.members[c.adapter].modules for c in node.children):
@@ -247,7 +247,7 @@ class _GroupEvaluator:
             if factors is None:
                 return None
             basis = self._basis(factors, kind)
-        if merges_batched(method):
+        if merges_batched(method, params):
             masks = self._masks(node, path, basis.cores, params.drop_rate) if method.sparsify == "random" else None
             core = merge_tensors(method, basis.cores, weights, params, keep_masks=masks, batched=True)
         else:

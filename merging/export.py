@@ -52,12 +52,14 @@ def merge_to_disk(
     base: str | Path | None = None,
     rank: int | None = None,
     progress: ProgressFn | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> ExportReport:
     """Merge ``mix`` and write it as a PEFT adapter (``fmt="peft"``) or a full model (``"full"``).
 
     ``base`` is required for ``full`` and, when given, every adapter is checked against its weight
     shapes first. A dense result written as ``peft`` is re-factored by truncated SVD to ``rank``
-    (default: the sum of the children's ranks) and the energy kept is reported.
+    (default: the sum of the children's ranks) and the energy kept is reported. ``dtype`` is the merge's
+    working precision (float64 for a mergekit config that asks for it); what is written keeps its format's.
     """
     if fmt not in ("peft", "full"):
         raise ValueError(f"unknown format {fmt!r}; use 'peft' or 'full'")
@@ -69,7 +71,7 @@ def merge_to_disk(
             adapter.check_base_shapes(shapes)
     t0 = time.perf_counter()
     out = Path(out)
-    merger = MixMerger(mix, adapters)
+    merger = MixMerger(mix, adapters, dtype=dtype)
     names = sorted(merger.shapes)
     ranks: dict[str, int] = {}
     energy: dict[str, float] = {}

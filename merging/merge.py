@@ -24,7 +24,7 @@ import torch
 from merging.adapters import LoraAdapter
 from merging.delta import DenseDelta, LowRankDelta, MergedDelta, ModuleDelta
 from merging.lowrank import as_lowrank, concat_weighted, from_core, shared_basis
-from merging.methods import get_method, merge_tensors
+from merging.methods import get_method, linear_weights, merge_tensors
 from merging.spec import AdapterLeaf, MixNode, leaves, mix_hash
 
 ProgressFn = Callable[[int, int, str], None]  # (done, total, module name)
@@ -84,13 +84,14 @@ class _Evaluator:
         gen = mask_generator(node.seed or 0, path, ctx.module) if random else None
         masks = self.keep_masks.get((path, ctx.module))
         linear = method.linear
-        divisor = float(sum(weights)) if params.normalize else 1.0
+        coefficients, divisor = linear_weights(weights, params)
         hint = max(1, node.rank or sum(_rank(c) for c in children))
         if node.space == "dense":
             if linear and not any(isinstance(c, DenseDelta) for c in children):
                 # sum_i w_i s_i B_i A_i is one [out, R] @ [R, in] product: no per-child dW needed.
                 factors = [self._as_lowrank(c, ctx) for c in children]
-                return DenseDelta(W=concat_weighted(factors, weights, divisor).dense().to(self.dtype), rank_hint=hint)
+                W = concat_weighted(factors, coefficients, divisor).dense().to(self.dtype)
+                return DenseDelta(W=W, rank_hint=hint)
             # Each dW_i formed in float64 and rounded once (LowRankDelta.dense): trims and elections on it
             # do not depend on the kernels; the merge's elementwise steps are exact-rounded operations.
             tensors = [c.dense().to(self.dtype) if c is not None else self._zeros(ctx.shape) for c in children]
@@ -99,7 +100,7 @@ class _Evaluator:
         factors = [self._as_lowrank(c, ctx) for c in children]
         if linear and node.rank is None:
             # Linear in the factors: concatenation is exact and needs no basis.
-            return concat_weighted(factors, weights, divisor)
+            return concat_weighted(factors, coefficients, divisor)
         # Spectral methods are basis-equivariant: any orthonormal basis (a cheaper QR) gives the same delta.
         # Bases, cores and the node's result are float64 (DECISION_DTYPE) until the root rounds them.
         basis = shared_basis(factors, orthogonalize="qr" if method.family == "spectral" else "svd")

@@ -25,14 +25,16 @@ from typing import Literal
 
 import torch
 
-from merging.spectral import iso_c, iso_cts, tsv_merge
+from merging import mergekit
+from merging.mergekit import ChildSparsity
+from merging.spectral import merge_spectral
 from merging.steps import (
-    DECISION_DTYPE,
     MajoritySign,
     agreeing_sum,
     bernoulli_keep_mask,
     blocks,
     disjoint_mean,
+    draw_keep_masks,
     drop_and_rescale,
     elect_sign,
     l1_rescaled,
@@ -51,6 +53,9 @@ Family = Literal["elementwise", "spectral"]
 # count of agreeing entries (TIES, DARE-TIES, as PEFT); "mergekit" elects on the weighted vectors and
 # divides by the agreeing weights only when the method normalises (DELLA, Breadcrumbs-TIES, as mergekit).
 Consensus = Literal["peft", "mergekit"]
+# Whose conventions a node merges with: mixserve's (this registry: PEFT's TIES and DARE, mergekit's DELLA
+# and Breadcrumbs consensus) or mergekit 0.1.5's for all of its methods (``mergekit.py``).
+Convention = Literal["mixserve", "mergekit"]
 
 
 @dataclass(frozen=True)
@@ -233,6 +238,11 @@ class MergeParams:
     lam: float = 1.0
     sv_fraction: float | None = None  # None: 1 / the number of nonzero tensors
     common_fraction: float = 0.8
+    # "mergekit": merge as mergekit 0.1.5 does (``mergekit.py``): per-child sparsity, exact-k trims,
+    # L1 rescale (``rescale``), weighted election and the agreeing weights as divisor.
+    convention: Convention = "mixserve"
+    rescale: bool = False
+    children: tuple[ChildSparsity, ...] | None = None  # mergekit: each child's density / gamma / epsilon
 
 
 def get_method(name: str) -> MergeMethod:
@@ -274,10 +284,18 @@ def merge_tensors(
     random = method.sparsify in ("random", "magnitude_sampling")
     if random and keep_masks is None and generator is None:
         raise ValueError(f"{method.name} needs a seeded generator or explicit keep masks")
+    if params.convention == "mergekit":
+        if batched:
+            raise ValueError("mergekit-convention merges do not take stacks; merge slice by slice")
+        children = params.children or (ChildSparsity(params.density, params.gamma, params.epsilon),) * len(tensors)
+        return mergekit.merge(tensors, weights, children, kind=method.sparsify, consensus=method.sign_consensus,
+                              normalize=params.normalize, rescale=params.rescale, lam=params.lam,
+                              generator=generator)  # fmt: skip
     if batched:
         return _finish(method, params, weights, _merge_batched(method, tensors, weights, params, keep_masks))
     if method.family == "spectral":
-        return _merge_spectral(method, tensors, weights, params)
+        return merge_spectral(method.name, tensors, weights, lam=params.lam, sv_fraction=params.sv_fraction,
+                              common_fraction=params.common_fraction)  # fmt: skip
     if method.sparsify == "magnitude_outliers":
         tensors = [magnitude_outliers(t, params.density, params.gamma) for t in tensors]
     elif method.sparsify == "magnitude_sampling" and params.density < 1:  # density 1 keeps all (mergekit)
@@ -309,24 +327,21 @@ def merge_tensors(
     return _finish(method, params, weights, out)
 
 
-def merges_batched(method: MergeMethod) -> bool:
+def linear_weights(weights: Sequence[float], params: MergeParams) -> tuple[list[float], float]:
+    """``(w', divisor)`` with a linear method's result ``sum_i w'_i dW_i / divisor`` (the fast paths that
+    concatenate factors): mixserve divides by the weights' sum when normalising; mergekit too, unless
+    it is below 1e-8, and multiplies by ``lambda``."""
+    divisor = float(sum(weights)) if params.normalize else 1.0
+    if params.convention != "mergekit":
+        return list(weights), divisor
+    return [w * params.lam for w in weights], (divisor if abs(divisor) >= 1e-8 else 1.0)
+
+
+def merges_batched(method: MergeMethod, params: MergeParams | None = None) -> bool:
     """Whether :func:`merge_tensors` takes stacks of independent merges (``batched=True``) for ``method``."""
+    if params is not None and params.convention == "mergekit":
+        return False
     return method.family == "elementwise" and method.sparsify in ("none", "magnitude", "random")
-
-
-def draw_keep_masks(
-    shape: torch.Size | Sequence[int], n: int, drop_rate: float, generator: torch.Generator
-) -> list[torch.Tensor]:
-    """The DARE keep masks :func:`merge_tensors` draws for ``n`` tensors of ``shape`` from ``generator``
-    (block by block, tensor after tensor), so a caller can draw them itself and get the same masks."""
-    numel = 1
-    for d in shape:
-        numel *= d
-    parts: list[list[torch.Tensor]] = [[] for _ in range(n)]
-    for blk in blocks(numel, generator.device):
-        for masks in parts:
-            masks.append(bernoulli_keep_mask((blk.stop - blk.start,), drop_rate, generator))
-    return [torch.cat(masks).view(tuple(shape)) for masks in parts]
 
 
 def _merge_batched(
@@ -373,24 +388,3 @@ def _finish(method: MergeMethod, params: MergeParams, weights: Sequence[float], 
     if "lambda" in method.params and params.lam != 1.0:
         out.mul_(params.lam)
     return out
-
-
-def _merge_spectral(
-    method: MergeMethod, tensors: Sequence[torch.Tensor], weights: Sequence[float], params: MergeParams
-) -> torch.Tensor:
-    # The papers merge unweighted task matrices; a child's weight scales its matrix first. The SVDs run in
-    # float64 (DECISION_DTYPE): which singular values count and how the concatenated singular vectors
-    # are orthogonalised are decisions too (in float32 the demo's dense Iso-CTS moved by 4e-4 with the
-    # kernel set); the result comes back in the input dtype.
-    dtype = tensors[0].dtype
-    work = DECISION_DTYPE
-    weighted = [t.to(work) * w for t, w in zip(tensors, weights, strict=True)]
-    if method.name == "tsv":
-        out = tsv_merge(weighted, params.sv_fraction, params.lam)
-    elif method.name == "iso_c":
-        out = iso_c(weighted, params.lam)
-    elif method.name == "iso_cts":
-        out = iso_cts(weighted, params.common_fraction, params.lam)
-    else:
-        raise ValueError(f"no spectral merge named {method.name!r}")
-    return out.to(dtype)

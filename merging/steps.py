@@ -114,6 +114,28 @@ def magnitude_thresholds(stack: torch.Tensor, density: float) -> torch.Tensor | 
     return torch.kthvalue(flat.abs(), n - k + 1, dim=1).values.view(shape)
 
 
+def top_k_mask(tensor: torch.Tensor, k: int) -> torch.Tensor:
+    """Exactly ``k`` entries of largest magnitude (mergekit's trims), as a boolean mask.
+
+    Entries above the k-th largest magnitude are all kept; among those equal to it, the lowest flat
+    indices fill the remaining places (mergekit's ``argsort`` leaves that order to the sort). ``k <= 0``
+    keeps nothing, ``k >= numel`` everything. The masks of ``k`` and ``k' < k`` are nested.
+    """
+    n = tensor.numel()
+    if k <= 0 or n == 0:
+        return torch.zeros_like(tensor, dtype=torch.bool)
+    if k >= n:
+        return torch.ones_like(tensor, dtype=torch.bool)
+    a = tensor.abs()
+    tau = kth_largest_magnitude(tensor, k)
+    keep = a > tau
+    need = k - int(keep.sum())
+    if need > 0:
+        at = (a == tau).reshape(-1)
+        keep |= (at & (at.cumsum(0) <= need)).view(a.shape)
+    return keep
+
+
 def trim_below(tensor: torch.Tensor, tau: float | torch.Tensor | None) -> torch.Tensor:
     """Zero the entries with ``|t| < tau`` (a copy; ``tau=None`` keeps everything; a tensor ``tau``
     broadcasts, one threshold per slice)."""
@@ -155,6 +177,21 @@ def bernoulli_keep_mask(
     return torch.rand(tuple(shape), generator=generator, device=generator.device) >= drop_rate
 
 
+def draw_keep_masks(
+    shape: torch.Size | Sequence[int], n: int, drop_rate: float, generator: torch.Generator
+) -> list[torch.Tensor]:
+    """The DARE keep masks :func:`merge_tensors` draws for ``n`` tensors of ``shape`` from ``generator``
+    (block by block, tensor after tensor), so a caller can draw them itself and get the same masks."""
+    numel = 1
+    for d in shape:
+        numel *= d
+    parts: list[list[torch.Tensor]] = [[] for _ in range(n)]
+    for blk in blocks(numel, generator.device):
+        for masks in parts:
+            masks.append(bernoulli_keep_mask((blk.stop - blk.start,), drop_rate, generator))
+    return [torch.cat(masks).view(tuple(shape)) for masks in parts]
+
+
 def sampled_keep_mask(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """A boolean mask keeping entry ``j`` with probability ``probs_j`` (DELLA), drawn on the generator's
     device and returned on ``probs``' device: the draws do not depend on where the merge runs."""
@@ -168,9 +205,10 @@ def magnitude_outliers(tensor: torch.Tensor, density: float, gamma: float) -> to
 
     Kept: ``tau_low <= |t| < tau_top`` with ``tau_top`` the ``n_top``-th and ``tau_low`` the
     ``(n_top + k)``-th largest magnitude (ties at a cut-off kept, as in :func:`magnitude_trim`).
-    mergekit keeps ``sort_indices[n_bot:-n_top]``, which is empty when ``n_top == 0`` (every tensor
-    under 100 entries at ``gamma = 0.01``) and so zeroes the whole delta; here ``n_top == 0`` removes
-    no outliers instead. No rescaling (mergekit's breadcrumbs defaults).
+    mergekit 0.1.5 keeps ``sort_indices[n_bot : n_bot + k]`` of the ascending sort, the same entries
+    when magnitudes are distinct (at a tie it keeps exactly k: the ``mergekit`` convention does too);
+    ``n_top == 0`` (every tensor under 100 entries at ``gamma = 0.01``) removes no outliers in both.
+    No rescaling (mergekit's breadcrumbs defaults).
     """
     if not 0 <= gamma < 1:
         raise ValueError(f"gamma must be in [0, 1), got {gamma}")
@@ -211,7 +249,7 @@ def l1_rescaled(tensor: torch.Tensor, keep: torch.Tensor, eps: float = 1e-7) -> 
     (mergekit's ``rescaled_masked_tensor`` with the L1 norm, what its DELLA methods use)."""
     masked = tensor * keep.to(device=tensor.device, dtype=tensor.dtype)
     before, after = tensor.abs().sum(), masked.abs().sum()
-    if float(after) < eps:
+    if float(before) < eps or float(after) < eps:
         return masked
     return masked * (before / after)
 

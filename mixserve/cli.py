@@ -22,6 +22,18 @@ A --mix file is a MixSpec tree, e.g.
      {"adapter": "sql", "weight": 0.8}]}
 whose adapter names refer to the --adapter NAME=PATH options.
 
+A --config file is a mergekit YAML config; its models are BASE+ADAPTER (mergekit's LoRA syntax), an
+adapter directory or an --adapter name, and the merge follows mergekit 0.1.5's conventions (weighted
+sign election, the agreeing weights as divisor, exact-k trims, DARE's L1 rescale, its defaults):
+  merge_method: ties
+  base_model: BASE
+  parameters: {density: 0.5}
+  models:
+    - model: BASE+adapters/sql
+      parameters: {weight: 1.0}
+    - model: adapters/code
+      parameters: {weight: 0.7, density: 0.3}
+
 --space: 'dense' merges the full dW = scale * B @ A (reference semantics, matches PEFT's
 merge_utils); 'lowrank' merges in the shared basis of the adapters' factors (fast; exact for
 linear/task_arithmetic and the spectral tsv/iso_c/iso_cts). The default 'auto' is lowrank for
@@ -68,11 +80,15 @@ def _build_mix(args: argparse.Namespace, names: list[str]):
     from merging.methods import METHODS
     from merging.spec import MixNode, parse_mix
 
-    if args.mix:
-        given = ("method", "weights", *_NODE_FLAGS)
+    if args.mix or args.config:
+        given = ("method", "weights", *_NODE_FLAGS) + (("mix",) if args.config else ())
         clash = ["--" + _NODE_FLAGS.get(k, k).replace("_", "-") for k in given if getattr(args, k) is not None]
         if clash:
-            raise SystemExit(f"mixserve merge: --mix already defines the merge; drop {', '.join(clash)}")
+            flag = "--config" if args.config else "--mix"
+            raise SystemExit(f"mixserve merge: {flag} already defines the merge; drop {', '.join(clash)}")
+    if args.config:
+        return None  # built from the config (mixserve/mergekit_cli.py)
+    if args.mix:
         try:
             return parse_mix(json.loads(Path(args.mix).read_text()))
         except json.JSONDecodeError as e:
@@ -111,6 +127,7 @@ _NODE_FLAGS = {k: k for k in ("density", "drop_rate", "majority_sign", "seed", "
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
+    import torch
     from pydantic import ValidationError
 
     from merging.adapters import load_adapter
@@ -118,15 +135,26 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from merging.spec import leaves
 
     paths = _parse_adapter_args(args.adapter)
-    if not paths:
-        raise SystemExit("mixserve merge: give at least one --adapter NAME=PATH")
+    if not paths and not args.config:
+        raise SystemExit("mixserve merge: give at least one --adapter NAME=PATH (or a mergekit --config)")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise SystemExit(f"mixserve merge: --out {out} is a file, not a directory")
     if out.exists() and any(out.iterdir()) and not args.force:
         raise SystemExit(f"mixserve merge: {out} exists and is not empty (use --force to write into it)")
+    base, dtype = args.base, torch.float32
     try:
         mix = _build_mix(args, list(paths))
+        if args.config:
+            from mixserve.mergekit_cli import from_config_file
+
+            plan = from_config_file(Path(args.config), paths, args.base,
+                                    None if args.space == "auto" else args.space)  # fmt: skip
+            mix, paths, base, dtype = plan.mix, plan.adapters, plan.base, plan.dtype
+            for note in plan.notes:
+                print(f"note: {note}", file=sys.stderr)
+            print(f"mergekit config {args.config}: {mix.method} (convention mergekit, {mix.space} space) over "
+                  f"{', '.join(paths)}", file=sys.stderr)  # fmt: skip
         needed = {leaf.adapter for leaf in leaves(mix)}
         missing = sorted(needed - set(paths))
         if missing:
@@ -143,9 +171,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
             adapters,
             out,
             fmt=args.format,
-            base=_model_dir(args.base, "merge", "--base") if args.base else None,
+            base=_model_dir(base, "merge", "--base") if base else None,
             rank=args.rank,
             progress=Progress(label),
+            dtype=dtype,
         )
     except ValidationError as e:  # main() prints it as one line (or the traceback with --debug)
         raise ValueError(one_line(e).replace("invalid value", "invalid mix", 1)) from e
@@ -331,6 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--space", choices=["auto", "dense", "lowrank"], default="auto", help="merge space (default: auto, see below)"
     )
     m.add_argument("--mix", help="a MixSpec JSON file (hierarchical mixes); replaces --method/--weights/...")
+    m.add_argument("--config", help="a mergekit YAML config (linear, task_arithmetic, ties, dare_*, breadcrumbs*, "
+                   "della*): merged with mergekit 0.1.5's conventions; replaces --method/--weights/--mix")  # fmt: skip
     m.add_argument("--rank", type=int, help="rank of a dense merge written as --format peft (default: sum of ranks)")
     m.add_argument("--out", required=True, help="output directory")
     m.add_argument(

@@ -12,6 +12,7 @@ from fastapi import APIRouter, Depends, Request
 
 from merging.adapters import AdapterError
 from server.auth import bearer, secrets_match
+from server.mergekit_mixes import mix_from_mergekit
 from server.routes_openai import StateDep
 from server.schemas import PinMixRequest, RegisterAdapterRequest
 from server.state import RequestError, ServerState
@@ -54,10 +55,16 @@ async def register_adapter(body: RegisterAdapterRequest, state: StateDep):
 
 @router.post("/mixes")
 async def pin_mix(body: PinMixRequest, state: StateDep):
+    raw, notes = body.mix, []
+    if body.mergekit is not None:
+        # Off the loop: a config may name adapter directories to register (file I/O, the family's bases).
+        translated = await asyncio.to_thread(mix_from_mergekit, state, body.mergekit, body.space)
+        state.update_family_metrics()
+        raw, notes = translated.mix.model_dump(exclude_none=True, by_alias=True), translated.notes
     if body.pin:
-        entry = await state.pin(body.name, body.mix)
+        entry = await state.pin(body.name, raw)
     else:  # warm the cache only
-        resolved = state.resolve(None, body.mix)
+        resolved = state.resolve(None, raw)
         lease = await state.lease(resolved)
         if lease is None:
             raise RequestError(400, "the base model needs no merge", "mix")
@@ -67,7 +74,8 @@ async def pin_mix(body: PinMixRequest, state: StateDep):
     return {"name": body.name, "key": entry.key, "pinned": body.pin, "method": mix.method, "space": mix.space,
             "path": mix.path, "fallback": mix.fallback, "merge_seconds": mix.seconds, "bytes": mix.nbytes,
             "max_rank": max(mix.ranks.values(), default=0),
-            "min_energy_kept": min(mix.energy_kept.values(), default=1.0)}  # fmt: skip
+            "min_energy_kept": min(mix.energy_kept.values(), default=1.0),
+            **({"mix": raw, "notes": notes} if body.mergekit is not None else {})}  # fmt: skip
 
 
 @router.delete("/mixes/{name}")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MixField = dict[str, Any] | str | None
 StopField = str | list[str] | None
@@ -84,8 +84,24 @@ class PinMixRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str
-    mix: dict[str, Any] | str
+    mix: dict[str, Any] | str | None = Field(None, description="a MixSpec, or an adapter / pinned mix name")
+    mergekit: str | dict[str, Any] | None = Field(
+        None,
+        description="instead of mix: a mergekit YAML config (text or object) over the served base and its "
+        "adapters, merged with mergekit 0.1.5's conventions",
+    )
+    space: Literal["dense", "lowrank"] | None = Field(
+        None, description="mergekit: the merge space (default: lowrank for linear / task_arithmetic, else dense)"
+    )
     pin: bool = True
+
+    @model_validator(mode="after")
+    def _one_source(self) -> PinMixRequest:
+        if (self.mix is None) == (self.mergekit is None):
+            raise ValueError("give exactly one of 'mix' (a MixSpec) and 'mergekit' (a mergekit config)")
+        if self.space is not None and self.mergekit is None:
+            raise ValueError("'space' goes with 'mergekit' (a MixSpec names its own)")
+        return self
 
 
 def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:

@@ -1,10 +1,10 @@
 """DELLA and Model Breadcrumbs against mergekit's definitions, and their defining properties.
 
-The references are mergekit's code (arcee-ai/mergekit, commit a6e4028: ``sparsify.py``'s
-``magnitude_outliers`` and ``della_magprune`` with ``rescaled_masked_tensor`` (L1), and
-``generalized_task_arithmetic.py``'s consensus / normalise / lambda tail) transcribed for one
-tensor, with one change: the Bernoulli draw takes an explicit generator so both sides draw the same
-masks.
+The references are mergekit 0.1.5's code (``sparsify.py``'s ``magnitude_outliers`` and
+``della_magprune`` with ``rescaled_masked_tensor`` (L1), and ``generalized_task_arithmetic.py``'s
+consensus / normalise / lambda tail) transcribed for one tensor, with one change: the Bernoulli draw
+takes an explicit generator so both sides draw the same masks. Where mergekit is installed (a dev
+dependency) the transcribed Breadcrumbs mask is checked against mergekit's own function too.
 """
 
 from __future__ import annotations
@@ -26,15 +26,13 @@ def ref_magnitude_outliers(tensor, density, gamma):
     num_elems = tensor.numel()
     target_n = int(density * num_elems)
     n_top = int(gamma * num_elems)
-    n_bot = num_elems - target_n - n_top
-    if n_bot < 0:
-        n_top += n_bot
-        n_bot = 0
-    w = tensor.abs().view(-1).float()
+    # Reduce the outlier removal when necessary to retain the target density (mergekit 0.1.5).
+    n_bot = max(0, num_elems - target_n - n_top)
+    w = tensor.abs().reshape(-1).float()
     indices = torch.sort(w, descending=False).indices
-    mask = torch.zeros_like(tensor)
-    mask.view(-1)[indices[n_bot:-n_top]] = 1
-    return tensor * mask
+    mask = torch.zeros(num_elems, dtype=tensor.dtype)
+    mask[indices[n_bot : n_bot + target_n]] = 1
+    return tensor * mask.reshape_as(tensor)
 
 
 def ref_della_magprune(tensor, density, epsilon, generator):
@@ -104,13 +102,22 @@ def test_breadcrumbs_drops_outliers_and_keeps_density():
 
 
 def test_breadcrumbs_without_outliers_is_magnitude_trim():
-    # gamma * N < 1: no outlier removed. mergekit's slice [n_bot:-0] is empty there and zeroes the
-    # whole tensor; mixserve keeps the top `density` instead.
+    # gamma * N < 1: no outlier removed, the top `density` kept (mergekit 0.1.5 too; its releases before
+    # kept sort_indices[n_bot:-n_top], an empty slice there that zeroed the whole tensor).
     t = torch.randn(8, 8, generator=torch.Generator().manual_seed(3))
     out = magnitude_outliers(t, 0.5, 0.01)
     assert int((out != 0).sum()) == 32
     assert float(out.abs().min()) == 0 and float(out[out != 0].abs().min()) >= float(t.abs().median())
-    assert torch.count_nonzero(ref_magnitude_outliers(t, 0.5, 0.01)) == 0  # the mergekit behaviour we avoid
+    torch.testing.assert_close(out, ref_magnitude_outliers(t, 0.5, 0.01))
+
+
+@pytest.mark.parametrize("density,gamma", [(0.2, 0.01), (0.5, 0.1), (0.9, 0.05), (0.99, 0.05), (0.5, 0.01)])
+def test_the_transcription_is_mergekits_own_breadcrumbs(density, gamma):
+    sparsify = pytest.importorskip("mergekit.sparsify", reason="mergekit (a dev dependency) is not installed")
+    for shape in ((40, 30), (8, 8)):
+        t = torch.randn(*shape, generator=torch.Generator().manual_seed(5))
+        want = sparsify.magnitude_outliers(t, density=density, gamma=gamma)
+        torch.testing.assert_close(ref_magnitude_outliers(t, density, gamma), want, rtol=0, atol=0)
 
 
 # ------------------------------------------------------------------------------------------ DELLA
