@@ -214,7 +214,8 @@ def run_core(layers: int, n_adapters: int, family_size: int, rank: int, repeats:
         num = den = 0.0  # module by module: the whole model's dense deltas would not fit in memory
         for m, C in core.cores.items():
             ref = low.modules[m].dense()
-            num += float((family.bases[m].U @ C @ family.bases[m].V.mT - ref).pow(2).sum())
+            basis = family.bases[m]  # float64 (the cores float32)
+            num += float(((basis.U @ C.to(basis.U.dtype) @ basis.V.mT).to(ref.dtype) - ref).pow(2).sum())
             den += float(ref.pow(2).sum())
         row = {"method": method, "params": params, "first_set_ms": 1e3 * first, "cold_ms": 1e3 * statistics.median(cold),
                "merge_mix_lowrank_ms": 1e3 * t_low, "speedup": t_low / statistics.median(cold),
@@ -228,7 +229,8 @@ def run_core(layers: int, n_adapters: int, family_size: int, rank: int, repeats:
         del low, core
     return {"mode": "core", "shape": "Mistral-7B (hidden 4096, intermediate 14336, kv 1024, 7 linear modules/layer)",
             "layers_run": layers, "family": family_size, "adapters": n_adapters, "rank": rank,
-            "register_s": register_s, "family_rank": family.rank, "family_mb_fp32": family.nbytes / 1e6,
+            "register_s": register_s, "family_rank": family.rank, "family_mb": family.nbytes / 1e6,
+            "family_dtype": str(next(iter(family.bases.values())).U.dtype).removeprefix("torch."),
             "device": "cpu", "device_name": platform.processor() or platform.machine(),
             "threads": torch.get_num_threads(), "repeats": repeats, "torch": torch.__version__, "rows": rows}  # fmt: skip
 
@@ -237,7 +239,8 @@ def core_markdown(result: dict) -> str:
     reg = result["register_s"]
     lines = [
         f"Mistral-7B shapes, {result['layers_run']} layers (no extrapolation), a family of {result['family']} random "
-        f"rank-{result['rank']} adapters (bases rank {result['family_rank']}, {result['family_mb_fp32']:.0f} MB in fp32); "
+        f"rank-{result['rank']} adapters (bases rank {result['family_rank']}, {result['family_mb']:.0f} MB in "
+        f"{result.get('family_dtype', 'float32')}); "
         f"mixes of {result['adapters']} of them; {result['device_name']}, {result['threads']} threads, torch "
         f"{result['torch']}. Registration (the family's bases, one adapter at a time): "
         f"{', '.join(f'{s:.2f} s' for s in reg)}. Cold mixes: the median of {result['repeats']}, each with new weights.",
