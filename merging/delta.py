@@ -42,15 +42,19 @@ class LowRankDelta:
     def nbytes(self) -> int:
         return self.A.numel() * self.A.element_size() + self.B.numel() * self.B.element_size()
 
-    def dense(self) -> torch.Tensor:
+    def dense(self, exact: bool = True) -> torch.Tensor:
         """The dense ``dW = scale * (B @ A)`` (``[out, in]``, the factors' dtype), a fresh tensor.
 
-        Formed in float64 and rounded once: the products of float32 (or bf16) entries are exact there
-        and the rank-r sums accurate to ~1e-16, so the rounded ``dW`` is the same whatever BLAS kernel,
-        thread count or device computed it (except an entry within ~1e-16 of a rounding boundary), and
-        so is what a dense merge trims and elects on it. A float32 product differs by ~1e-7 between
+        ``exact`` (default): formed in float64 and rounded once. The products of float32 (or bf16)
+        entries are exact there and the rank-r sums accurate to ~1e-16, so the rounded ``dW`` is the same
+        whatever BLAS kernel, thread count or device computed it (except an entry within ~1e-16 of a
+        rounding boundary), and so is what a dense merge trims and elects on it. A product in the
+        factors' dtype (``exact=False``, for results no decision is taken on) differs by ~1e-7 between
         kernels, enough to move the entries at a trim's cut-off (and the sign of near-zero sums).
         """
+        if not exact:
+            out = self.B @ self.A
+            return out if self.scale == 1.0 else out.mul_(self.scale)
         A = self.A.to(torch.float64)
         shape = (*self.B.shape[:-1], self.A.shape[-1])
         out = torch.empty(shape, dtype=torch.promote_types(self.A.dtype, self.B.dtype), device=self.A.device)

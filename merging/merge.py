@@ -88,10 +88,19 @@ class _Evaluator:
         hint = max(1, node.rank or sum(_rank(c) for c in children))
         if node.space == "dense":
             if linear and not any(isinstance(c, DenseDelta) for c in children):
-                # sum_i w_i s_i B_i A_i is one [out, R] @ [R, in] product: no per-child dW needed.
+                # sum_i w_i s_i B_i A_i is one [out, R] @ [R, in] product: no per-child dW needed (and no
+                # decision taken on it: the product in the working dtype will do).
                 factors = [self._as_lowrank(c, ctx) for c in children]
-                W = concat_weighted(factors, coefficients, divisor).dense().to(self.dtype)
+                W = concat_weighted(factors, coefficients, divisor).dense(exact=False).to(self.dtype)
                 return DenseDelta(W=W, rank_hint=hint)
+            if method.family == "spectral" and not any(isinstance(c, DenseDelta) for c in children):
+                # Spectral merges commute with orthonormal changes of basis: on the children's cores they
+                # give the full matrices' result (tested), from float64 SVDs of R x R cores instead of
+                # out x in matrices.
+                factors = [self._as_lowrank(c, ctx) for c in children]
+                basis = shared_basis(factors, orthogonalize="qr")
+                core = merge_tensors(method, basis.cores, weights, params)
+                return DenseDelta(W=from_core(basis, core)[0].dense().to(self.dtype), rank_hint=hint)
             # Each dW_i formed in float64 and rounded once (LowRankDelta.dense): trims and elections on it
             # do not depend on the kernels; the merge's elementwise steps are exact-rounded operations.
             tensors = [c.dense().to(self.dtype) if c is not None else self._zeros(ctx.shape) for c in children]
