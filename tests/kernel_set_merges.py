@@ -8,8 +8,9 @@ MKL_ENABLE_INSTRUCTIONS=SSE4_2 ATEN_CPU_CAPABILITY=default OMP_NUM_THREADS=1``),
 :func:`compare` the two records: ``tests/test_kernel_sets.py`` does exactly that. A record holds, per
 mix and module:
 
-* ``signs``: the sha256 of the sign pattern (-1 / 0 / +1) of a dense-space result: which entries a
-  trim, a drop or an election kept and with which sign; equal hashes are equal decisions;
+* ``signs``: the sha256 of the sign pattern (-1 / 0 / +1) of a dense-space result of a trimming,
+  dropping or electing method: which entries it kept and with which sign; equal hashes are equal
+  decisions;
 * ``sketch``: the delta applied to 8 fixed random probe vectors, ``dW x`` (and ``dW^T y``), in float64:
   enough to tell two deltas' relative distance without keeping 7B-shaped matrices around.
 
@@ -106,8 +107,8 @@ def _probes(shape: tuple[int, int], module: str) -> tuple[torch.Tensor, torch.Te
 
 def _record(delta, module: str, signs: bool) -> dict:
     """A module's outcome: its probes' images (and, for a dense result, the hash of its sign pattern when
-    ``signs``: for the elementwise methods, whose zeros and signs are their decisions; a spectral
-    result's near-zero entries take the sign of their rounding)."""
+    ``signs``: for the methods whose zeros and signs are their decisions; a linear or spectral result's
+    near-zero entries take the sign of their rounding)."""
     x, y = _probes(delta.shape, module)
     out = {}
     if hasattr(delta, "W"):
@@ -141,7 +142,9 @@ def record(which: str = "both", random_dir: Path | None = None, dense_modules: i
                 if METHODS[spec.method].family == "spectral" and not spectral_dense:
                     continue
                 pick = {n: _only(a, dense_only) for n, a in adapters.items()}
-            signs = METHODS[spec.method].family == "elementwise"
+            # Sign patterns are decisions for the trimming / dropping / electing methods only: a linear
+            # merge's near-zero entries take the sign of their rounding (its product is not exact).
+            signs = METHODS[spec.method].family == "elementwise" and not METHODS[spec.method].linear
             merged = merge_mix(spec, pick)
             out[f"{source}/{label}/merge_mix"] = {m: _record(d, m, signs) for m, d in merged.modules.items()}
             if spec.space == "lowrank":
