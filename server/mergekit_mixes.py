@@ -32,6 +32,10 @@ def parse_config(raw: str | dict[str, Any]) -> Any:
 def mix_from_mergekit(state: ServerState, raw: str | dict[str, Any], space: str | None) -> MergekitMix:
     """Translate a config (worker thread: it may register adapter directories); 400 naming the field."""
     config = parse_config(raw)
+    limit = state.config.limits.max_mix_adapters + 1  # the adapters, and the base listed among them
+    if isinstance(config, dict) and isinstance(config.get("models"), list) and len(config["models"]) > limit:
+        raise RequestError(400, f"mergekit config: models: {len(config['models'])} models (limit max_mix_adapters="
+                           f"{limit - 1}, plus the base)", "mergekit", "mix_too_large")  # fmt: skip
     model = Path(state.config.model)
     bases = {state.base_name, str(state.config.model), state.config.model_name or state.base_name}
 

@@ -178,6 +178,9 @@ def test_admin_pins_a_mergekit_config_and_serves_it(server):
                          ("merge_method: [", "mergekit: not valid YAML")):  # fmt: skip
         r = httpx.post(url + "/admin/mixes", json={"name": "mk-bad", "mergekit": bad}, headers=admin, timeout=60)
         assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
+    many = yaml.safe_dump({"merge_method": "linear", "models": [{"model": "sql", "parameters": {"weight": 1}}] * 40})
+    r = httpx.post(url + "/admin/mixes", json={"name": "mk-bad", "mergekit": many}, headers=admin, timeout=60)
+    assert r.status_code == 400 and "models: 40 models (limit max_mix_adapters=16" in r.text, r.text
     r = httpx.post(url + "/admin/mixes", json={"name": "x", "mix": "sql", "mergekit": text}, headers=admin, timeout=60)
     assert r.status_code in (400, 422) and "exactly one of 'mix'" in r.text
     assert "mk-bad" not in {m["id"] for m in httpx.get(url + "/v1/models").json()["data"]}
