@@ -37,6 +37,24 @@ SHARED = ("normalize", "rescale", "lambda", "int8_mask")
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 
 
+def lora_resolver(is_base: Callable[[str], bool], adapter: Callable[[str], str], base_label: str) -> Resolver:
+    """A :data:`Resolver` from the caller's two questions: is this reference the base model, and which adapter
+    does it name (raising :class:`MergekitConfigError` if none). It splits mergekit's LoRA syntax
+    ``BASE+ADAPTER``, whose part before ``+`` must be the base (``base_label`` names it in the error)."""
+
+    def resolve(ref: str) -> str | None:
+        if is_base(ref):
+            return None
+        model, plus, lora = ref.partition("+")
+        if plus:
+            if not is_base(model):
+                raise MergekitConfigError(f"{model!r} (before '+') is not the base model {base_label}".rstrip())
+            return adapter(lora)
+        return adapter(ref)
+
+    return resolve
+
+
 class MergekitConfigError(ValueError):
     """A config mixserve cannot honour, in one sentence that names the field."""
 

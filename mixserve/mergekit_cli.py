@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from merging.adapters import CONFIG_NAME
-from merging.mergekit_config import MergekitConfigError, from_mergekit
+from merging.mergekit_config import MergekitConfigError, from_mergekit, lora_resolver
 from merging.spec import MixNode, leaves
 
 DTYPES = {"float64": torch.float64}  # what the config's dtype changes here: float64 merges in float64
@@ -74,16 +74,10 @@ def from_config_file(path: Path, given: dict[str, Path], base: str | None, space
         raise MergekitConfigError(f"{ref!r} is neither an --adapter name nor an adapter directory ({CONFIG_NAME}); "
                                   "nothing is downloaded")  # fmt: skip
 
-    def resolve(ref: str) -> str | None:
-        if any(ref == b or _same_dir(ref, b) for b in bases):
-            return None
-        model, plus, lora = ref.partition("+")
-        if plus:
-            if not any(model == b or _same_dir(model, b) for b in bases):
-                raise MergekitConfigError(f"{model!r} (before '+') is not the base model {bases[0] if bases else ''}")
-            return adapter(lora)
-        return adapter(ref)
+    def is_base(ref: str) -> bool:
+        return any(ref == b or _same_dir(ref, b) for b in bases)
 
+    resolve = lora_resolver(is_base, adapter, bases[0] if bases else "")
     translated = from_mergekit(config, resolve, space=space)
     names = {leaf.adapter for leaf in leaves(translated.mix)}
     base_dir = base if base is not None else base_ref if base_ref and Path(base_ref).is_dir() else None

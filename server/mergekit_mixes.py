@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 from merging.adapters import AdapterError
-from merging.mergekit_config import MergekitConfigError, MergekitMix, from_mergekit
+from merging.mergekit_config import MergekitConfigError, MergekitMix, from_mergekit, lora_resolver
 from server.registry import NAME, confined
 from server.state import RequestError, ServerState
 
@@ -69,19 +69,7 @@ def mix_from_mergekit(state: ServerState, raw: str | dict[str, Any], space: str 
             raise MergekitConfigError(f"{ref!r}: {exc}") from None
         return name
 
-    def resolve(ref: str) -> str | None:
-        if is_base(ref):
-            return None
-        model_ref, plus, lora = ref.partition("+")
-        if plus:
-            if not is_base(model_ref):
-                raise MergekitConfigError(
-                    f"{model_ref!r} (before '+') is not the served base model {state.base_name!r}"
-                )
-            return adapter(lora)
-        return adapter(ref)
-
     try:
-        return from_mergekit(config, resolve, space=space)
+        return from_mergekit(config, lora_resolver(is_base, adapter, repr(state.base_name)), space=space)
     except MergekitConfigError as exc:
         raise RequestError(400, f"mergekit config: {exc}", "mergekit", "invalid_mergekit_config") from None
