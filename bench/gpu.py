@@ -8,10 +8,10 @@ What it measures (``bench/gpu.sh`` runs it; every figure is from this run):
 3. **32 sequences over 8 mixes vs one mix**: decode-step throughput of a 32-row batch whose rows use
    8 different rank-16 mixes, against the same batch on one mix (target: >= 0.85x).
 4. **Lowrank TIES merge** of 3 rank-16 adapters over the whole 7B shape (target: < 100 ms).
-5. **Core-space mixes** over a family of 4 rank-16 adapters (the server's default path): bs1 one core
-   mix against the base step (target: <= 1.10x), 32 rows over 32 distinct core mixes against 32 rows
-   on one (target: <= 1.05x), the time to capture every decode graph at start, and the whole 7B's
-   TIES merge on the family's coordinates (first mix of an adapter set, and a cold mix over a known set).
+5. **Member mixes** (the server's default path: adapters resident once, each mix a core over its
+   members): bs1 one mix of 3 adapters against the base step (target: <= 1.10x), 32 rows over 32
+   distinct mixes of 3 drawn over 64 adapters against 32 rows on one (target: within 10% of what the
+   bytes allow), and the whole 7B's TIES member merge (a new adapter set, a cold mix over a known set).
 
 ``--tiny`` runs the same steps on a tiny Mistral shape (on CPU when there is no GPU) so that the script
 is tested end to end in CI; its figures say nothing about a GPU, and the report says so.
@@ -82,7 +82,8 @@ def build_runtime(shape: dict, device: torch.device, dtype: torch.dtype, max_lor
     # The KV cache for 2 x 32 sequences of 512 tokens (plus bs1's) is all these measurements need.
     per_token = 2 * shape["num_hidden_layers"] * shape["num_key_value_heads"] * 128 * 2
     return ModelRuntime.from_model(hf, max_len=512, kv_cache_bytes=72 * 512 * per_token + (1 << 24),
-                                   max_loras=max_loras, core_slots=32, cuda_graphs=graphs)  # fmt: skip
+                                   max_loras=max_loras, core_slots=40, adapter_slots=112,
+                                   cuda_graphs=graphs)  # fmt: skip
 
 
 def random_mixes(runtime, n: int, rank: int) -> list:
@@ -108,60 +109,58 @@ def decode_rows(runtime, batch: int, prompt_len: int):
     return [DecodeRow(7, prompt_len, t) for t in tables], tables
 
 
-def core_measures(runtime, device: torch.device, repeats: int, t_base: float, t_base32: float) -> list[dict]:
-    """Core-space mixes: a family of 4 random rank-16 adapters, 32 distinct weighted TIES mixes of them."""
-    from merging.core_merge import BasisCache, merge_core
-    from merging.family import AdapterFamily
+def member_measures(runtime, device: torch.device, repeats: int, t_base: float, t_base32: float,
+                    n_adapters: int = 64) -> list[dict]:  # fmt: skip
+    """Lowrank mixes as member cores (the server's path): ``n_adapters`` random rank-16 adapters, 32 distinct
+    TIES mixes of 3 drawn over all of them, every adapter resident in the member pool."""
+    from merging.core_merge import BasisCache
+    from merging.member_merge import SetFamilies, merge_members
 
     shapes = {name.removesuffix(".weight"): shape for name, shape in runtime.base_shapes().items()}
-    adapters = [random_adapter(f"a{i}", shapes, rank=16, alpha=32, seed=50 + i, device=device) for i in range(4)]
-    t0 = time.perf_counter()
-    family, _ = AdapterFamily().extend_all(adapters)
-    _sync(device)
-    register = time.perf_counter() - t0
-    runtime.cores.install(family)
+    # Only the adapters the mixes read are made (on the host; the pool copies them in on admission).
+    g = torch.Generator().manual_seed(3)
+    draws = [torch.randperm(n_adapters, generator=g)[:3].tolist() for _ in range(32)]
+    adapters = {f"a{i}": random_adapter(f"a{i}", shapes, rank=16, alpha=32, seed=50 + i)
+                for i in sorted({i for d in draws for i in d} | {0, 1, 2})}  # fmt: skip
 
-    def spec(i: int):
+    def spec(members, i: int):
         return parse_mix({"method": "ties", "density": 0.2, "children": [
-            {"adapter": a.name, "weight": round(0.5 + ((i * 7 + k * 3) % 11) / 10, 2)} for k, a in enumerate(adapters)]})  # fmt: skip
+            {"adapter": f"a{m}", "weight": round(0.5 + ((i * 7 + k * 3) % 11) / 10, 2)} for k, m in enumerate(members)]})  # fmt: skip
 
-    bases = BasisCache(max_bytes=1 << 34)
-    first = _median_seconds(lambda: merge_core(spec(0), family, bases=BasisCache()), device, 1, warmup=1)
-    cold = _median_seconds(lambda: merge_core(spec(1), family, bases=bases), device, max(3, repeats // 10), warmup=1)
-    slots = [runtime.cores.acquire(runtime.cores_to_device(merge_core(spec(i), family, bases=bases)))
-             for i in range(32)]  # fmt: skip
+    families, bases = SetFamilies(1 << 34), BasisCache(max_bytes=1 << 34)
+    first = _median_seconds(lambda: merge_members(spec([0, 1, 2], 0), adapters), device, 1, warmup=1)
+    merge_members(spec([0, 1, 2], 0), adapters, families=families, bases=bases)
+    cold = _median_seconds(lambda: merge_members(spec([0, 1, 2], 1), adapters, families=families, bases=bases), device,
+                           max(3, repeats // 10), warmup=1)  # fmt: skip
+    one_mix = runtime.members_to_device(merge_members(spec([0, 1, 2], 0), adapters), adapters)
+    mixes = [runtime.members_to_device(merge_members(spec(d, i), adapters), adapters) for i, d in enumerate(draws)]
+    slots = [runtime.cores.acquire(one_mix)] + [runtime.cores.acquire(m) for m in mixes]
     bs1, tables1 = decode_rows(runtime, 1, 128)
     rows32, tables = decode_rows(runtime, 32, 128)
     on = lambda rows, slot_of: [dataclasses.replace(r, core_slot=slot_of(i)) for i, r in enumerate(rows)]  # noqa: E731
-    capture = None
-    if runtime.graphs is not None:
-        t0 = time.perf_counter()
-        runtime.graphs.capture_buckets(32)
-        _sync(device)
-        capture = time.perf_counter() - t0
     one = _median_seconds(lambda: runtime.decode(on(bs1, lambda i: slots[0])), device, repeats)
     t_one32 = _median_seconds(lambda: runtime.decode(on(rows32, lambda i: slots[0])), device, repeats)
-    t_all32 = _median_seconds(lambda: runtime.decode(on(rows32, lambda i: slots[i])), device, repeats)
+    t_all32 = _median_seconds(lambda: runtime.decode(on(rows32, lambda i: slots[1 + i])), device, repeats)
     for t in tables + tables1:
         runtime.kv.free(t)
-    out = [
-        {"measure": "adapter family of 4 rank-16 adapters: registration, whole model (ms)",
-         "value": round(1e3 * register, 1), "target": "", "ratio": None},
-        {"measure": "TIES merge on the family's coordinates, first mix of an adapter set, whole model (ms)",
-         "value": round(1e3 * first, 1), "target": "", "ratio": None},
-        {"measure": "TIES merge on the family's coordinates, cold mix over a known set, whole model (ms)",
-         "value": round(1e3 * cold, 1), "target": "< 100 ms", "ratio": None},
-        {"measure": "bs1 decode step, one core mix (ms)", "value": round(1e3 * one, 3),
+    distinct = len({i for d in draws for i in d})
+    weights = runtime.weight_bytes
+    per_adapter = runtime.cores.adapter_bytes(adapters["a0"])
+    allowed = (weights + 3 * per_adapter) / (weights + distinct * per_adapter)  # one mix's step / bytes-bound step
+    return [
+        {"measure": "member merge (TIES, 3 rank-16 adapters), a new adapter set, whole model (ms)",
+         "value": round(1e3 * first, 1), "target": "<= 100 ms on 2 CPU cores (issue 34)", "ratio": None},
+        {"measure": "member merge, a cold mix over a known set, whole model (ms)", "value": round(1e3 * cold, 1),
+         "target": "", "ratio": None},
+        {"measure": "bs1 decode step, one member mix of 3 adapters (ms)", "value": round(1e3 * one, 3),
          "target": "<= 1.10x the base step", "ratio": round(one / t_base, 3)},
-        {"measure": "32 rows decode step, one core mix (ms)", "value": round(1e3 * t_one32, 3), "target": "",
+        {"measure": "32 rows decode step, one member mix (ms)", "value": round(1e3 * t_one32, 3), "target": "",
          "ratio": round(t_one32 / t_base32, 3)},
-        {"measure": "32 rows decode step, 32 distinct core mixes (ms)", "value": round(1e3 * t_all32, 3),
-         "target": "<= 1.05x one core mix", "ratio": round(t_all32 / t_one32, 3)},
+        {"measure": f"32 rows decode step, 32 distinct mixes of 3 over {n_adapters} adapters ({distinct} distinct "
+                    "read) (ms)", "value": round(1e3 * t_all32, 3),
+         "target": f"throughput within 10% of the bytes' bound ({allowed:.3f}x one mix's)",
+         "ratio": round(t_one32 / t_all32, 3)},
     ]  # fmt: skip
-    if capture is not None:
-        out.append({"measure": "capture every decode graph up to 32 rows at start (s)", "value": round(capture, 2),
-                    "target": "", "ratio": None})  # fmt: skip
-    return out
 
 
 def decode_measures(runtime, device: torch.device, repeats: int, bound: float) -> tuple[list[dict], list[dict]]:
@@ -202,9 +201,9 @@ def decode_measures(runtime, device: torch.device, repeats: int, bound: float) -
     for t in tables + tables1:
         runtime.kv.free(t)
     try:
-        rows += core_measures(runtime, device, repeats, t_base, t_base32)
+        rows += member_measures(runtime, device, repeats, t_base, t_base32)
     except Exception as exc:  # reported in the table
-        rows.append({"measure": "core-space mixes", "value": f"FAILED: {exc!r}"[:300], "target": "", "ratio": None})
+        rows.append({"measure": "member mixes", "value": f"FAILED: {exc!r}"[:300], "target": "", "ratio": None})
     return rows, checks
 
 

@@ -78,7 +78,7 @@ def core_space_reason(
     mix: AdapterLeaf | MixNode, family: AdapterFamily, adapters: Mapping[str, LoraAdapter]
 ) -> str | None:
     """Why ``mix`` cannot be merged on the family's coordinates; ``None`` when it can."""
-    if _dense_node(mix):
+    if dense_node(mix):
         return "a dense-space node"
     for leaf in leaves(mix):
         adapter = adapters.get(leaf.adapter)
@@ -87,8 +87,9 @@ def core_space_reason(
     return None
 
 
-def _dense_node(mix: AdapterLeaf | MixNode) -> bool:
-    return isinstance(mix, MixNode) and (mix.space == "dense" or any(_dense_node(c) for c in mix.children))
+def dense_node(mix: AdapterLeaf | MixNode) -> bool:
+    """Whether some node of ``mix`` merges in the dense space (its trimming acts on full matrices)."""
+    return isinstance(mix, MixNode) and (mix.space == "dense" or any(dense_node(c) for c in mix.children))
 
 
 class BasisCache:
@@ -160,7 +161,7 @@ def merge_core(
     t0 = time.perf_counter()
     names = sorted({leaf.adapter for leaf in leaves(mix)})
     missing = [n for n in names if n not in family.members]
-    if missing or _dense_node(mix):
+    if missing or dense_node(mix):
         raise MergeError(f"not mergeable on the family's coordinates: {missing or 'a dense-space node'}")
     members = [family.members[n] for n in names]
     modules = sorted({m for member in members for m in member.modules})

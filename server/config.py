@@ -42,10 +42,10 @@ class ServeConfig:
     )
     block_size: int = 16  # tokens per KV block
     max_loras: int = 8  # distinct factor-path mixes in the running batch (slots of the device mix pool)
-    # The adapter family's bound: the largest basis (sum of ranks) per module; adapters past it, and
-    # dense-space mixes, are served from full factors. 0: no family, every mix from full factors.
-    family_rank: int = 256
-    core_slots: int | None = None  # core-space mixes loaded at once (default: 2 x max_batch)
+    # Adapters resident on the device at once, as their own factors, shared by every mix that reads them
+    # (least recently used evicted; at least limits.max_mix_adapters).
+    adapter_slots: int = 32
+    core_slots: int | None = None  # lowrank mixes' cores loaded at once (default: 2 x max_batch)
     memory_utilization: float = 0.9  # CUDA: share of device memory for weights, KV cache and mixes
     cuda_graphs: bool = True  # CUDA: decode steps replay captured graphs
     # CPU: torch threads for the engine (default: all cores but one, left to HTTP and tokenization).

@@ -4,15 +4,15 @@ A decode step launches a few hundred small kernels; at small batch their launch 
 bytes, bounds the step. Captured once, a graph replays them all with one launch (vLLM and gpt-fast do
 the same). What a graph needs, and the runtime provides: no host-device syncs inside the step, and
 every input in a static buffer — token ids, positions, cache positions, block tables (and the sliding
-windows' narrower ones), the factor pool's row groups, the rows' core slots. The KV cache and the pools' buffers are allocated once (a pool that
+windows' narrower ones), the factor pool's row groups, the rows' member-mix slots. The KV cache and the pools' buffers are allocated once (a pool that
 grows its rank bumps its ``version`` and the graphs are captured again).
 
 A step of ``B`` rows runs in the graph of the next batch bucket; the padding rows come first, on the
 base model, reading and writing only the reserved null block. The server captures every bucket up to
-``--max-batch`` at every key width at start (:meth:`DecodeGraphs.capture_buckets`), for base-only steps
-and for steps with core-space mixes: the first step of a new shape no longer stalls every stream. Steps
-with factor-pool mixes are captured on first use (the pool's rank, hence its buffers, grows with the
-first mixes it sees). Graphs are captured from a side stream, share one memory pool and stop at the
+``--max-batch`` at every key width at start (:meth:`DecodeGraphs.capture_buckets`) for base-only
+steps: the first step of a new shape no longer stalls every stream. Steps with mixes are captured on
+first use, per number of members their rows are padded to (a power of two; the pools' ranks, hence
+their buffers, grow with the first mixes they see). Graphs are captured from a side stream, share one memory pool and stop at the
 last hidden states (the ``[rows, vocab]`` logits are computed after the replay, so no per-shape fp32
 logits buffer stays allocated); capture errors are thread-local, so merges may copy to the device
 meanwhile.
@@ -28,9 +28,9 @@ from dataclasses import dataclass
 
 import torch
 
-from server.core_pool import CorePlan
 from server.kv_cache import NULL_BLOCK
 from server.lora_pool import SidePlan
+from server.member_pool import MemberPlan
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
@@ -42,7 +42,8 @@ class _Graph:
     where: torch.Tensor
     table: torch.Tensor
     groups: torch.Tensor | None  # int32 end row per slot (grouped) or [rows] slot index (masked)
-    core_slots: torch.Tensor | None  # [rows] each row's core-pool slot
+    core_slots: torch.Tensor | None  # [rows] each row's member-pool mix slot
+    members: int  # K: every row's mix padded to this many members (0: no member mix in the step)
     narrow: dict[int, tuple[torch.Tensor, torch.Tensor]]  # window -> (window tables, first key positions)
     graph: object | None = None
     out: torch.Tensor | None = None  # the last hidden states [rows, hidden]
@@ -68,19 +69,18 @@ class DecodeGraphs:
         return (self.runtime.pool.version, self.runtime.cores.version)
 
     def capture_buckets(self, max_batch: int) -> int:
-        """Capture every batch bucket up to ``max_batch`` at every key width, base-only and (once the
-        core pool holds a family) with core-space rows; returns how many graphs exist."""
+        """Capture every batch bucket up to ``max_batch`` at every key width for base-only steps (steps
+        with mixes are captured on first use: the pools' ranks grow with the first mixes they see);
+        returns how many graphs exist."""
         rt = self.runtime
         if self._versions() != self._pool_version:
             self._reset()
         self._max_batch = max_batch  # captured again after a pool regrows
         buckets = [b for b in BATCH_BUCKETS if b < max_batch] + [self.bucket(max_batch)]
-        variants = [False, True] if rt.cores.buffers else [False]
         for bp in buckets:
             for nb in rt.key_widths():
-                for cored in variants:
-                    if (bp, nb, False, cored) not in self._graphs:
-                        self._graphs[(bp, nb, False, cored)] = self._new(bp, nb, False, cored)
+                if (bp, nb, False, 0) not in self._graphs:
+                    self._graphs[(bp, nb, False, 0)] = self._new(bp, nb, False, 0)
         return len(self._graphs)
 
     @staticmethod
@@ -101,7 +101,8 @@ class DecodeGraphs:
         pad = bp - b
         slots = [0] * pad + [r.lora_slot for r in rows]
         core_slots = [0] * pad + [r.core_slot for r in rows]
-        mixed, cored = any(slots), any(core_slots)
+        mixed = any(slots)
+        cored = self.members_bucket(max((len(rt.cores._members[s]) for s in core_slots if s), default=0))
         key = (bp, nb, mixed, cored)
         g = self._graphs.get(key)
         if g is None:
@@ -134,20 +135,24 @@ class DecodeGraphs:
             return [sum(1 for s in slots if s <= slot) for slot in range(pool.slots)]
         return slots
 
-    def _plans(self, g: _Graph) -> tuple[SidePlan | None, CorePlan | None]:
+    @staticmethod
+    def members_bucket(members: int) -> int:
+        """The member count a step's graph pads its rows to: a power of two (0: no member mix)."""
+        return 1 << (members - 1).bit_length() if members else 0
+
+    def _plans(self, g: _Graph) -> tuple[SidePlan | None, MemberPlan | None]:
         """The factor pool's plan with every slot (0 included) as the step's range (static shapes whatever
-        the rows' mixes) and the core pool's from the static slots. New plans per call: their masks and
+        the rows' mixes) and the member pool's from the static mix slots. New plans per call: their masks and
         indices are built in the call (so inside the graph when capturing)."""
         pool, side = self.runtime.pool, None
         if g.groups is not None and pool.grouped:
             side = SidePlan(0, 0, pool.slots - 1, True, offs=g.groups)
         elif g.groups is not None:
             side = SidePlan(0, 0, pool.slots - 1, False, own=g.groups, dtype=pool.dtype)
-        cores = self.runtime.cores
-        core = CorePlan(g.core_slots, cores.rank, cores.aranges) if g.core_slots is not None else None
+        core = self.runtime.cores.static_plan(g.core_slots, g.members) if g.core_slots is not None else None
         return side, core
 
-    def _new(self, rows: int, nb: int, mixed: bool, cored: bool) -> _Graph:
+    def _new(self, rows: int, nb: int, mixed: bool, cored: int) -> _Graph:
         rt, dev = self.runtime, self.runtime.device
         zeros = lambda *shape, dtype=torch.long: torch.zeros(*shape, dtype=dtype, device=dev)  # noqa: E731
         groups = None
@@ -156,7 +161,7 @@ class DecodeGraphs:
         # All-padding contents: a capture only writes to the null block.
         narrow = {w: (zeros(rows, wb) + NULL_BLOCK, zeros(rows)) for w, wb in rt.narrow_windows(nb).items()}
         g = _Graph(zeros(rows), zeros(rows), zeros(rows) + NULL_BLOCK * rt.kv.block_size,
-                   zeros(rows, nb) + NULL_BLOCK, groups, zeros(rows) if cored else None, narrow)  # fmt: skip
+                   zeros(rows, nb) + NULL_BLOCK, groups, zeros(rows) if cored else None, cored, narrow)  # fmt: skip
         if not self.capture:
             return g
         args = (g.ids, g.positions, g.where, g.table)

@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from server.core_pool import PreparedCores
 from server.lora_pool import PreparedLora
+from server.member_pool import PreparedMembers
 from server.metrics import Metrics
 from server.runtime import DecodeRow, ModelRuntime, PrefillChunk
 from server.sampling import SamplingParams, make_generator, sample_next
@@ -49,7 +49,7 @@ class EngineStoppedError(RuntimeError):
 class GenerationRequest:
     prompt_ids: list[int]
     params: SamplingParams
-    lora: PreparedLora | PreparedCores | None = None  # factors (factor pool) or cores (core pool)
+    lora: PreparedLora | PreparedMembers | None = None  # factors (factor pool) or member cores (member pool)
     mix_key: str = ""  # "" = the base model; equal keys share a side-path segment
     mix_label: str = "base"  # bounded metrics label: base, an adapter or pinned name, or "adhoc"
     on_finish: Callable[[], None] | None = None  # e.g. release the mix-cache lease (called on the loop)
@@ -74,7 +74,7 @@ class _Sequence:
     arrival: float
     blocks: list[int] = field(default_factory=list)  # KV block table (reserved for prompt + max_tokens)
     lora_slot: int = -1  # the mix's factor-pool slot while running (-1: no slots held)
-    core_slot: int = 0  # the mix's core-pool slot while running
+    core_slot: int = 0  # the mix's member-pool slot while running
     prefilled: int = 0  # prompt tokens already in the KV cache
     tokens: list[int] = field(default_factory=list)
     emitted_chars: int = 0
@@ -403,6 +403,7 @@ class Engine:
         self.metrics.kv_usage.set(1 - kv.free_blocks / kv.usable_blocks)
         self.metrics.running.set(len(self._running))
         self.metrics.waiting.set(len(self._waiting))
+        self.metrics.observe_member_pool(self.runtime.cores)
         self.metrics.set_lora_info(
             {s.req.mix_label for s in self._running if s.req.mix_key},
             {s.req.mix_label for s in list(self._waiting) if s.req.mix_key},

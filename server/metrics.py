@@ -49,15 +49,24 @@ class Metrics:
         self.cache_bytes = Gauge(p + "mix_cache_bytes", "Bytes of merged factors held.", registry=r)
         self.cache_entries = Gauge(p + "mix_cache_entries", "Merged mixes held.", registry=r)
         self.cache_path_entries = Gauge(p + "mix_cache_path_entries", "Merged mixes held, by serving path "
-                                        "(core: cores over the adapter family; factors: full factors).", ["path"],
+                                        "(members: cores over the mix's adapters; factors: full factors).", ["path"],
                                         registry=r)  # fmt: skip
         self.cache_path_bytes = Gauge(p + "mix_cache_path_bytes", "Bytes of merged mixes held, by serving path.",
                                       ["path"], registry=r)  # fmt: skip
         self.merges = Counter(p + "mix_merges", "Merges run, by serving path.", ["path"], registry=r)
-        self.family_adapters = Gauge(p + "adapter_family_adapters", "Adapters in the adapter family.", registry=r)
-        self.family_rank = Gauge(p + "adapter_family_rank", "Largest per-module basis of the adapter family.",
-                                 registry=r)  # fmt: skip
-        self.family_bytes = Gauge(p + "adapter_family_bytes", "Bytes of the adapter family's bases.", registry=r)
+        self.adapters_registered = Gauge(p + "adapters_registered", "Adapters registered (host memory).", registry=r)
+        self.adapter_pool_slots = Gauge(p + "adapter_pool_slots", "Adapter slots of the device member pool.",
+                                        registry=r)  # fmt: skip
+        self.adapter_pool_resident = Gauge(p + "adapter_pool_resident", "Adapters resident in the member pool.",
+                                           registry=r)  # fmt: skip
+        self.adapter_pool_in_use = Gauge(p + "adapter_pool_in_use", "Resident adapters a running sequence's mix "
+                                         "reads (not evictable).", registry=r)  # fmt: skip
+        self.adapter_pool_bytes = Gauge(p + "adapter_pool_bytes", "Device bytes of the member pool (adapter "
+                                        "factors and loaded mix cores).", registry=r)  # fmt: skip
+        self.adapter_loads = Counter(p + "adapter_pool_loads", "Adapters copied into the member pool.", registry=r)
+        self.adapter_evictions = Counter(p + "adapter_pool_evictions", "Adapters evicted from the member pool "
+                                         "(least recently used, idle) to make room.", registry=r)  # fmt: skip
+        self._pool_counts = (0, 0)
         self.merge_failures = Counter(p + "merge_failures", "Merges that failed.", registry=r)
         self.rejected = Counter(p + "requests_rejected", "Requests refused before admission.", ["reason"],
                                 registry=r)  # fmt: skip
@@ -74,6 +83,17 @@ class Metrics:
                 self.lora_info.remove(*self._lora_labels)
             self._lora_labels = labels
         self.lora_info.labels(*labels).set(time.time())
+
+    def observe_member_pool(self, pool) -> None:
+        """The member pool's residency (``server.member_pool.MemberPool``): gauges set, counters advanced."""
+        self.adapter_pool_slots.set(pool.adapters.count)
+        self.adapter_pool_resident.set(len(pool.adapters.loaded()))
+        self.adapter_pool_in_use.set(pool.adapters.in_use())
+        self.adapter_pool_bytes.set(pool.nbytes)
+        loads, evictions = pool.adapters.loads, pool.adapters.evictions
+        self.adapter_loads.inc(loads - self._pool_counts[0])
+        self.adapter_evictions.inc(evictions - self._pool_counts[1])
+        self._pool_counts = (loads, evictions)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -39,27 +39,30 @@ router = APIRouter(prefix="/admin", dependencies=[Depends(require_admin)])
 @router.post("/adapters")
 async def register_adapter(body: RegisterAdapterRequest, state: StateDep):
     try:
-        # Reading and hashing the weights, and the family's bases, are file I/O and tensor work: off the loop.
-        adapter, in_family = await asyncio.to_thread(state.register_adapter, body.name, body.path,
-                                                     replace=body.replace)  # fmt: skip
+        # Reading and hashing the weights are file I/O: off the loop.
+        adapter = await asyncio.to_thread(state.register_adapter, body.name, body.path, replace=body.replace)
     except AdapterError as exc:
         conflict = "already registered" in str(exc)
         raise RequestError(
             409 if conflict else 400, str(exc), "path", "conflict" if conflict else "bad_adapter"
         ) from None
-    state.update_family_metrics()
-    return {"name": adapter.name, "modules": len(adapter.modules), "ranks": sorted(set(adapter.ranks.values())),
-            "fingerprint": adapter.fingerprint, "family": in_family,
-            "family_note": None if in_family else state.family_refused.get(adapter.name)}  # fmt: skip
+    state.update_adapter_metrics()
+    return {
+        "name": adapter.name,
+        "modules": len(adapter.modules),
+        "ranks": sorted(set(adapter.ranks.values())),
+        "fingerprint": adapter.fingerprint,
+        "device_bytes": state.runtime.cores.adapter_bytes(adapter),
+    }
 
 
 @router.post("/mixes")
 async def pin_mix(body: PinMixRequest, state: StateDep):
     raw, notes = body.mix, []
     if body.mergekit is not None:
-        # Off the loop: a config may name adapter directories to register (file I/O, the family's bases).
+        # Off the loop: a config may name adapter directories to register (file I/O).
         translated = await asyncio.to_thread(mix_from_mergekit, state, body.mergekit, body.space)
-        state.update_family_metrics()
+        state.update_adapter_metrics()
         raw, notes = translated.mix.model_dump(exclude_none=True, by_alias=True), translated.notes
     if body.pin:
         entry = await state.pin(body.name, raw)
@@ -101,14 +104,33 @@ async def cache(state: StateDep):
         }
         for e in state.cache.entries()
     ]
-    family, cores = state.family, state.runtime.cores
     return {"budget_bytes": state.cache.budget_bytes, "bytes": state.cache.nbytes, "entries": entries,
             "merges": state.cache.merges_started, "kv_cache_bytes": state.runtime.kv.nbytes,
             "kv_block_size": state.runtime.kv.block_size, "kv_blocks": state.runtime.kv.usable_blocks,
             "kv_blocks_free": state.runtime.kv.free_blocks, "mix_pool_slots": state.runtime.pool.max_loras,
-            "mix_pool_bytes": state.runtime.pool.nbytes, "core_pool_slots": cores.table.count,
-            "core_pool_bytes": cores.nbytes, "core_pool_rank": cores.rank,
-            "family": {"version": family.version, "adapters": sorted(family.members), "rank": family.rank,
-                       "max_rank": family.max_rank, "bytes": family.nbytes, "refused": state.family_refused,
-                       "build_seconds": state.family_seconds,
-                       "basis_cache_sets": len(state.bases), "basis_cache_bytes": state.bases.nbytes}}  # fmt: skip
+            "mix_pool_bytes": state.runtime.pool.nbytes, "adapter_pool": adapter_pool(state),
+            "merge_caches": {"adapter_sets": len(state.families), "adapter_sets_bytes": state.families.nbytes,
+                             "basis_sets": len(state.bases), "basis_bytes": state.bases.nbytes}}  # fmt: skip
+
+
+@router.get("/adapters")
+async def adapters(state: StateDep):
+    """Every registered adapter, and whether it is resident on the device (in the member pool)."""
+    pool = state.runtime.cores
+    resident = {a.name: (slot, a.fingerprint) for slot, a in pool.adapters.loaded()}
+    out = []
+    for name in state.registry.names():
+        a = state.registry[name]
+        slot, fp = resident.get(name, (None, None))
+        out.append({"name": name, "fingerprint": a.fingerprint, "ranks": sorted(set(a.ranks.values())),
+                    "resident": fp == a.fingerprint, "slot": slot if fp == a.fingerprint else None})  # fmt: skip
+    return {"adapters": out, "adapter_pool": adapter_pool(state)}
+
+
+def adapter_pool(state) -> dict:
+    """The member pool's budget and use: adapters resident on the device, loaded mix cores."""
+    pool = state.runtime.cores
+    return {"adapter_slots": pool.adapters.count, "resident": len(pool.adapters.loaded()),
+            "in_use": pool.adapters.in_use(), "loads": pool.adapters.loads, "evictions": pool.adapters.evictions,
+            "rank": pool.rank, "mix_slots": pool.mixes.count, "mix_core_rank": pool.core_rank,
+            "bytes": pool.nbytes, "registered": len(state.registry.names())}  # fmt: skip

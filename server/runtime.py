@@ -22,12 +22,13 @@ from pathlib import Path
 
 import torch
 
-from merging.core_merge import CoreMix
+from merging.adapters import LoraAdapter
+from merging.member_merge import MemberMix
 from server.architectures import UnsupportedModelError, resolve
-from server.core_pool import CorePlan, CorePool, PreparedCores, prepare_cores
 from server.decoder import Decoder
 from server.kv_cache import NULL_BLOCK, PagedKVCache, bytes_per_block, check_fits, cpu_kv_budget, cuda_kv_budget
 from server.lora_pool import LoraFactorsByModule, LoraPool, PreparedLora, SidePlan, prepare_lora
+from server.member_pool import MemberPlan, MemberPool, PreparedMembers, prepare_members
 from server.paged_attention import chunk_attention, decode_attention, key_mask
 
 MIN_KEYS = 64  # decode attention reads at least this many keys per row
@@ -47,7 +48,7 @@ class PrefillChunk:
     start: int
     blocks: Sequence[int]  # the sequence's block table
     lora_slot: int = 0  # its mix's slot in the factor pool (0: none)
-    core_slot: int = 0  # its mix's slot in the core pool (0: none)
+    core_slot: int = 0  # its mix's slot in the member pool (0: none)
 
 
 @dataclass(frozen=True)
@@ -95,13 +96,16 @@ class ModelRuntime:
         block_size: int = 16,
         max_loras: int = 8,
         core_slots: int = 64,
+        adapter_slots: int = 32,
+        max_members: int = 16,
         default_kv_tokens: int = 32 * 4096,
         memory_utilization: float = 0.9,
         reserve_bytes: int | None = None,
         cuda_graphs: bool = True,
     ) -> None:
-        """``max_loras``: slots of the factor pool (mixes outside the adapter family); ``core_slots``: slots
-        of the core pool (mixes over the family, a few hundred KB to MB each).
+        """``max_loras``: slots of the factor pool (dense-space mixes); ``core_slots``: mix slots of the member
+        pool (lowrank mixes as cores over their members, a few hundred KB to MB each); ``adapter_slots``:
+        adapters resident in the member pool; ``max_members``: the most adapters of one mix.
         ``kv_cache_bytes`` None: on CUDA, ``memory_utilization`` of the device less what the weights use
         and ``reserve_bytes`` for merged mixes, the mix pool and activations (default: 15% of what the
         weights leave); elsewhere room for ``default_kv_tokens`` tokens (at most 32 full contexts).
@@ -131,7 +135,7 @@ class ModelRuntime:
         groups = {key: (shapes[names[0]][1], names, [shapes[n][0] for n in names])
                   for key, names in self.decoder.groups.items()}  # fmt: skip
         self.pool = LoraPool(groups, max_loras, self.dtype, self.device)
-        self.cores = CorePool(groups, core_slots, self.dtype, self.device)
+        self.cores = MemberPool(groups, adapter_slots, core_slots, self.dtype, self.device, max_members)
         self.graphs = None
         if cuda_graphs and self.device.type == "cuda":
             from server.cuda_graphs import DecodeGraphs
@@ -183,22 +187,22 @@ class ModelRuntime:
                 )
         return prepare_lora(factors, self.decoder.groups, self.device, self.dtype)
 
-    def cores_to_device(self, core_mix: CoreMix) -> PreparedCores:
-        """A core-space merge laid out by input group on the serving device (its family's shapes are the
+    def members_to_device(self, mix: MemberMix, adapters: dict[str, LoraAdapter]) -> PreparedMembers:
+        """A member-core merge laid out by input group on the serving device (its members' shapes are the
         base model's: adapters are checked against them when registered)."""
-        return prepare_cores(core_mix, self.decoder.groups, self.device, self.dtype)
+        return prepare_members(mix, adapters, self.decoder.groups, self.device, self.dtype)
 
     # ----------------------------------------------------------------------------------------- mixes
-    def can_acquire(self, mix: PreparedLora | PreparedCores | None) -> bool:
+    def can_acquire(self, mix: PreparedLora | PreparedMembers | None) -> bool:
         """Whether a slot for ``mix`` is free (or it is loaded already): admission waits otherwise."""
-        if isinstance(mix, PreparedCores):
+        if isinstance(mix, PreparedMembers):
             return self.cores.can_acquire(mix)
         return self.pool.can_acquire(mix)
 
-    def acquire(self, mix: PreparedLora | PreparedCores | None) -> tuple[int, int]:
+    def acquire(self, mix: PreparedLora | PreparedMembers | None) -> tuple[int, int]:
         """``(factor slot, core slot)`` for a sequence on ``mix`` (0 where it uses neither pool). Pair with
         :meth:`release`."""
-        if isinstance(mix, PreparedCores):
+        if isinstance(mix, PreparedMembers):
             return 0, self.cores.acquire(mix)
         return self.pool.acquire(mix), 0
 
@@ -213,7 +217,7 @@ class ModelRuntime:
         return t if self.device.type == "cpu" else t.pin_memory().to(self.device, non_blocking=True)
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, where: torch.Tensor, side: SidePlan | None,
-                 core: CorePlan | None, attend) -> torch.Tensor:  # fmt: skip
+                 core: MemberPlan | None, attend) -> torch.Tensor:  # fmt: skip
         """The decoder over packed tokens (rows sorted by factor-pool slot) with the pools' plans for the step
         (None: no row uses that pool); ``attend(i, q, heads)``: layer ``i``'s attention."""
         sides = [(pool, plan) for pool, plan in ((self.pool, side), (self.cores, core)) if plan is not None]
@@ -324,7 +328,7 @@ class ModelRuntime:
                        if (1 << k) - 1 < self.max_len} | {self.key_blocks(self.max_len - 1)})  # fmt: skip
 
     def _decode_core(self, ids: torch.Tensor, positions: torch.Tensor, where: torch.Tensor, table: torch.Tensor,
-                     side: SidePlan | None, core: CorePlan | None, narrow: WindowTables,
+                     side: SidePlan | None, core: MemberPlan | None, narrow: WindowTables,
                      logits: bool = True) -> torch.Tensor:  # fmt: skip
         """The decode step on device tensors (what a CUDA graph captures): ``table`` ``[rows, blocks]``,
         ``narrow`` the narrow windows' tables. Logits, or with ``logits=False`` the last hidden states

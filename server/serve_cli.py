@@ -85,17 +85,18 @@ def add_serve_parser(sub) -> None:
         dest="max_loras",
         type=_positive(int),
         default=d.max_loras,
-        help=f"distinct factor-path mixes in the running batch (dense-space merges, adapters outside the "
-        f"adapter family): slots of the device factor pool (default {d.max_loras})",
+        help=f"distinct factor-path mixes (dense-space merges) in the running batch: slots of the device "
+        f"factor pool (default {d.max_loras})",
     )
-    s.add_argument("--family-rank", dest="family_rank", type=_non_negative, default=d.family_rank,
-                   help=f"the adapter family's bound: adapters share one basis per module up to this rank (sum of "
-                        f"their ranks); mixes over them merge and serve as small cores. Adapters past it and "
-                        f"dense-space mixes take full factors. 0 disables the family (default {d.family_rank})")  # fmt: skip
+    s.add_argument("--adapter-slots", dest="adapter_slots", type=_positive(int), default=d.adapter_slots,
+                   help=f"adapters resident on the device at once, each once as its own factors and shared by every "
+                        f"mix that reads it; the least recently used idle one is evicted (re-read from host memory "
+                        f"when needed again). At least --max-mix-adapters (default {d.adapter_slots}; a rank-16 "
+                        f"adapter of a 7B is ~84 MB in bf16)")  # fmt: skip
     s.add_argument("--core-slots", dest="core_slots", type=_positive(int),
-                   help="core-space mixes loaded on the device at once, any number of them per batch (default "
-                        "2 x --max-batch; a core is (family rank)^2 per module: ~1.8 MB for four rank-16 adapters "
-                        "on a 7B in bf16)")  # fmt: skip
+                   help="lowrank mixes loaded on the device at once, any number of them per batch: each is a "
+                        "small core over its members' factors, (sum of its adapters' ranks)^2 per module, ~1 MB for "
+                        "three rank-16 adapters on a 7B in bf16 (default 2 x --max-batch)")  # fmt: skip
     s.add_argument(
         "--no-cuda-graphs",
         dest="cuda_graphs",
@@ -154,13 +155,16 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         pin_file = demo_pins if demo_pins.is_file() else None
     limits = Limits(max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens,
                     max_mix_adapters=args.max_mix_adapters)  # fmt: skip
+    if args.adapter_slots < args.max_mix_adapters:
+        raise SystemExit(f"mixserve serve: --adapter-slots {args.adapter_slots} cannot hold a mix of "
+                         f"--max-mix-adapters {args.max_mix_adapters} adapters; raise it or lower --max-mix-adapters")  # fmt: skip
     return ServeConfig(
         model=model, adapters=args.adapters, model_name=args.model_name or model_id, device=args.device, dtype=args.dtype,
         host=args.host, port=args.port, max_batch=args.max_batch, max_len=args.max_len, max_waiting=args.max_waiting,
         max_tune_jobs=args.max_tune_jobs, max_prefill_tokens=args.max_prefill_tokens, max_rank=args.max_rank,
         cache_bytes=None if args.cache_mb is None else int(args.cache_mb * 2**20),
         kv_cache_bytes=None if args.kv_cache_mb is None else int(args.kv_cache_mb * 2**20),
-        block_size=args.block_size, max_loras=args.max_loras, family_rank=args.family_rank,
+        block_size=args.block_size, max_loras=args.max_loras, adapter_slots=args.adapter_slots,
         core_slots=args.core_slots, memory_utilization=args.memory_utilization,
         cuda_graphs=args.cuda_graphs, cpu_threads=args.cpu_threads,
         pin_file=pin_file, insecure_admin=args.insecure_admin, api_key=args.api_key, drain_seconds=args.drain_seconds, limits=limits,

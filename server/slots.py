@@ -28,6 +28,30 @@ class SlotTable:
         self._refs: dict[int, int] = {}
         self._idle: OrderedDict[int, None] = OrderedDict()  # loaded, unreferenced slots, least recent first
         self._never_used = list(range(count, 0, -1))
+        self.loads = 0  # copies into a slot
+        self.evictions = 0  # loads that replaced an idle slot's earlier occupant
+
+    def loaded(self) -> list[tuple[int, object]]:
+        """``(slot, mix)`` for every slot whose occupant is still alive."""
+        out = []
+        for slot, (_, ref) in sorted(self._loaded.items()):
+            mix = ref()
+            if mix is not None:
+                out.append((slot, mix))
+        return out
+
+    def is_idle(self, mix: object) -> bool:
+        """Whether ``mix`` is loaded in a slot no running sequence holds."""
+        slot = self.slot_of(mix)
+        return slot is not None and slot in self._idle
+
+    def free_count(self) -> int:
+        """Slots that could take a new occupant now (never used, or loaded and idle)."""
+        return len(self._never_used) + len(self._idle)
+
+    def in_use(self) -> int:
+        """Slots held by running sequences."""
+        return sum(1 for n in self._refs.values() if n > 0)
 
     def slot_of(self, mix: object) -> int | None:
         entry = self._loaded.get(self._slot_of.get(id(mix), -1))
@@ -48,10 +72,12 @@ class SlotTable:
                 old_id, _ = self._loaded.pop(slot)
                 if self._slot_of.get(old_id) == slot:
                     del self._slot_of[old_id]
+                self.evictions += 1
             else:
                 raise PoolFullError(f"all {self.count} {self.what} slots are in use by running sequences")
             try:
                 load(slot, mix)
+                self.loads += 1
             except BaseException:  # e.g. out of device memory growing the pool: the slot stays usable
                 self._never_used.append(slot)
                 raise

@@ -17,8 +17,8 @@ import torch
 from pydantic import ValidationError
 
 from merging.adapters import AdapterError, LoraAdapter
-from merging.core_merge import BasisCache, core_space_reason, merge_core
-from merging.family import AdapterFamily, FamilyFullError
+from merging.core_merge import BasisCache, dense_node
+from merging.member_merge import SetFamilies, merge_members
 from merging.merge import MergeError, merge_mix, mix_key
 from merging.spec import AdapterLeaf, MixNode, depth, leaves, parse_mix
 from server.config import DEMO_DIR, ServeConfig
@@ -67,7 +67,8 @@ class ServerState:
         self.runtime = ModelRuntime(
             config.model, device=config.device, dtype=dtype, max_len=config.max_len,
             kv_cache_bytes=config.kv_cache_bytes, block_size=config.block_size, max_loras=config.max_loras,
-            core_slots=config.core_slots or 2 * config.max_batch, default_kv_tokens=config.max_batch * 4096,
+            core_slots=config.core_slots or 2 * config.max_batch, adapter_slots=config.adapter_slots,
+            max_members=config.limits.max_mix_adapters, default_kv_tokens=config.max_batch * 4096,
             memory_utilization=config.memory_utilization,
             reserve_bytes=None if config.cache_bytes is None else 2 * config.cache_bytes, cuda_graphs=config.cuda_graphs,
         )  # fmt: skip
@@ -81,23 +82,15 @@ class ServerState:
             Path(config.adapters), self.runtime.base_shapes(), config.limits.max_adapter_bytes
         )
         self.adapter_errors = self.registry.load_root()
-        # The adapter family: mixes over its members merge on small cores and share one side path.
-        self._family_lock = threading.Lock()  # registrations extend it one at a time
-        self.family = AdapterFamily(max_rank=config.family_rank)
-        self.family_refused: dict[str, str] = {}  # adapters served from full factors, and why
-        t0 = time.perf_counter()
-        for name in self.registry.names():
-            self._admit_to_family(self.registry[name])
-        self.family_seconds = time.perf_counter() - t0  # reported in /admin/cache
-        log.info("adapter family: %d adapters, rank %d, built in %.1f s", len(self.family.members), self.family.rank,
-                 self.family_seconds)  # fmt: skip
-        self.runtime.cores.install(self.family)
+        self._register_lock = threading.Lock()  # registrations one at a time
         if self.runtime.graphs is not None:  # CUDA: every decode shape captured now, not on first use
             t0 = time.perf_counter()
             graphs = self.runtime.graphs.capture_buckets(config.max_batch)
             log.info("captured %d decode graphs in %.1f s", graphs, time.perf_counter() - t0)
-        self.bases = BasisCache()  # the bases of adapter sets merges have stacked
-        self.update_family_metrics()
+        # What a cold merge over a known adapter set does not compute again: the set's bases and those of
+        # its nodes' sub-sets (merging/member_merge.py).
+        self.families, self.bases = SetFamilies(), BasisCache()
+        self.update_adapter_metrics()
         self._executor = ThreadPoolExecutor(config.merge_threads, thread_name_prefix="mixserve-merge")
         # On CUDA the runtime held back a share of free memory for merged mixes, the pool and activations.
         cache_bytes = config.cache_bytes
@@ -192,18 +185,17 @@ class ServerState:
             raise RequestError(507, "not enough memory to merge this mix", "mix", "merge_out_of_memory") from None
 
     def _merge_fn(self, spec: AdapterLeaf | MixNode):
-        """The merge to run for ``spec`` on the adapters and family as they are now: on the family's
-        cores when every adapter is a member and no node is dense-space, else to full factors."""
-        adapters, family, runtime, max_rank = self.registry.snapshot(), self.family, self.runtime, self.config.max_rank
-        enabled = bool(self.config.family_rank)
+        """The merge to run for ``spec`` on the adapters as they are now: cores over its members' own
+        factors (the member pool) unless a node is dense-space, else full factors (the factor pool)."""
+        adapters, runtime, max_rank = self.registry.snapshot(), self.runtime, self.config.max_rank
 
         def merge() -> MergedMix:  # only on a cache miss, in the merge thread
             t0 = time.perf_counter()
-            fallback = core_space_reason(spec, family, adapters) if enabled else "the family is disabled"
+            fallback = "a dense-space node" if dense_node(spec) else None
             if fallback is None:
-                core = merge_core(spec, family, max_rank=max_rank, bases=self.bases)
-                return MergedMix(runtime.cores_to_device(core), core.method, core.space,
-                                 time.perf_counter() - t0, core.ranks, core.energy_kept, path="core")  # fmt: skip
+                mix = merge_members(spec, adapters, max_rank=max_rank, families=self.families, bases=self.bases)
+                return MergedMix(runtime.members_to_device(mix, adapters), mix.method, mix.space,
+                                 time.perf_counter() - t0, mix.ranks, mix.energy_kept, path="members")  # fmt: skip
             merged = merge_mix(spec, adapters).to_lowrank(max_rank)
             factors = runtime.lora_to_device(merged.lowrank_factors())
             return MergedMix(factors, merged.method, merged.space, time.perf_counter() - t0, merged.ranks,
@@ -212,36 +204,15 @@ class ServerState:
         return merge
 
     # ----------------------------------------------------------------------------------- adapters
-    def register_adapter(self, name: str, path: str, *, replace: bool = False) -> tuple[LoraAdapter, bool]:
-        """Load an adapter from under the adapter root and admit it to the family (worker thread: file
-        I/O and the family's bases). Returns the adapter and whether it joined the family."""
-        with self._family_lock:
-            adapter = self.registry.register(name, path, replace=replace)
-            return adapter, self._admit_to_family(adapter)
+    def register_adapter(self, name: str, path: str, *, replace: bool = False) -> LoraAdapter:
+        """Load an adapter from under the adapter root (worker thread: file I/O). Registering is reading it:
+        nothing is derived for the other adapters; the member pool loads it when a mix first needs it."""
+        with self._register_lock:
+            return self.registry.register(name, path, replace=replace)
 
-    def update_family_metrics(self) -> None:
-        self.metrics.family_adapters.set(len(self.family.members))
-        self.metrics.family_rank.set(self.family.rank)
-        self.metrics.family_bytes.set(self.family.nbytes)
-
-    def _admit_to_family(self, adapter: LoraAdapter) -> bool:
-        """Extend the family by ``adapter`` (a new snapshot: merges in flight keep theirs)."""
-        if not self.config.family_rank:
-            return False
-        try:
-            family = self.family.extend(adapter)
-            self.runtime.cores.offer(family)  # before any merge can use it
-            self.family = family
-        except FamilyFullError as exc:
-            self.family_refused[adapter.name] = str(exc)
-            log.warning("adapter %s is served from full factors: %s", adapter.name, exc)
-            return False
-        except Exception as exc:  # e.g. out of memory: the adapter stays registered, served from factors
-            log.exception("adapter %s could not join the adapter family", adapter.name)
-            self.family_refused[adapter.name] = f"extending the family failed: {type(exc).__name__}: {exc}"
-            return False
-        self.family_refused.pop(adapter.name, None)
-        return True
+    def update_adapter_metrics(self) -> None:
+        self.metrics.adapters_registered.set(len(self.registry.names()))
+        self.metrics.observe_member_pool(self.runtime.cores)
 
     def check_pin_name(self, name: str) -> None:
         if not NAME.match(name):

@@ -17,9 +17,9 @@ def test_the_gpu_bench_runs_at_a_tiny_shape(tmp_path):
                    cwd=ROOT, timeout=300)  # fmt: skip
     result = json.loads(out.with_suffix(".json").read_text())
     measures = [r["measure"] for r in result["rows"]]
-    # CPU: the base, one factor mix on 2 side paths, one core mix; lowrank TIES and the core merges (2)
+    # CPU: the base, one factor mix on 2 side paths, one member mix; lowrank TIES and the member merges (2)
     assert sum("bs1" in m for m in measures) == 4 and sum("merge" in m for m in measures) == 3
-    assert any("32 distinct core mixes" in m for m in measures)
+    assert any("32 distinct mixes of 3 over 64 adapters" in m for m in measures)
     assert all(r["value"] > 0 for r in result["rows"]) and result["copy_bandwidth_gb_s"] > 0
     # The 8-mix batch gives each row what its mix's rows give alone (bf16 rounding apart).
     alone = [c for c in result["checks"] if "4 at a time, 8 mixes" in c["check"]]

@@ -34,18 +34,22 @@ def test_the_bench_runs_end_to_end(tmp_path):
     main(["--batch", "4", "--mixes", "4", "--repeats", "1", "--out", str(tmp_path / "ops")])
     result = json.loads((tmp_path / "ops.json").read_text())
     rows = {r["scenario"]: r for r in result["rows"]}
-    assert set(rows) == {"base", "1 mix", "4 mixes", "1 core mix", "4 core mixes"}
+    assert set(rows) == {"base", "1 mix", "4 mixes", "1 member mix", "4 member mixes over 8", "4 member mixes over 64"}
     assert rows["4 mixes"]["mixes"] == 4 and rows["base"]["mixes"] == 0 and rows["1 mix"]["ops_vs_one_mix"] == 1.0
     # a mix adds its side path's products to the base model's ops; more mixes add (almost) none: one
     # mix runs plain GEMMs, several the grouped products, whose count does not depend on how many
     assert rows["1 mix"]["ops_per_step"] > rows["base"]["ops_per_step"] > 0
     assert rows["4 mixes"]["ops_per_step"] <= 1.15 * rows["1 mix"]["ops_per_step"]
-    # core mixes: every row gathers its own cores in one op per input group, so any number of them costs
-    # what one does
-    assert rows["4 core mixes"]["ops_per_step"] == rows["1 core mix"]["ops_per_step"] > rows["base"]["ops_per_step"]
-    assert rows["4 core mixes"]["mixes"] == 4
+    # member mixes: every row gathers its own members and core, so any number of mixes over any number of
+    # adapters costs the ops one does
+    one = rows["1 member mix"]
+    assert rows["4 member mixes over 64"]["ops_per_step"] == rows["4 member mixes over 8"]["ops_per_step"]
+    assert rows["4 member mixes over 8"]["ops_per_step"] == one["ops_per_step"] > rows["base"]["ops_per_step"]
+    assert one["adapters_read"] == 3 and one["bytes_allow_vs_one_mix"] == 1.0
+    assert rows["4 member mixes over 64"]["adapters_read"] > rows["4 member mixes over 8"]["adapters_read"] >= 3
+    assert rows["4 member mixes over 64"]["bytes_allow_vs_one_mix"] > 1.0
     main(["--batch", "4", "--mixes", "2", "--repeats", "1", "--out", str(tmp_path / "ops2")])
     two = {r["scenario"]: r for r in json.loads((tmp_path / "ops2.json").read_text())["rows"]}
     assert two["2 mixes"]["ops_per_step"] == rows["4 mixes"]["ops_per_step"]
-    assert two["2 core mixes"]["ops_per_step"] == rows["4 core mixes"]["ops_per_step"]
+    assert two["2 member mixes over 64"]["ops_per_step"] == rows["4 member mixes over 64"]["ops_per_step"]
     assert (tmp_path / "ops.md").read_text().startswith("# Decode-step ops")

@@ -88,31 +88,29 @@ def test_captured_graphs_match_the_eager_step_also_after_the_pool_grows(dtype, g
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-def test_core_mixes_in_captured_graphs_match_the_eager_step(dtype):
-    """Graphs captured at start (every bucket and key width, base and core variants) against the same
-    static step run eagerly, with core-space mixes beside a factor-pool mix and the base; then the family
-    grows past the pool's rank (buffers reallocated, every graph captured again) and they still agree."""
+def test_member_mixes_in_captured_graphs_match_the_eager_step(dtype):
+    """Graphs captured at start (every bucket and key width, base-only) and on first use (member rows padded
+    to a power of two of members) against the same static step run eagerly, with member mixes beside a
+    factor-pool mix and the base; then an adapter of a larger rank grows the pool (buffers reallocated,
+    every graph captured again) and they still agree."""
     from merging.adapters import LoraAdapter, load_adapter
-    from merging.core_merge import merge_core
-    from merging.family import AdapterFamily
+    from merging.member_merge import merge_members
     from merging.spec import parse_mix
     from merging.synthetic import random_factors
     from server.cuda_graphs import DecodeGraphs
     from server.runtime import ModelRuntime
 
     runtime = ModelRuntime(DEMO_DIR / "base", device="cuda", dtype=dtype, max_loras=4, core_slots=8,
-                           kv_cache_bytes=64 << 20, cuda_graphs=True)  # fmt: skip
+                           adapter_slots=16, kv_cache_bytes=64 << 20, cuda_graphs=True)  # fmt: skip
     adapters = {n: load_adapter(DEMO_DIR / "adapters" / n, n) for n in ("sql", "python", "pystr", "json")}
-    family, _ = AdapterFamily().extend_all(adapters.values())
-    runtime.cores.install(family)
     graphs = runtime.graphs
-    assert graphs.capture_buckets(4) == 3 * len(runtime.key_widths()) * 2
+    assert graphs.capture_buckets(4) == 3 * len(runtime.key_widths())
     assert all(g.graph is not None for g in graphs._graphs.values())
 
-    def core(spec, fam=family):
-        return runtime.cores.acquire(runtime.cores_to_device(merge_core(parse_mix(spec), fam)))
+    def core(spec):
+        return runtime.cores.acquire(runtime.members_to_device(merge_members(parse_mix(spec), adapters), adapters))
 
-    ties = {"method": "ties", "density": 0.5, "children": [{"adapter": n} for n in adapters]}
+    ties = {"method": "ties", "density": 0.5, "children": [{"adapter": n} for n in ("sql", "python", "pystr", "json")]}
     cores = [core(ties), 0, core("json")]
     factors = [0, runtime.pool.acquire(_mix(runtime, "sql")), 0]
     captured = _greedy(runtime, PROMPTS, factors, cores=cores)
@@ -120,10 +118,9 @@ def test_core_mixes_in_captured_graphs_match_the_eager_step(dtype):
     assert _greedy(runtime, PROMPTS, factors, cores=cores) == captured
     runtime.graphs = graphs
     shapes = {m: f.shape for m, f in adapters["sql"].modules.items()}
-    grown = family.extend(LoraAdapter("extra", random_factors(shapes, 16, 32.0, seed=5), fingerprint="extra"))
-    runtime.cores.offer(grown)
-    cores[1] = core("extra", grown)  # the pool regrows to rank 80: captured again
-    assert runtime.cores.rank == 80
+    adapters["extra"] = LoraAdapter("extra", random_factors(shapes, 32, 64.0, seed=5), fingerprint="extra")
+    cores[1] = core("extra")  # the pool regrows to rank 32: captured again
+    assert runtime.cores.rank == 32
     captured = _greedy(runtime, PROMPTS, [0, 0, 0], cores=cores)
     runtime.graphs = DecodeGraphs(runtime, capture=False)
     assert _greedy(runtime, PROMPTS, [0, 0, 0], cores=cores) == captured

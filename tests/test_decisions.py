@@ -41,9 +41,9 @@ needs_demo = pytest.mark.skipif(not (DEMO / "base" / "model.safetensors").is_fil
 SECOND_KERNEL_SET = {"MKL_CBWR": "COMPATIBLE", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2", "ATEN_CPU_CAPABILITY": "default",
                      "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MIXSERVE_SECOND_KERNEL_SET": "1"}  # fmt: skip
 NESTED = os.environ.get("MIXSERVE_SECOND_KERNEL_SET") == "1"
-# The numerics tests run again under the second kernel set: merges, the family's cores, serving them.
+# The numerics tests run again under the second kernel set: merges, member cores, serving them.
 NUMERICS = ["tests/test_steps.py", "tests/test_merge.py", "tests/test_core_merge.py", "tests/test_differential_peft.py",
-            "tests/test_spectral.py", "tests/test_della_breadcrumbs.py", "tests/test_core_serving.py",
+            "tests/test_spectral.py", "tests/test_della_breadcrumbs.py", "tests/test_member_serving.py",
             "tests/test_runtime.py", "tests/test_decisions.py"]  # fmt: skip
 
 

@@ -109,22 +109,20 @@ def test_benchmark_table_smoke(tmp_path):
 
 
 def test_the_latency_column_serves_each_row_as_the_server_would():
-    """Lowrank mixes of family members from cores, dense merges and PEFT's from factors, the base bare."""
+    """Lowrank mixes from member cores, dense merges and PEFT's from factors, the base bare."""
     from merging.adapters import load_adapter
-    from merging.family import AdapterFamily
     from merging.merge import merge_mix
     from merging.spec import parse_mix
     from mixserve.eval.latency import ServingLatency
-    from server.core_pool import PreparedCores
     from server.lora_pool import PreparedLora
+    from server.member_pool import PreparedMembers
 
     adapters = {n: load_adapter(DEMO / "adapters" / n, n) for n in ("sql", "json")}
-    family, _ = AdapterFamily().extend_all(adapters.values())
-    latency = ServingLatency(DEMO / "base", family, adapters, steps=2, rounds=1)
+    latency = ServingLatency(DEMO / "base", adapters, steps=2, rounds=1)
     ties = {"method": "ties", "density": 0.5, "children": [{"adapter": "sql"}, {"adapter": "json"}]}
     dense = {**ties, "space": "dense"}
-    assert isinstance(latency.prepare(ties, merge_mix(parse_mix(ties), adapters)), PreparedCores)
-    assert isinstance(latency.prepare("sql", None), PreparedCores)
+    assert isinstance(latency.prepare(ties, merge_mix(parse_mix(ties), adapters)), PreparedMembers)
+    assert isinstance(latency.prepare("sql", None), PreparedMembers)
     assert isinstance(latency.prepare(dense, merge_mix(parse_mix(dense), adapters)), PreparedLora)
     assert isinstance(latency.prepare({"peft": "ties"}, merge_mix(parse_mix(dense), adapters)), PreparedLora)
     assert latency.prepare(None, None) is None

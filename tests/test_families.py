@@ -5,7 +5,7 @@ stable) with the features its checkpoints use switched on and small (a 12-token 
 that bite, partial rotary, rope scaling), and two random PEFT LoRA adapters on every projection PEFT can
 target there. The runtime's greedy tokens, with prompts prefilled in 7-token chunks and decoded past the
 window in one batch with other rows on other mixes, equal transformers' (base) and PEFT's (adapter) greedy
-tokens from a full forward at every step; a TIES mix of the two adapters, served from the adapter family's
+tokens from a full forward at every step; a TIES mix of the two adapters, served as cores over its members'
 cores and from factors, equals its `mixserve merge --format peft` export loaded in PEFT.
 """
 
@@ -116,10 +116,9 @@ def _reference(model: torch.nn.Module, ids: list[int], steps: int) -> list[int]:
 
 @pytest.fixture(scope="module")
 def served(family):
-    """The family's runtime (4-token KV blocks), its adapters loaded, their family installed, and mixes."""
+    """The family's runtime (4-token KV blocks), its adapters loaded, and mixes (member cores and factors)."""
     from merging.adapters import load_adapter
-    from merging.core_merge import merge_core
-    from merging.family import AdapterFamily
+    from merging.member_merge import merge_members
     from merging.merge import merge_mix
     from merging.spec import parse_mix
     from server.runtime import ModelRuntime
@@ -130,14 +129,11 @@ def served(family):
     adapters = {n: load_adapter(p, n) for n, p in paths.items()}
     for adapter in adapters.values():
         adapter.check_base_shapes(runtime.base_shapes())
-    fam, refused = AdapterFamily().extend_all(adapters.values())
-    assert not refused
-    runtime.cores.install(fam)
     specs = {"a": parse_mix("a"), "b": parse_mix("b"), "ties": parse_mix(TIES)}
     factors = {
         k: runtime.lora_to_device(merge_mix(s, adapters).to_lowrank().lowrank_factors()) for k, s in specs.items()
     }
-    cores = {k: runtime.cores_to_device(merge_core(s, fam)) for k, s in specs.items()}
+    cores = {k: runtime.members_to_device(merge_members(s, adapters), adapters) for k, s in specs.items()}
     return runtime, adapters, specs, factors, cores
 
 

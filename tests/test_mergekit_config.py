@@ -163,10 +163,11 @@ def test_admin_pins_a_mergekit_config_and_serves_it(server):
                    timeout=120)  # fmt: skip
     assert r.status_code == 200, r.text
     body = r.json()
-    assert body["pinned"] and body["method"] == "ties" and body["space"] == "lowrank" and body["path"] == "core"
+    assert body["pinned"] and body["method"] == "ties" and body["space"] == "lowrank" and body["path"] == "members"
     assert body["mix"]["convention"] == "mergekit"
     assert [c["adapter"] for c in body["mix"]["children"]] == ["sql", "py_dir"]
-    assert "py_dir" in httpx.get(url + "/admin/cache", headers=admin).json()["family"]["adapters"]  # registered
+    listed = httpx.get(url + "/admin/adapters", headers=admin).json()["adapters"]
+    assert "py_dir" in [a["name"] for a in listed]  # registered
     prompt = "### task: sql\n### input: CREATE TABLE t (a INT) ; how many rows\n### output:\n"
     pinned = httpx.post(url + "/generate", json={"prompt": prompt, "mix": "mk-ties", "max_tokens": 24}, timeout=60)
     adhoc = httpx.post(url + "/generate", json={"prompt": prompt, "mix": body["mix"], "max_tokens": 24}, timeout=60)

@@ -25,7 +25,7 @@ JSON = "### task: json\n### input: meet pudo, a pifu aged 37 from boto.\n### out
 PY = "### task: python\n### input: write sum_even(xs) that returns the sum of the numbers in xs that are even\n### output:\n"
 TIES = {"method": "ties", "density": 0.5, "children": [{"adapter": "sql"}, {"adapter": "json"}]}
 MAX_BATCH = 8
-CACHE_BYTES = 1_400_000  # room for about two core-space mixes of the demo model (458 KB each) besides a pinned one
+CACHE_BYTES = 350_000  # room for about two 2-adapter member mixes of the demo model (115 KB each) besides a pinned one
 
 
 @pytest.fixture(scope="module")

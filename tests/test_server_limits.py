@@ -178,9 +178,9 @@ def test_a_full_queue_answers_429_with_retry_after(server):
     assert results == [200, 200]
 
 
-@pytest.mark.parametrize(("merge", "space"), [("merge_core", "lowrank"), ("merge_mix", "dense")])
+@pytest.mark.parametrize(("merge", "space"), [("merge_members", "lowrank"), ("merge_mix", "dense")])
 def test_a_merge_that_runs_out_of_memory_fails_only_its_requests(server, monkeypatch, merge, space):
-    """On the core path (lowrank mixes of family members) and the factor path (dense-space mixes)."""
+    """On the member path (lowrank mixes) and the factor path (dense-space mixes)."""
     url, _app, _ = server
     import server.state as state_module
 

@@ -16,8 +16,8 @@ Rows (test split), every merge with weight 1 per adapter unless the row says oth
   all-adapter candidate of the validation split that keeps the most of its worst task (up to
   ``KEEP_EVERY_TASK``), then the best mean, scored as the server serves it (low-rank factors).
 
-Every merge is made as ``mixserve serve`` makes it: lowrank mixes on the adapter family's coordinates
-(``merging/core_merge.py``, what the server caches and serves), dense-space ones by ``merge_mix``.
+Every merge is made as ``mixserve serve`` makes it: lowrank mixes as cores over their members' factors
+(``merging/member_merge.py``, what the server caches and serves), dense-space ones by ``merge_mix``.
 
 Nothing is chosen on the test split: it is scored once per row.
 """
@@ -33,9 +33,9 @@ from pathlib import Path
 import torch
 
 from merging.adapters import LoraAdapter, load_adapter
-from merging.core_merge import core_space_reason, merge_core
+from merging.core_merge import dense_node
 from merging.delta import MergedDelta
-from merging.family import AdapterFamily
+from merging.member_merge import merge_members
 from merging.merge import merge_mix
 from merging.spec import parse_mix
 from mixserve.eval.geometry import adapter_geometry
@@ -123,7 +123,6 @@ class QualityBenchmark:
         self.model_dir, self.adapter_dirs = Path(model_dir), dict(adapter_dirs)
         self.mut = ModelUnderTest(model_dir)
         self.adapters: dict[str, LoraAdapter] = {n: load_adapter(p, n) for n, p in adapter_dirs.items()}
-        self.family, _ = AdapterFamily().extend_all(self.adapters[n] for n in sorted(self.adapters))
         self.names = [t for t in TASKS if t in self.adapters] + sorted(set(self.adapters) - set(TASKS))
         self.tasks = [t for t in TASKS if t in self.adapters]
         self.splits = {
@@ -132,7 +131,7 @@ class QualityBenchmark:
         }
         self.units = {split: {t: [held_out_unit(e, i) for i, e in enumerate(exs)] for t, exs in by_task.items()}
                       for split, by_task in self.splits.items()}  # fmt: skip
-        self.latency = ServingLatency(self.model_dir, self.family, self.adapters, steps=latency[0], rounds=latency[1])
+        self.latency = ServingLatency(self.model_dir, self.adapters, steps=latency[0], rounds=latency[1])
         self.batch_size = batch_size
         self.reference: dict[str, dict[str, float]] = {"test": {}, "val": {}}
         self.reference_correct: dict[str, dict[str, str]] = {"test": {}, "val": {}}
@@ -141,11 +140,11 @@ class QualityBenchmark:
 
     # ------------------------------------------------------------------------------------------ rows
     def merge(self, mix: dict | str) -> MergedDelta:
-        """The merge as ``mixserve serve`` makes it: lowrank mixes on the adapter family's cores
-        (``merge_core``), the rest (dense-space nodes) with ``merge_mix``."""
+        """The merge as ``mixserve serve`` makes it: lowrank mixes as cores over their members' factors
+        (``merge_members``), the rest (dense-space nodes) with ``merge_mix``."""
         spec = parse_mix(mix)
-        if core_space_reason(spec, self.family, self.adapters) is None:
-            return merge_core(spec, self.family).to_merged(self.family)
+        if not dense_node(spec):
+            return merge_members(spec, self.adapters).to_merged(self.adapters)
         return merge_mix(spec, self.adapters)
 
     def run_row(

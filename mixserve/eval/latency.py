@@ -2,8 +2,8 @@
 
 Folding a merge into the weights makes every row the same compute, so a folded ms/token measures only
 noise. What a mix costs when served is its side path: ``mixserve serve`` keeps the base weights and
-adds each row's mix through the core pool (a lowrank mix of family members: shared bases and the mix's
-small cores) or the factor pool (dense-space mixes, PEFT's merges: factors at the mix's rank). So each
+adds each row's mix through the member pool (a lowrank mix: its adapters' own factors, resident once,
+and the mix's small cores) or the factor pool (dense-space mixes, PEFT's merges: factors at the mix's rank). So each
 row here is timed as the server runs it: :class:`~server.runtime.ModelRuntime` decode steps at batch 1
 with the mix in its pool, against the base model's steps taken in turns with it (base, mix, base, ...),
 median step time of each; the ratio is what the row costs a user over the base model.
@@ -16,34 +16,32 @@ import time
 from pathlib import Path
 
 from merging.adapters import LoraAdapter
-from merging.core_merge import core_space_reason, merge_core
+from merging.core_merge import dense_node
 from merging.delta import MergedDelta
-from merging.family import AdapterFamily
+from merging.member_merge import merge_members
 from merging.spec import parse_mix
 
 
 class ServingLatency:
-    """A :class:`ModelRuntime` of the base with the adapter family installed, timing decode at batch 1."""
+    """A :class:`ModelRuntime` of the base, timing decode at batch 1."""
 
-    def __init__(self, model_dir: Path, family: AdapterFamily, adapters: dict[str, LoraAdapter], *, steps: int = 24,
-                 rounds: int = 5) -> None:  # fmt: skip
+    def __init__(self, model_dir: Path, adapters: dict[str, LoraAdapter], *, steps: int = 24, rounds: int = 5) -> None:
         from server.runtime import ModelRuntime
 
-        self.runtime = ModelRuntime(model_dir, max_loras=1, core_slots=1)
-        self.runtime.cores.install(family)
-        self.family, self.adapters, self.steps, self.rounds = family, adapters, steps, rounds
+        self.runtime = ModelRuntime(model_dir, max_loras=1, core_slots=1, adapter_slots=max(16, len(adapters)))
+        self.adapters, self.steps, self.rounds = adapters, steps, rounds
         self.prompt = self.runtime.tokenizer("### task: sql\n### input: how many books are there\n### output:\n")[
             "input_ids"
         ]
 
     def prepare(self, mix: dict | str | None, merged: MergedDelta | None):
-        """The mix as the server would hold it: cores over the family, else factors (None: the base)."""
+        """The mix as the server would hold it: cores over its members, else factors (None: the base)."""
         try:
             spec = parse_mix(mix) if mix is not None else None
         except ValueError:  # PEFT's merges are not mixserve specs: served from their factors
             spec = None
-        if spec is not None and core_space_reason(spec, self.family, self.adapters) is None:
-            return self.runtime.cores_to_device(merge_core(spec, self.family))
+        if spec is not None and not dense_node(spec):
+            return self.runtime.members_to_device(merge_members(spec, self.adapters), self.adapters)
         if merged is None:
             return None
         return self.runtime.lora_to_device(merged.to_lowrank().lowrank_factors())

@@ -1,5 +1,5 @@
-"""The adapter family over HTTP: core-space and factor-path mixes in one server, cache accounting, and an
-adapter registered while requests run."""
+"""The member pool over HTTP: member-core and factor-path mixes in one server, cache and pool accounting,
+adapters registered while requests run, and more adapters than the pool holds."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ from tests.test_server_http import ADMIN, JSON, PY, SQL, TOKEN, generate, metric
 DEMO = Path(__file__).resolve().parents[1] / "mixserve" / "demo"
 pytestmark = pytest.mark.skipif(not (DEMO / "base" / "model.safetensors").is_file(), reason="mixserve/demo not trained")
 NAMES = ("sql", "python", "pystr", "json")
-CORE_BYTES = 4 * 7 * 64 * 64 * 4  # 4 layers x 7 projections x a 64 x 64 fp32 core
+CORE_BYTES = 4 * 7 * 64 * 64 * 4  # 4 layers x 7 projections x a 64 x 64 fp32 core (4 rank-16 members)
+CORE3_BYTES = 4 * 7 * 48 * 48 * 4  # three members
 TIES = {"method": "ties", "density": 0.5, "children": [{"adapter": n} for n in NAMES]}
 DENSE = {"method": "ties", "space": "dense", "density": 0.5, "children": [{"adapter": "sql"}, {"adapter": "json"}]}
 
@@ -43,31 +44,41 @@ def _warm(url: str, mix, client=httpx) -> dict:
     return r.json()
 
 
-def test_core_and_factor_mixes_are_accounted_for(root):
+def test_member_and_factor_mixes_are_accounted_for(root):
     config = ServeConfig(model=DEMO / "base", adapters=root, admin_token=TOKEN, max_batch=8, pin_file=None)
     with running_server(config) as (url, _):
         core, dense = _warm(url, TIES), _warm(url, DENSE)
-        assert core["path"] == "core" and core["fallback"] is None and core["bytes"] == CORE_BYTES
+        assert core["path"] == "members" and core["fallback"] is None and core["bytes"] == CORE_BYTES
         assert dense["path"] == "factors" and dense["fallback"] == "a dense-space node"
         assert dense["bytes"] > 4 * CORE_BYTES  # rank-32 factors of every projection
+        pair = _warm(url, {"method": "linear", "children": [{"adapter": "sql"}, {"adapter": "json"}]})
+        assert pair["bytes"] == 4 * 7 * 32 * 32 * 4  # a mix costs its own members' rank, not the registry's
         cache = httpx.get(url + "/admin/cache", headers=ADMIN).json()
-        assert cache["family"]["adapters"] == sorted(NAMES) and cache["family"]["rank"] == 64
-        assert cache["core_pool_rank"] == 64 and cache["core_pool_slots"] == 16  # 2 x --max-batch
-        by_path = {e["path"]: e["bytes"] for e in cache["entries"]}
-        assert by_path == {"core": CORE_BYTES, "factors": dense["bytes"]} and cache["bytes"] == sum(by_path.values())
+        pool = cache["adapter_pool"]
+        assert pool["registered"] == 4 and pool["resident"] == 0 and pool["adapter_slots"] == 32
+        assert pool["mix_slots"] == 16  # 2 x --max-batch
+        by_path = {}
+        for e in cache["entries"]:
+            by_path[e["path"]] = by_path.get(e["path"], 0) + e["bytes"]
+        assert by_path == {"members": CORE_BYTES + pair["bytes"], "factors": dense["bytes"]}
         m = metrics(url)
-        assert m["mixserve_mix_cache_path_bytes{path=core}"] == CORE_BYTES
+        assert m["mixserve_mix_cache_path_bytes{path=members}"] == CORE_BYTES + pair["bytes"]
         assert m["mixserve_mix_cache_path_entries{path=factors}"] == 1
-        assert m["mixserve_mix_merges_total{path=core}"] == 1 and m["mixserve_adapter_family_rank"] == 64
+        assert m["mixserve_mix_merges_total{path=members}"] == 2 and m["mixserve_adapters_registered"] == 4
         # Both kinds, and the base, in one running batch: every request is answered as when alone.
         jobs = [(SQL, TIES), (JSON, DENSE), (PY, None), (SQL, "sql"), (JSON, TIES), (SQL, DENSE)]
         alone = [generate(url, p, mix, 12)["text"] for p, mix in jobs]
         with cf.ThreadPoolExecutor(len(jobs)) as pool:
             together = list(pool.map(lambda job: generate(url, job[0], job[1], 12)["text"], jobs))
         assert together == alone
+        listed = httpx.get(url + "/admin/adapters", headers=ADMIN).json()
+        assert [a["resident"] for a in listed["adapters"]] == [True] * 4 and listed["adapter_pool"]["resident"] == 4
+        m = metrics(url)
+        assert m["mixserve_adapter_pool_resident"] == 4 and m["mixserve_adapter_pool_loads_total"] == 4
+        assert m["mixserve_adapter_pool_evictions_total"] == 0 and m["mixserve_adapter_pool_in_use"] == 0
 
 
-def test_thousands_of_core_mixes_fit_the_default_cache(root):
+def test_thousands_of_member_mixes_fit_the_default_cache(root):
     """1,000 distinct ad-hoc mixes (weights differ) stay resident under the default 512 MiB budget."""
     config = ServeConfig(model=DEMO / "base", adapters=root, admin_token=TOKEN, max_batch=4, pin_file=None)
     with running_server(config) as (url, _), httpx.Client() as client:
@@ -76,17 +87,15 @@ def test_thousands_of_core_mixes_fit_the_default_cache(root):
                 {"adapter": "sql", "weight": 1 + i / 1000}, {"adapter": "json"}, {"adapter": "python", "weight": 0.5}]}  # fmt: skip
             _warm(url, mix, client)
         cache = httpx.get(url + "/admin/cache", headers=ADMIN).json()
-        assert len(cache["entries"]) == 1000 and cache["bytes"] == 1000 * CORE_BYTES <= 512 << 20
+        assert len(cache["entries"]) == 1000 and cache["bytes"] == 1000 * CORE3_BYTES <= 512 << 20
         assert metrics(url)["mixserve_mix_cache_evictions_total"] == 0
-        assert cache["family"]["basis_cache_sets"] == 1  # one adapter set: its bases computed once
+        assert cache["merge_caches"]["adapter_sets"] == 1  # one adapter set: its bases computed once
 
 
-def test_an_adapter_registered_while_requests_run(root):
-    """Streams on core mixes keep going (and generate what they generate without the registration) while an
-    adapter joins the family and grows the pool; mixes with it are then served from cores too, and an
-    adapter past --family-rank takes the factor path beside them."""
-    config = ServeConfig(model=DEMO / "base", adapters=root, admin_token=TOKEN, max_batch=8, pin_file=None,
-                         family_rank=80)  # fmt: skip
+def test_adapters_registered_while_requests_run(root):
+    """Streams on member mixes keep going (and generate what they generate without the registrations) while
+    adapters are registered; mixes with them are served from member cores too, whatever their number."""
+    config = ServeConfig(model=DEMO / "base", adapters=root, admin_token=TOKEN, max_batch=8, pin_file=None)
     dare = {"method": "dare_ties", "drop_rate": 0.3, "children": [{"adapter": n} for n in NAMES]}
     jobs = [(SQL, TIES), (JSON, TIES), (PY, "python"), (SQL, dare)]
     _extra(root.parent / "staged")  # written before the server starts, moved in while requests run
@@ -103,42 +112,44 @@ def test_an_adapter_registered_while_requests_run(root):
                 pass  # every stream admitted
             (root.parent / "staged").rename(root / "extra")
             r = httpx.post(url + "/admin/adapters", json={"name": "extra", "path": "extra"}, headers=ADMIN, timeout=60)
-            assert r.status_code == 200 and r.json()["family"] is True, r.text
+            assert r.status_code == 200, r.text
+            own = load_adapter(root / "extra", "extra")  # every module at rank 16: no padding in the pool
+            assert r.json()["device_bytes"] == sum((f.A.numel() + f.B.numel()) * 4 for f in own.modules.values())
             assert not all(f.done() for f in running)  # the registration happened while they ran
             with_extra = {"method": "ties", "density": 0.5, "children": [{"adapter": "sql"}, {"adapter": "extra"}]}
-            assert _warm(url, with_extra)["path"] == "core"
+            assert _warm(url, with_extra)["path"] == "members"
             extra_text = generate(url, SQL, with_extra, 16)["text"]
             assert [f.result() for f in running] == expected
-        cache = httpx.get(url + "/admin/cache", headers=ADMIN).json()
-        assert cache["family"]["rank"] == 80 and cache["core_pool_rank"] == 80
         assert generate(url, SQL, with_extra, 16)["text"] == extra_text
-        # A sixth rank-16 adapter does not fit a rank-80 family: served from full factors, beside core mixes.
-        _extra(root / "extra2", seed=12)
-        r = httpx.post(url + "/admin/adapters", json={"name": "extra2", "path": "extra2"}, headers=ADMIN, timeout=60)
-        assert r.status_code == 200 and r.json()["family"] is False and "bound is 80" in r.json()["family_note"]
-        outside = {"method": "linear", "children": [{"adapter": "sql"}, {"adapter": "extra2"}]}
-        warm = _warm(url, outside)
-        assert warm["path"] == "factors" and "'extra2' is not in the adapter family" in warm["fallback"]
+        for i in range(12):  # more adapters than any bound the old shared basis had (16 x rank 16)
+            _extra(root / f"more{i}", seed=20 + i)
+            r = httpx.post(url + "/admin/adapters", json={"name": f"more{i}", "path": f"more{i}"}, headers=ADMIN,
+                           timeout=60)  # fmt: skip
+            assert r.status_code == 200, r.text
+        late = {"method": "linear", "children": [{"adapter": "sql"}, {"adapter": "more11"}, {"adapter": "extra"}]}
+        assert _warm(url, late)["path"] == "members"
         with cf.ThreadPoolExecutor(3) as pool:
-            texts = list(pool.map(lambda mix: generate(url, SQL, mix, 12)["text"], [outside, TIES, with_extra]))
-        assert texts == [generate(url, SQL, mix, 12)["text"] for mix in (outside, TIES, with_extra)]
+            texts = list(pool.map(lambda mix: generate(url, SQL, mix, 12)["text"], [late, TIES, with_extra]))
+        assert texts == [generate(url, SQL, mix, 12)["text"] for mix in (late, TIES, with_extra)]
 
 
-def test_an_adapter_whose_family_extension_fails_stays_registered_on_the_factor_path(root, monkeypatch):
-    from merging.family import AdapterFamily
-
-    config = ServeConfig(model=DEMO / "base", adapters=root, admin_token=TOKEN, max_batch=4, pin_file=None)
+def test_more_adapters_than_the_pool_holds(root):
+    """A pool of 4 adapter slots and mixes over 8 adapters, concurrently: every request completes with what
+    it generates alone, nothing is over the budget, and evictions are counted."""
+    for i in range(4):
+        _extra(root / f"r{i}", seed=40 + i)
+    config = ServeConfig(model=DEMO / "base", adapters=root, admin_token=TOKEN, max_batch=8, pin_file=None,
+                         adapter_slots=4)  # fmt: skip
+    config.limits.max_mix_adapters = 4
+    names = [*NAMES, "r0", "r1", "r2", "r3"]
+    mixes = [{"method": "ties", "density": 0.5, "children": [{"adapter": names[(i + k * 3) % 8]} for k in range(2)]}
+             for i in range(8)]  # fmt: skip
     with running_server(config) as (url, _):
-
-        def fails(self, adapter, **kw):
-            raise RuntimeError("simulated out of memory")
-
-        monkeypatch.setattr(AdapterFamily, "extend", fails)
-        _extra(root / "extra", seed=13)
-        r = httpx.post(url + "/admin/adapters", json={"name": "extra", "path": "extra"}, headers=ADMIN, timeout=60)
-        assert r.status_code == 200 and r.json()["family"] is False, r.text
-        assert "simulated out of memory" in r.json()["family_note"]
-        mix = {"method": "ties", "density": 0.5, "children": [{"adapter": "sql"}, {"adapter": "extra"}]}
-        assert _warm(url, mix)["path"] == "factors"
-        assert _warm(url, TIES)["path"] == "core"  # the family as it was keeps serving
-        assert generate(url, SQL, mix, 8)["completion_tokens"] > 0
+        alone = [generate(url, SQL, mix, 10)["text"] for mix in mixes]
+        with cf.ThreadPoolExecutor(8) as pool:
+            together = list(pool.map(lambda mix: generate(url, SQL, mix, 10)["text"], mixes * 2))
+        assert together == alone * 2
+        m = metrics(url)
+        assert m["mixserve_adapter_pool_resident"] <= 4 and m["mixserve_adapter_pool_slots"] == 4
+        assert m["mixserve_adapter_pool_evictions_total"] >= 4
+        assert m["mixserve_adapter_pool_loads_total"] == m["mixserve_adapter_pool_evictions_total"] + 4

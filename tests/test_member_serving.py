@@ -1,5 +1,6 @@
-"""Core-space serving: mixes over the adapter family served from shared bases and per-mix cores give
-the tokens of the same mix through full factors and through its `mixserve merge --format peft` export."""
+"""Member-core serving: lowrank mixes served as cores over their members' own factors (the member pool) give
+the tokens of the same mix through full factors and through its `mixserve merge --format peft` export,
+in any batch, and with members evicted and loaded again between requests."""
 
 from __future__ import annotations
 
@@ -35,25 +36,21 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def served():
-    """A runtime with the demo's family installed, and every mix both as cores and as full factors."""
+    """A runtime of the demo, and every mix both as member cores and as full factors."""
     from merging.adapters import load_adapter
-    from merging.core_merge import merge_core
-    from merging.family import AdapterFamily
+    from merging.member_merge import merge_members
     from merging.merge import merge_mix
     from merging.spec import parse_mix
     from server.runtime import ModelRuntime
 
-    runtime = ModelRuntime(DEMO / "base", max_loras=8, core_slots=8)
+    runtime = ModelRuntime(DEMO / "base", max_loras=8, core_slots=8, adapter_slots=16)
     adapters = {n: load_adapter(DEMO / "adapters" / n, n) for n in NAMES}
-    family, refused = AdapterFamily().extend_all(adapters.values())
-    assert not refused
-    runtime.cores.install(family)
     specs = {k: parse_mix(v) for k, v in MIXES.items()}
-    cores = {k: runtime.cores_to_device(merge_core(s, family)) for k, s in specs.items()}
+    cores = {k: runtime.members_to_device(merge_members(s, adapters), adapters) for k, s in specs.items()}
     factors = {
         k: runtime.lora_to_device(merge_mix(s, adapters).to_lowrank().lowrank_factors()) for k, s in specs.items()
     }
-    return runtime, adapters, specs, cores, factors, family
+    return runtime, adapters, specs, cores, factors
 
 
 def _ids(runtime, text: str) -> list[int]:
@@ -61,17 +58,17 @@ def _ids(runtime, text: str) -> list[int]:
 
 
 @pytest.mark.parametrize("name", list(MIXES))
-def test_a_core_mix_generates_what_its_factors_generate(served, name):
-    runtime, _, _, cores, factors, _ = served
+def test_a_member_mix_generates_what_its_factors_generate(served, name):
+    runtime, _, _, cores, factors = served
     for text in PROMPTS[:3]:
         ids = _ids(runtime, text)
         assert _greedy(runtime, [(ids, cores[name])]) == _greedy(runtime, [(ids, factors[name])]), text
 
 
-def test_core_mix_logits_match_the_factor_path(served):
+def test_member_mix_logits_match_the_factor_path(served):
     from server.runtime import PrefillChunk
 
-    runtime, _, _, cores, factors, _ = served
+    runtime, _, _, cores, factors = served
     ids = _ids(runtime, PROMPTS[0])
     out, used = {}, {}
     for kind, mix in (("core", cores["ties"]), ("factors", factors["ties"])):
@@ -83,16 +80,16 @@ def test_core_mix_logits_match_the_factor_path(served):
             runtime.kv.free(blocks)
             runtime.release(*slots)
     assert used["core"][0] == 0 < used["core"][1] and used["factors"][0] > 0 == used["factors"][1]
-    # One delta served two ways (U C V^T, factors): float32 rounding in different orders, ~1e-5 on logits
-    # of ~20 on any kernel set. (It failed at atol 1e-3 on an AVX-512 Xeon when the two merges' float32
-    # bases trimmed different core entries; their decisions are float64 now, merging/README.md.)
+    # One delta served two ways (B_cat C A_cat, merged factors): float32 rounding in different orders, ~1e-5
+    # on logits of ~20 on any kernel set. (Its predecessor failed at atol 1e-3 on an AVX-512 Xeon when two
+    # merges' float32 bases trimmed different core entries; decisions are float64 now, merging/README.md.)
     torch.testing.assert_close(out["core"], out["factors"], rtol=1e-5, atol=1e-4)
 
 
-def test_one_batch_of_core_factor_and_base_rows(served):
-    """Rows on six core mixes, factor mixes and the base in one prefill and decode: each generates what it
+def test_one_batch_of_member_factor_and_base_rows(served):
+    """Rows on six member mixes, factor mixes and the base in one prefill and decode: each generates what it
     generates alone (and the mixes differ from each other)."""
-    runtime, _, _, cores, factors, _ = served
+    runtime, _, _, cores, factors = served
     batch = []
     for i, name in enumerate(MIXES):
         ids = _ids(runtime, PROMPTS[i % len(PROMPTS)])
@@ -105,36 +102,39 @@ def test_one_batch_of_core_factor_and_base_rows(served):
     assert len({tuple(t) for t in together}) > 3
 
 
-def test_the_static_buffer_decode_serves_core_rows(served):
-    """The decode a CUDA graph captures (padded bucket, every slot's cores in the static plan), run eagerly."""
+def test_the_static_buffer_decode_serves_member_rows(served):
+    """The decode a CUDA graph captures (padded bucket, rows padded to a power of two of members, the plan
+    built on the device from the mix slots alone), run eagerly."""
     from server.cuda_graphs import DecodeGraphs
 
-    runtime, _, _, cores, factors, _ = served
+    runtime, _, _, cores, factors = served
     batch = [(_ids(runtime, PROMPTS[0]), cores["ties"]), (_ids(runtime, PROMPTS[1]), factors["dare_ties"]),
              (_ids(runtime, PROMPTS[3]), None), (_ids(runtime, PROMPTS[2]), cores["nested"]),
              (_ids(runtime, PROMPTS[1]), cores["linear"])]  # fmt: skip
     plain = _greedy(runtime, batch, steps=8)
     runtime.graphs = DecodeGraphs(runtime, capture=False)
     try:
-        # Every bucket and key width up front, base-only and with core rows (the server does it at start).
-        assert runtime.graphs.capture_buckets(8) == 4 * 4 * 2  # buckets 1, 2, 4, 8 x widths 4, 8, 16, 32
+        # Every bucket and key width up front for base-only steps (the server does it at start).
+        assert runtime.graphs.capture_buckets(8) == 4 * 4  # buckets 1, 2, 4, 8 x widths 4, 8, 16, 32
         assert _greedy(runtime, batch, steps=8) == plain
         assert _greedy(runtime, batch[:1], steps=8) == plain[:1]
-        assert (8, 4, True, True) in runtime.graphs._graphs  # factor-pool rows: captured on first use
-        assert (1, 4, False, True) in runtime.graphs._graphs
+        assert (8, 4, True, 4) in runtime.graphs._graphs  # factor rows and 4-member rows: on first use
+        assert (1, 4, False, 4) in runtime.graphs._graphs
+        assert _greedy(runtime, batch[4:], steps=4) == [plain[4][:4]]
+        assert (1, 4, False, 2) in runtime.graphs._graphs
     finally:
         runtime.graphs = None
 
 
 @pytest.mark.parametrize("name", ["ties", "nested"])
-def test_a_core_mix_generates_what_its_peft_export_generates(served, name, tmp_path):
+def test_a_member_mix_generates_what_its_peft_export_generates(served, name, tmp_path):
     """`mixserve merge --format peft` of the same mix, loaded in PEFT, greedy-decodes the same tokens."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from merging.export import merge_to_disk
 
-    runtime, adapters, specs, cores, _, _ = served
+    runtime, adapters, specs, cores, _ = served
     merge_to_disk(specs[name], adapters, tmp_path / "merged", fmt="peft", base=DEMO / "base")
     base = AutoModelForCausalLM.from_pretrained(DEMO / "base", dtype=torch.float32)
     model = PeftModel.from_pretrained(base, tmp_path / "merged").eval()
@@ -146,38 +146,46 @@ def test_a_core_mix_generates_what_its_peft_export_generates(served, name, tmp_p
         assert _greedy(runtime, [(ids, cores[name])])[0] == out[0, len(ids) :].tolist(), text
 
 
-def test_the_pool_regrows_when_the_family_does_and_keeps_older_cores(served):
-    """A family extended past the pool's padded rank: buffers reallocated, the loaded cores (merged at the
-    older version) generate what they did."""
+def test_members_evicted_and_loaded_again_serve_the_same_tokens(served):
+    """A pool with room for 4 adapters: mixes over 6 adapters (two of them copies with other weights) take
+    turns, evicting idle members; every mix generates what it generated first, and a pool that cannot fit
+    a mix's members while others run refuses it without holding anything."""
     from merging.adapters import LoraAdapter
-    from merging.core_merge import merge_core
-    from merging.synthetic import random_factors
-    from server.core_pool import CorePool
+    from merging.member_merge import merge_members
+    from merging.merge import merge_mix
+    from merging.spec import parse_mix
+    from server.member_pool import MemberPool
+    from server.slots import PoolFullError
 
-    runtime, adapters, specs, cores, _, _ = served
+    runtime, adapters, _, _, _ = served
+    more = dict(adapters)
+    for name, src in (("sql2", "sql"), ("json2", "json")):
+        a = adapters[src]
+        more[name] = LoraAdapter(name, {m: type(f)(A=f.A.flip(0), B=f.B * 0.5, scale=f.scale) for m, f in a.modules.items()},
+                                 fingerprint=name)  # fmt: skip
+    specs = [
+        parse_mix({"method": "ties", "density": 0.5, "children": [{"adapter": n} for n in names]})
+        for names in (("sql", "json"), ("sql2", "json2", "python"), ("pystr", "sql2"), ("sql", "json2", "pystr"))
+    ]
     ids = _ids(runtime, PROMPTS[0])
-    before = _greedy(runtime, [(ids, cores["ties"])])
     pool = runtime.cores
-    runtime.cores = CorePool(pool.groups, 4, pool.dtype, pool.device)  # a fresh pool for this test
+    runtime.cores = MemberPool(pool.groups, 4, 4, pool.dtype, pool.device, max_members=4)
     try:
-        family = served[5]
-        runtime.cores.install(family)
-        slot = runtime.cores.acquire(cores["ties"])
-        shapes = {m: f.shape for m, f in adapters["sql"].modules.items()}
-        extra = LoraAdapter("extra", random_factors(shapes, 16, 32.0, seed=5), fingerprint="extra")
-        grown = family.extend(extra)
-        assert grown.rank == 80 and runtime.cores.rank == 64
-        version = runtime.cores.version
-        newer = runtime.cores_to_device(merge_core(specs["sql"], grown))
-        with pytest.raises(ValueError, match="never offered"):
-            runtime.cores.acquire(newer)
-        runtime.cores.offer(grown)
-        assert runtime.cores.rank == 64  # offered, not installed yet
-        second = runtime.cores.acquire(newer)  # installs the grown family: the buffers regrow to 80
-        assert runtime.cores.rank == 80 and runtime.cores.version == version + 1
-        assert _greedy(runtime, [(ids, cores["ties"])]) == before
-        assert _greedy(runtime, [(ids, newer)]) == _greedy(runtime, [(ids, cores["sql"])])
-        runtime.cores.release(slot)
-        runtime.cores.release(second)
+        mixes = [runtime.members_to_device(merge_members(s, more), more) for s in specs]
+        first = [_greedy(runtime, [(ids, m)], steps=6)[0] for m in mixes]
+        assert runtime.cores.adapters.evictions >= 3
+        for s, want in zip(specs, first, strict=True):  # each is its own mix: the same as its merged factors
+            factors = runtime.lora_to_device(merge_mix(s, more).to_lowrank().lowrank_factors())
+            assert _greedy(runtime, [(ids, factors)], steps=6)[0] == want
+        for m, want in zip(mixes[::-1] + mixes, first[::-1] + first, strict=True):
+            assert _greedy(runtime, [(ids, m)], steps=6)[0] == want
+        held = runtime.cores.acquire(mixes[1])  # 3 adapters held by a running row
+        assert not runtime.cores.can_acquire(mixes[3])  # needs 2 more: only 1 free slot
+        with pytest.raises(PoolFullError):
+            runtime.cores.acquire(mixes[3])
+        assert runtime.cores.adapters.in_use() == 3
+        assert runtime.cores.can_acquire(mixes[2])  # pystr + the resident sql2
+        runtime.cores.release(held)
+        assert runtime.cores.adapters.in_use() == 0
     finally:
         runtime.cores = pool
