@@ -141,7 +141,6 @@ class SetFamilies:
                     self.nbytes -= self._bytes.pop(old)
         return family
 
-
     def maps(self, family: AdapterFamily, names: tuple[str, ...]) -> dict[str, tuple[torch.Tensor, ...]]:
         """Per module ``(R_B, R_A, R_B^+, R_A^+)``: the members' stacked coordinates and their truncated
         pseudo-inverses (``MAP_RTOL``), computed once per family (they depend on the set only)."""
