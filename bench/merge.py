@@ -235,6 +235,82 @@ def run_core(layers: int, n_adapters: int, family_size: int, rank: int, repeats:
             "threads": torch.get_num_threads(), "repeats": repeats, "torch": torch.__version__, "rows": rows}  # fmt: skip
 
 
+def run_members(layers: int, n_adapters: int, rank: int, repeats: int, methods: list[str]) -> dict:
+    """Member merges (what the server does for every lowrank mix): the mix's own adapters' set family and
+    a core over their factors, against ``merge_mix`` in the lowrank space, over ``layers`` layers.
+
+    Per method: mixes over a new adapter set (nothing cached: the set's coordinates, bases and maps
+    computed), and cold mixes over a known set (other weights: the set's family and bases cached), the
+    cores' bytes in bf16 and the distance to ``merge_mix``'s result.
+    """
+    from merging.core_merge import BasisCache
+    from merging.member_merge import SetFamilies, merge_members, stacked_factors
+
+    shapes = MISTRAL_7B.module_shapes(layers=layers)
+    adapters = {f"a{i}": random_adapter(f"a{i}", shapes, rank=rank, alpha=2 * rank, seed=i) for i in range(n_adapters)}
+    names = list(adapters)
+    rows = []
+    for method in methods:
+        params = CORE_METHODS.get(method, {**NEW_METHODS, **METHODS}.get(method, {}))
+
+        def spec(i: int, method=method, params=params):
+            weights = [round(1.0 + 0.25 * k + 0.01 * i, 3) for k in range(len(names))]
+            return parse_mix({"method": method, "space": "lowrank", **params,
+                              "children": [{"adapter": n, "weight": w} for n, w in zip(names, weights, strict=True)]})  # fmt: skip
+
+        new = []
+        for i in range(max(3, repeats)):  # a new set each time: every cache empty
+            t0 = time.perf_counter()
+            merge_members(spec(i), adapters, families=SetFamilies(), bases=BasisCache())
+            new.append(time.perf_counter() - t0)
+        families, bases = SetFamilies(), BasisCache()
+        merge_members(spec(0), adapters, families=families, bases=bases)
+        cold = []
+        for i in range(1, repeats + 1):  # new weights each time: nothing but the set's family and bases is reused
+            t0 = time.perf_counter()
+            mix = merge_members(spec(i), adapters, families=families, bases=bases)
+            cold.append(time.perf_counter() - t0)
+        low = merge_mix(spec(repeats), adapters)
+        own = [adapters[n] for n in mix.members]
+        num = den = 0.0  # module by module: the whole model's dense deltas would not fit in memory
+        for m, C in mix.cores.items():
+            ref = low.modules[m].dense()
+            B_cat, A_cat = stacked_factors(own, m, torch.float64)
+            num += float(((B_cat @ C.double() @ A_cat).float() - ref).pow(2).sum())
+            den += float(ref.pow(2).sum())
+        row = {"method": method, "params": params, "new_set_ms": 1e3 * statistics.median(new),
+               "cold_ms": 1e3 * statistics.median(cold), "core_mb_bf16": sum(c.numel() for c in mix.cores.values()) * 2 / 1e6,
+               "factors_mb_bf16": sum(d.A.numel() + d.B.numel() for d in low.modules.values()) * 2 / 1e6,
+               "rel_err_vs_merge_mix": (num / den) ** 0.5}  # fmt: skip
+        rows.append(row)
+        print(f"{method:10s} new set {row['new_set_ms']:.0f} ms, known set {row['cold_ms']:.1f} ms, cores "
+              f"{row['core_mb_bf16']:.2f} MB, err {row['rel_err_vs_merge_mix']:.1e}", flush=True)  # fmt: skip
+        del low, mix
+    return {"mode": "members", "shape": "Mistral-7B (hidden 4096, intermediate 14336, kv 1024, 7 linear modules/layer)",
+            "layers_run": layers, "adapters": n_adapters, "rank": rank, "device": "cpu",
+            "device_name": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+            "repeats": repeats, "torch": torch.__version__, "rows": rows}  # fmt: skip
+
+
+def members_markdown(result: dict) -> str:
+    lines = [
+        f"Member merges (the server's path for every lowrank mix), Mistral-7B shapes, {result['layers_run']} layers "
+        f"(no extrapolation), mixes of {result['adapters']} random rank-{result['rank']} adapters; "
+        f"{result['device_name']}, {result['threads']} threads, torch {result['torch']}. New set: every cache empty "
+        f"(median of {max(3, result['repeats'])}); known set: new weights over a set merged before (median of "
+        f"{result['repeats']}).",
+        "",
+        "| method | new adapter set | known set | cores, bf16 | lowrank factors, bf16 | vs merge_mix rel. err |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        p = ", ".join(f"{k} {v}" for k, v in r["params"].items())
+        name = f"{r['method']} ({p})" if p else r["method"]
+        lines.append(f"| {name} | {r['new_set_ms']:.0f} ms | {r['cold_ms']:.1f} ms | {r['core_mb_bf16']:.2f} MB | "
+                     f"{r['factors_mb_bf16']:.0f} MB | {r['rel_err_vs_merge_mix']:.1e} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
 def core_markdown(result: dict) -> str:
     reg = result["register_s"]
     lines = [
@@ -377,8 +453,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="merges on the adapter family's coordinates (the server's path) vs merge_mix lowrank; "
                         "--layers 32 runs the whole model")  # fmt: skip
     parser.add_argument("--family", type=int, default=4, help="--core: adapters in the family (default 4)")
+    parser.add_argument("--members", action="store_true",
+                        help="member merges (the server's path for every lowrank mix) over a new and a known adapter "
+                        "set vs merge_mix lowrank; --layers 32 runs the whole model")  # fmt: skip
     parser.add_argument("--out", default="bench/results/merge", help="output path without extension")
     args = parser.parse_args(argv)
+    if args.members:
+        methods = args.methods.split(",") if args.methods else list(CORE_METHODS)
+        write_report(
+            args.out, run_members(args.layers, args.adapters, args.rank, args.repeats, methods), members_markdown
+        )
+        return 0
     if args.core:
         methods = args.methods.split(",") if args.methods else list(CORE_METHODS)
         result = run_core(args.layers, args.adapters, args.family, args.rank, args.repeats, methods)

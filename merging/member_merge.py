@@ -35,7 +35,7 @@ from itertools import count
 
 import torch
 
-from merging.adapters import LoraAdapter
+from merging.adapters import LoraAdapter, LoraFactors
 from merging.core_merge import BasisCache, merge_core
 from merging.delta import LowRankDelta, MergedDelta, ModuleDelta
 from merging.family import AdapterFamily, ModuleBasis
@@ -105,9 +105,8 @@ class SetFamilies:
 
     def __init__(self, max_bytes: int = 512 << 20) -> None:
         self.max_bytes, self.nbytes = max_bytes, 0
-        self._sets: OrderedDict[tuple, AdapterFamily] = OrderedDict()
+        self._sets: OrderedDict[tuple, tuple[AdapterFamily, dict]] = OrderedDict()
         self._bytes: dict[tuple, int] = {}
-        self._maps: dict[int, dict[str, tuple[torch.Tensor, ...]]] = {}  # family version -> per-module maps
         self._versions = count(1)
         self._lock = threading.Lock()
         self.hits = self.misses = 0
@@ -115,56 +114,100 @@ class SetFamilies:
     def __len__(self) -> int:
         return len(self._sets)
 
-    def get(self, members: list[LoraAdapter]) -> AdapterFamily:
+    def get(self, members: list[LoraAdapter]) -> tuple[AdapterFamily, dict[str, tuple[torch.Tensor, ...]]]:
+        """The set's family and, per module, ``(R_B, R_A, R_B^+, R_A^+)`` (:func:`set_family`)."""
         key = tuple((a.name, a.fingerprint) for a in members)
         with self._lock:
-            family = self._sets.get(key)
-            if family is not None:
+            found = self._sets.get(key)
+            if found is not None:
                 self.hits += 1
                 self._sets.move_to_end(key)
-                return family
+                return found
             self.misses += 1
             version = next(self._versions)
-        family = AdapterFamily(max_rank=sum(max(a.ranks.values(), default=0) for a in members))
-        for adapter in members:
-            family = family.extend(adapter)
-        bases = {m: ModuleBasis(_shape_only(b.U), _shape_only(b.V)) for m, b in family.bases.items()}
-        family = replace(family, version=version, bases=bases)
-        size = coordinate_bytes(family)
+        found = set_family(members, version)
+        size = coordinate_bytes(found[0]) + sum(t.numel() * t.element_size() for ts in found[1].values() for t in ts)
         with self._lock:
             if key not in self._sets and size <= self.max_bytes:
-                self._sets[key] = family
+                self._sets[key] = found
                 self._bytes[key] = size
                 self.nbytes += size
                 while self.nbytes > self.max_bytes:
                     old, _ = self._sets.popitem(last=False)
                     self.nbytes -= self._bytes.pop(old)
-        return family
+        return found
 
-    def maps(self, family: AdapterFamily, names: tuple[str, ...]) -> dict[str, tuple[torch.Tensor, ...]]:
-        """Per module ``(R_B, R_A, R_B^+, R_A^+)``: the members' stacked coordinates and their truncated
-        pseudo-inverses (``MAP_RTOL``), computed once per family (they depend on the set only)."""
-        with self._lock:
-            cached = self._maps.get(family.version)
-        if cached is not None:
-            return cached
-        coordinates = [family.members[n] for n in names]
-        by_shape: dict[tuple, list[tuple[str, torch.Tensor, torch.Tensor]]] = {}
-        for m in family.bases:
-            R_B, R_A = stacked_factors(coordinates, m, DECISION_DTYPE)  # U^T B_cat [rb, sum r], A_cat V [sum r, ra]
-            by_shape.setdefault((R_B.shape, R_A.shape), []).append((m, R_B, R_A))
-        out = {}
-        for group in by_shape.values():
-            B_pinv = torch.linalg.pinv(torch.stack([g[1] for g in group]), rtol=MAP_RTOL)
-            A_pinv = torch.linalg.pinv(torch.stack([g[2] for g in group]), rtol=MAP_RTOL)
-            for (m, R_B, R_A), bp, ap in zip(group, B_pinv, A_pinv, strict=True):
-                out[m] = (R_B, R_A, bp, ap)
-        with self._lock:
-            if family.version in {f.version for f in self._sets.values()}:
-                self._maps[family.version] = out
-                for stale in set(self._maps) - {f.version for f in self._sets.values()}:
-                    del self._maps[stale]
-        return out
+
+def set_family(
+    members: list[LoraAdapter], version: int = 0
+) -> tuple[AdapterFamily, dict[str, tuple[torch.Tensor, ...]]]:
+    """The :class:`AdapterFamily` of ``members`` as coordinates only, from Gram matrices.
+
+    Per module, with ``B_cat = [B_1 .. B_K]`` (float64) and ``G = B_cat^T B_cat = Q diag(s^2) Q^T``, the
+    coordinates ``R_B = diag(s) Q^T`` are ``B_cat``'s in the orthonormal basis ``U = B_cat Q diag(1/s)``
+    (``R_B^T R_B = G``); likewise ``A_cat V = Q_A diag(s_A)`` from ``A_cat A_cat^T``. Every step of a
+    merge on coordinates is indifferent to which orthonormal basis embeds them (``family.py``), so this
+    is :meth:`AdapterFamily.extend`'s family up to rounding, at the cost of ``out x (sum r)^2`` products
+    instead of SVDs of ``out x sum r`` stacks. Directions with ``s`` under ``GRAM_RTOL`` of the largest
+    are null (a Gram matrix in float64 resolves singular values down to ~1e-8 of the largest).
+
+    Also returns, per module, the maps from the family's coordinates to the members' own:
+    ``(R_B, R_A, R_B^+, R_A^+)`` with ``R_B^+ = Q diag(1/s)``, singular values under ``MAP_RTOL`` of the
+    largest not inverted.
+    """
+    bases, coords, maps = {}, {a.name: {} for a in members}, {}
+    modules = sorted({m for a in members for m in a.modules})
+    by_shape: dict[tuple, list[str]] = {}
+    for m in modules:
+        present = next(a.modules[m] for a in members if m in a.modules)
+        ranks = tuple(a.modules[m].rank if m in a.modules else 0 for a in members)
+        by_shape.setdefault((present.B.shape[0], present.A.shape[1], ranks), []).append(m)
+    for (out, n_in, ranks), group in by_shape.items():
+        grams_B, grams_A = [], []
+        for m in group:  # only the small Gram matrices are stacked: the factors are read once
+            B_cat, A_cat = stacked_factors(members, m, DECISION_DTYPE)
+            grams_B.append(B_cat.mT @ B_cat)
+            grams_A.append(A_cat @ A_cat.mT)
+        R_B, B_inv = _gram_coordinates(torch.stack(grams_B))  # [M, R, rb]: R_B^T, and R_B^+
+        A_coords, A_inv = _gram_coordinates(torch.stack(grams_A))  # [M, R, ra]: R_A, and (R_A^+)^T
+        for i, m in enumerate(group):
+            rb, ra = _rank(R_B[i]), _rank(A_coords[i])
+            maps[m] = (R_B[i, :, :rb].mT, A_coords[i, :, :ra], B_inv[i, :, :rb], A_inv[i, :, :ra].mT)
+            bases[m] = ModuleBasis(_shape_only(torch.empty((), dtype=DECISION_DTYPE)).expand(out, rb),
+                                   _shape_only(torch.empty((), dtype=DECISION_DTYPE)).expand(n_in, ra))  # fmt: skip
+            start = 0
+            for a, r in zip(members, ranks, strict=True):
+                if r:
+                    f = a.modules[m]
+                    coords[a.name][m] = LoraFactors(A=A_coords[i, start : start + r, :ra].contiguous(),
+                                                    B=R_B[i, start : start + r, :rb].mT.contiguous(), scale=f.scale)  # fmt: skip
+                start += r
+    family = AdapterFamily(max_rank=max((max(b.dims) for b in bases.values()), default=0), version=version, bases=bases)
+    return replace(family, members={a.name: replace(a, modules=coords[a.name], path=None) for a in members}), maps
+
+
+# Singular values of a member stack under this fraction of its largest are null directions of the set.
+GRAM_RTOL = 1e-7
+
+
+def _gram_coordinates(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Q diag(s), Q diag(1/s))`` for ``G = Q diag(s^2) Q^T`` (batched), columns by decreasing ``s``, with
+    canonical signs (the largest entry of each column positive); null directions (``GRAM_RTOL``) zeroed in
+    both, directions under ``MAP_RTOL`` not inverted."""
+    lam, Q = torch.linalg.eigh(G)
+    lam, Q = lam.flip(-1), Q.flip(-1)
+    s = lam.clamp(min=0).sqrt()
+    top = s[..., :1]
+    s = torch.where(s > GRAM_RTOL * top, s, torch.zeros_like(s))
+    inv = torch.where(s > MAP_RTOL * top, 1 / s.clamp(min=torch.finfo(s.dtype).tiny), torch.zeros_like(s))
+    pivot = Q.abs().argmax(dim=-2, keepdim=True)
+    Q = Q * torch.gather(Q, -2, pivot).sign()
+    return Q * s.unsqueeze(-2), Q * inv.unsqueeze(-2)
+
+
+def _rank(coords: torch.Tensor) -> int:
+    """Nonzero columns of ``Q diag(s)`` (they come first)."""
+    return int((coords.abs().sum(0) > 0).sum())
 
 
 def _shape_only(t: torch.Tensor) -> torch.Tensor:
@@ -200,12 +243,11 @@ def merge_members(
     t0 = time.perf_counter()
     names = mix_members(mix)
     own = _members(names, adapters)
-    family = (families if families is not None else SetFamilies()).get(own)
+    family, maps = (families if families is not None else SetFamilies()).get(own)
     core = merge_core(mix, family, max_rank=max_rank, dtype=DECISION_DTYPE, bases=bases)
     cores: dict[str, torch.Tensor] = {}
     member_ranks: dict[str, tuple[int, ...]] = {}
     energy = dict(core.energy_kept)
-    maps = (families if families is not None else SetFamilies()).maps(family, names)
     by_shape: dict[tuple, list[str]] = {}
     for m, C_U in core.cores.items():
         by_shape.setdefault((tuple(C_U.shape), maps[m][0].shape, maps[m][1].shape), []).append(m)
