@@ -15,7 +15,8 @@ mix and module:
   enough to tell two deltas' relative distance without keeping 7B-shaped matrices around.
 
 Every method of the registry is merged in both spaces (``merge_mix``) and, for the lowrank space, on
-the adapter family's coordinates (``merge_core``, the server's path). Sources: the demo's sql /
+the adapter family's coordinates (``merge_core``) and as cores over the mix's own members
+(``merge_members``, the server's path). Sources: the demo's sql /
 python / json adapters, and three random rank-16 adapters on one Mistral-7B-shaped layer (the
 dense space on its ``--dense-modules`` smallest modules only, k_proj and v_proj by default, and for the
 spectral methods only with ``--spectral-dense``: a dense merge of a 14336 x 4096 module takes seconds,
@@ -33,6 +34,7 @@ import torch
 from merging.adapters import load_adapter
 from merging.core_merge import merge_core
 from merging.family import AdapterFamily
+from merging.member_merge import merge_members
 from merging.merge import merge_mix
 from merging.methods import METHODS
 from merging.spec import parse_mix
@@ -150,6 +152,8 @@ def record(which: str = "both", random_dir: Path | None = None, dense_modules: i
             if spec.space == "lowrank":
                 core = merge_core(spec, family).to_merged(family)
                 out[f"{source}/{label}/merge_core"] = {m: _record(d, m, signs) for m, d in core.modules.items()}
+                served = merge_members(spec, adapters).to_merged(adapters)  # what the server serves
+                out[f"{source}/{label}/merge_members"] = {m: _record(d, m, signs) for m, d in served.modules.items()}
     return out
 
 

@@ -43,7 +43,8 @@ SECOND_KERNEL_SET = {"MKL_CBWR": "COMPATIBLE", "MKL_ENABLE_INSTRUCTIONS": "SSE4_
 NESTED = os.environ.get("MIXSERVE_SECOND_KERNEL_SET") == "1"
 # The numerics tests run again under the second kernel set: merges, member cores, serving them.
 NUMERICS = ["tests/test_steps.py", "tests/test_merge.py", "tests/test_core_merge.py", "tests/test_differential_peft.py",
-            "tests/test_spectral.py", "tests/test_della_breadcrumbs.py", "tests/test_member_serving.py",
+            "tests/test_spectral.py", "tests/test_della_breadcrumbs.py", "tests/test_member_merge.py",
+            "tests/test_member_serving.py",
             "tests/test_runtime.py", "tests/test_decisions.py"]  # fmt: skip
 
 
