@@ -107,16 +107,22 @@ def count_top_level_ops(fn) -> int:
 
 
 def run(model_dir: Path, batch: int, mixes: int, rank: int, context: int, repeats: int, adapters: int = 64,
-        members: int = 3, factors: bool = True) -> dict:  # fmt: skip
+        members: int = 3, factors: bool = True, factor_rank: int | None = None,
+        dense_max: int | None = None) -> dict:  # fmt: skip
+    """``factor_rank``: the factor mixes' rank (default ``members x rank``: what the factor path holds for
+    a merge of ``members`` adapters, the same load as the member mixes)."""
+    factor_rank = factor_rank or members * rank
     max_len = max(context + 16, 64)
     slots_needed = members * (2 * mixes + 1)
     runtime = ModelRuntime(model_dir, max_len=max_len, max_loras=mixes if factors else 1, core_slots=2 * mixes + 1,
                            adapter_slots=max(16, slots_needed), max_members=members,
                            kv_cache_bytes=_kv_bytes(model_dir, batch, max_len))  # fmt: skip
     layers = len(runtime.layers)
+    if dense_max is not None:
+        runtime.cores.dense_max = dense_max
     scenarios: dict[str, tuple[list[int], list[int]]] = {"base": ([0], [0])}
     if factors:
-        pool = [runtime.pool.acquire(random_mix(runtime, rank, seed)) for seed in range(mixes)]
+        pool = [runtime.pool.acquire(random_mix(runtime, factor_rank, seed)) for seed in range(mixes)]
         scenarios |= {"1 mix": (pool[:1], [0]), f"{mixes} mixes": (pool, [0])}
     few, _ = random_member_mixes(runtime, min(8, adapters), members, rank, mixes)
     many, distinct = random_member_mixes(runtime, adapters, members, rank, mixes, seed=2)
@@ -171,6 +177,8 @@ def run(model_dir: Path, batch: int, mixes: int, rank: int, context: int, repeat
         "hidden": runtime.config.hidden_size,
         "batch": batch,
         "rank": rank,
+        "factor_rank": factor_rank,
+        "dense_max": runtime.cores.dense_max,
         "context": context,
         "repeats": repeats,
         "projections": len(runtime.linears) // layers,
@@ -190,11 +198,13 @@ def to_markdown(result: dict) -> str:
         "",
         f"Model `{Path(result['model']).name}` ({result['layers']} layers, hidden {result['hidden']}, "
         f"{result['weights_mb']:.0f} MB); batch {result['batch']}, every row at position {result['context']}; "
-        f"factor mixes of rank {result['rank']} on all {result['projections']} projections; member mixes of "
+        f"factor mixes of rank {result.get('factor_rank', result['rank'])} on all {result['projections']} projections "
+        f"(the factor path's form of a merge of {result['members']} adapters); member mixes of "
         f"{result['members']} rank-{result['rank']} adapters ({result['adapter_mb']:.1f} MB each in the pool) "
         f"drawn from {result['adapters']} registered; step time = median of {result['repeats']} steps. 'vs one "
         "mix' compares with the one-mix scenario of the same pool; 'bytes allow' is that ratio if the step were "
-        "bound by the bytes it reads (weights + distinct adapters).",
+        "bound by the bytes it reads (weights + distinct adapters). Member steps reading at most "
+        f"{result.get('dense_max', 8)} distinct adapters take plain products per adapter, others the gathered ones.",
         "",
         "| scenario | mixes | adapters read | top-level aten ops / step | per layer over base | per layer over "
         "one mix | step ms | vs base | vs one mix | bytes allow |",
@@ -224,6 +234,18 @@ def main(argv: list[str] | None = None) -> None:
         help="registered adapters the many-adapter member mixes draw from (default 64)",
     )
     parser.add_argument("--members", type=int, default=3, help="adapters in each member mix (default 3)")
+    parser.add_argument(
+        "--factor-rank",
+        dest="factor_rank",
+        type=int,
+        help="rank of the factor mixes (default: members x rank, the same merges as factors)",
+    )
+    parser.add_argument(
+        "--dense-max",
+        dest="dense_max",
+        type=int,
+        help="member steps with at most this many distinct adapters use per-adapter products (default: the pool's)",
+    )
     parser.add_argument("--no-factors", dest="factors", action="store_false",
                         help="skip the factor-pool scenarios (member mixes and the base only)")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=50, help="timed steps per scenario (default 50)")
@@ -244,6 +266,8 @@ def main(argv: list[str] | None = None) -> None:
         args.adapters,
         args.members,
         args.factors,
+        args.factor_rank,
+        args.dense_max,
     )
     write_report(args.out, result, to_markdown)
 

@@ -89,6 +89,10 @@ class MemberPlan:
     row_offsets: torch.Tensor  # [rows] long: where each row's pairs start (times r: its B bag)
     rank: int  # r
     core_rank: int  # R
+    # Few distinct adapters in the step: their slots (host ints) and each pair's index among them; the
+    # side path then runs plain products per distinct adapter on views of the pool (no gather, no copy).
+    distinct: tuple[int, ...] | None = None
+    pair_d: torch.Tensor | None = None
     _cache: dict = field(default_factory=dict)
 
     def a_index(self, n_in: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,6 +138,9 @@ class MemberPool:
         self.rank = 0  # r: every adapter's factors padded to it
         self.core_rank = 0  # R: every mix's cores padded to it
         self.version = 0  # bumped when buffers are reallocated (captured graphs hold their addresses)
+        # Eager steps reading at most this many distinct adapters take plain products per adapter (on views
+        # of the pool) instead of the gathered ones: bench/results/ops-*.md measured the crossover.
+        self.dense_max = 8
         self.factors: dict[str, tuple[torch.Tensor, list[torch.Tensor]]] = {}  # key -> (A rows, [B_j rows])
         self.cores: dict[str, torch.Tensor] = {}  # key -> [mix slots x n x R, R]
         self._members: dict[int, list[int]] = {}  # mix slot -> its members' adapter slots
@@ -263,8 +270,12 @@ class MemberPool:
                 pair_row.append(b)
                 pair_slot.append(a)
                 pair_pos.append(b * K + k)
+        distinct = tuple(dict.fromkeys(pair_slot))
+        dense = len(distinct) <= self.dense_max
+        index = {a: d for d, a in enumerate(distinct)}
         return MemberPlan(len(row_slots), K, to_device(list(row_slots)), to_device(pair_row), to_device(pair_slot),
-                          to_device(pair_pos), to_device(offsets), self.rank, self.core_rank)  # fmt: skip
+                          to_device(pair_pos), to_device(offsets), self.rank, self.core_rank,
+                          distinct if dense else None, to_device([index[a] for a in pair_slot]) if dense else None)  # fmt: skip
 
     def static_plan(self, core_slots: torch.Tensor, members: int) -> MemberPlan:
         """A plan from device tensors only (what a CUDA graph captures): every row padded to ``members``
@@ -282,17 +293,28 @@ class MemberPool:
         A, Bs = self.factors[key]
         n_in, names, outs = self.groups[key]
         n, r, K = len(names), self.rank, plan.members
-        a_rows, a_starts = plan.a_index(n_in)
-        xs = x.index_select(0, plan.pair_row)  # [P, in]: the activations weighting each pair's bag
-        zp = torch.embedding_bag(A, a_rows, a_starts, False, 0, False, xs.view(-1))[0]  # [P, n r]
+        if plan.distinct is not None:  # few adapters: one product per adapter over every row, then the pairs'
+            zall = x.new_empty(len(plan.distinct), len(x), n * r)
+            for d, slot in enumerate(plan.distinct):
+                torch.mm(x, A[slot * n_in : (slot + 1) * n_in], out=zall[d])
+            zp = zall[plan.pair_d, plan.pair_row]
+        else:
+            a_rows, a_starts = plan.a_index(n_in)
+            xs = x.index_select(0, plan.pair_row)  # [P, in]: the activations weighting each pair's bag
+            zp = torch.embedding_bag(A, a_rows, a_starts, False, 0, False, xs.view(-1))[0]  # [P, n r]
         z = zp.new_zeros(plan.rows * K, n * r).index_copy_(0, plan.pair_pos, zp)
         z = z.view(plan.rows, K, n, r).transpose(1, 2).reshape(-1)  # module-major: [rows, n, K r]
         c_rows, c_starts = plan.core_index(n)
         zc = torch.embedding_bag(self.cores[key], c_rows, c_starts, False, 0, False, z)[0]  # [rows n, R]
         zc = zc.view(plan.rows, n, -1)[:, :, : K * r].reshape(plan.rows, n, K, r)
-        b_rows = plan.b_index()
         col = 0
         for j, (B, width) in enumerate(zip(Bs, outs, strict=True)):
-            w = zc[:, j].reshape(plan.rows * K, r).index_select(0, plan.pair_pos).view(-1)
-            out[:, col : col + width].add_(torch.embedding_bag(B, b_rows, plan.row_offsets, False, 0, False, w)[0])
+            w = zc[:, j].reshape(plan.rows * K, r).index_select(0, plan.pair_pos)  # [P, r]
+            y = out[:, col : col + width]
             col += width
+            if plan.distinct is not None:
+                W = w.new_zeros(len(plan.distinct), plan.rows, r).index_put_((plan.pair_d, plan.pair_row), w)
+                for d, slot in enumerate(plan.distinct):
+                    y.addmm_(W[d], B[slot * r : (slot + 1) * r])
+            else:
+                y.add_(torch.embedding_bag(B, plan.b_index(), plan.row_offsets, False, 0, False, w.view(-1))[0])

@@ -189,3 +189,20 @@ def test_members_evicted_and_loaded_again_serve_the_same_tokens(served):
         assert runtime.cores.adapters.in_use() == 0
     finally:
         runtime.cores = pool
+
+
+def test_the_gathered_and_the_per_adapter_side_paths_agree(served):
+    """Steps reading few distinct adapters run plain products per adapter, others gathered ones
+    (``MemberPool.dense_max``): the same batch generates the same tokens either way."""
+    runtime, _, _, cores, factors = served
+    batch = [(_ids(runtime, PROMPTS[i % 4]), cores[name]) for i, name in enumerate(MIXES)]
+    batch.insert(2, (_ids(runtime, PROMPTS[1]), factors["ties"]))
+    batch.append((_ids(runtime, PROMPTS[3]), None))
+    pool = runtime.cores
+    dense = _greedy(runtime, batch, steps=6)
+    old, pool.dense_max = pool.dense_max, 0
+    try:
+        gathered = _greedy(runtime, batch, steps=6)
+    finally:
+        pool.dense_max = old
+    assert gathered == dense
