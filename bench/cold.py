@@ -3,9 +3,9 @@
 Starts ``mixserve serve`` (its own process, an adapter root copied from ``--adapters``) and measures,
 over HTTP:
 
-- start-up: seconds to ready (model load, adapter registration, the adapter family's bases);
+- start-up: seconds to ready (model load, reading the adapters);
 - registration: ``POST /admin/adapters`` of one more adapter (a random one of the same shapes)
-  while the server runs: reading it and extending the family;
+  while the server runs: reading it;
 - cold merges: ``POST /admin/mixes`` (``pin: false``) of mixes never merged before, the server's
   ``merge_seconds`` and serving path, for the first mix over a 3-adapter set (its bases are computed)
   and for ``--mixes`` more over the same set (other weights and knobs: the bases are cached);
@@ -91,7 +91,6 @@ def run(model: Path, adapters: Path, mixes: int, threads: int, server_args: str)
             r = client.post(url + "/admin/adapters", json={"name": "extra", "path": "extra"})
             r.raise_for_status()
             out["register_seconds"] = time.perf_counter() - t0
-            out["register_in_family"] = r.json().get("family")
             sets = [names[:3], [*names[1:3], "extra"], [names[0], names[2], "extra"], [names[0], names[1], "extra"]]
             for method, members in zip(METHODS, sets, strict=False):
                 first = client.post(
@@ -128,8 +127,8 @@ def to_markdown(result: dict) -> str:
         "",
         f"Model `{result['model']}`, adapters {', '.join(result['adapters'])}; server at commit {result['commit']}"
         f"{', flags ' + result['server_args'] if result['server_args'] else ''}. Ready after {result['ready_seconds']:.1f} s; "
-        f"registering one more rank-16 adapter took {1e3 * result['register_seconds']:.0f} ms "
-        f"(in the family: {result['register_in_family']}). Medians of {result['mixes']} mixes each.",
+        f"registering one more rank-16 adapter took {1e3 * result['register_seconds']:.0f} ms. "
+        f"Medians of {result['mixes']} mixes each.",
         "",
         "| method | adapter set | path | first mix of the set: merge | cold mix over the known set: merge "
         "| cold TTFT | warm TTFT | cold / warm | bytes cached |",

@@ -5,7 +5,8 @@ For each count ``N`` (``--counts``, default 4,16,64,256) a real ``mixserve serve
 mixes of ``--members`` adapters drawn over all ``N``:
 
 - start-up: seconds from the process start to ``/ready`` (model load, reading ``N`` adapters);
-- registration: one more adapter through ``POST /admin/adapters`` (ms, client side);
+- registration: three more adapters, one at a time, through ``POST /admin/adapters`` (ms, client side,
+  median), then one merge over two of them (a process's first merge pays one-off set-up; not counted);
 - cold merges through the server (``POST /admin/mixes``, the server's own ``merge_seconds``): mixes over a
   new adapter set, and new mixes (other weights) over a set merged before; the bytes each cached mix takes
   and the path it took;
@@ -126,15 +127,18 @@ def run_count(args, store: Path, count: int, work: Path) -> dict:
         startup = time.perf_counter() - t0
         out: dict = {"adapters": count, "startup_s": startup}
         with httpx.Client(timeout=600) as client:
-            # One more adapter, registered while the server runs.
-            extra = f"a{count:03d}"
-            (root / extra).mkdir()
-            for f in (store / extra).iterdir():
-                os.link(f, root / extra / f.name)
-            t = time.perf_counter()
-            r = client.post(url + "/admin/adapters", json={"name": extra, "path": extra})
-            out["register_ms"] = 1e3 * (time.perf_counter() - t)
-            r.raise_for_status()
+            # More adapters, registered one at a time while the server runs (median of 3).
+            times = []
+            for extra in (f"a{count + i:03d}" for i in range(3)):
+                (root / extra).mkdir()
+                for f in (store / extra).iterdir():
+                    os.link(f, root / extra / f.name)
+                t = time.perf_counter()
+                r = client.post(url + "/admin/adapters", json={"name": extra, "path": extra})
+                times.append(time.perf_counter() - t)
+                r.raise_for_status()
+            out["register_ms"] = 1e3 * statistics.median(times)
+            warm(client, url, mix([f"a{count:03d}", f"a{count + 1:03d}"], [1.0, 1.0]))  # the process's first merge
             # Cold merges: new adapter sets, then new weights over sets merged before.
             sets = draws(count, args.members, args.merges, seed=count)
             new = [warm(client, url, mix(s, [1.0] * len(s))) for s in sets]
@@ -161,6 +165,11 @@ def run_count(args, store: Path, count: int, work: Path) -> dict:
         for label in runs:
             out[f"{label}_tokens_per_s"] = pooled(runs[label]).summary()["tokens_per_s"]
         out["many_vs_one"] = out["many_tokens_per_s"] / out["one_tokens_per_s"]
+        # What the bytes allow: a step reads the weights and its rows' distinct adapters (at most c x members).
+        weights = sum(f.stat().st_size for f in Path(args.model).glob("*.safetensors"))
+        per_adapter = (store / "a000" / "adapter_model.safetensors").stat().st_size
+        per_step = min(out["distinct_adapters_in_many"], args.concurrency * args.members)
+        out["bytes_allow"] = (weights + args.members * per_adapter) / (weights + per_step * per_adapter)
         out["pool_loads"] = metric(url, "mixserve_adapter_pool_loads_total") - loads0
         out["pool_evictions"] = metric(url, "mixserve_adapter_pool_evictions_total") - evictions0
         out["pool_slots"] = metric(url, "mixserve_adapter_pool_slots")
@@ -180,21 +189,24 @@ def to_markdown(result: dict) -> str:
         f"rank-{result['rank']} adapters in the root at start; mixes of {result['members']} adapters (TIES) drawn "
         f"over all N; merges: median of {result['merges']} through `POST /admin/mixes` (the server's "
         f"`merge_seconds`); throughput: closed loop at c={result['concurrency']}, {result['max_tokens']} tokens "
-        f"per request, median of {result['rounds']} rounds, one mix vs {result['mixes']} distinct mixes. "
+        f"per request, median of {result['rounds']} rounds, one mix vs {result['mixes']} distinct mixes; 'what the "
+        "bytes allow': many / one if a step were bound by the bytes it reads (the weights and at most c x members "
+        "distinct adapters). "
         f"Command: `{result['command']}`.",
         "",
         "| registered adapters N | start-up s | vs N=" + str(first["adapters"]) + " | register one more ms | "
         "path | cold merge, new set ms | cold merge, known set ms | bytes per cached mix | one mix tok/s | "
-        f"{result['mixes']} mixes tok/s | many / one | distinct adapters in the many | pool loads / evictions "
-        "(slots) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"{result['mixes']} mixes tok/s | many / one | what the bytes allow | distinct adapters in the many | "
+        "pool loads / evictions (slots) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['adapters']} | {r['startup_s']:.1f} | {r['startup_s'] / first['startup_s']:.2f}x | "
             f"{r['register_ms']:.0f} | {', '.join(r['paths'])} | {r['merge_new_set_ms']:.1f} | "
             f"{r['merge_known_set_ms']:.1f} | {r['mix_bytes'] / 1e6:.3f} MB | {r['one_tokens_per_s']:.1f} | "
-            f"{r['many_tokens_per_s']:.1f} | {r['many_vs_one']:.2f} | {r['distinct_adapters_in_many']} | "
+            f"{r['many_tokens_per_s']:.1f} | {r['many_vs_one']:.2f} | {r['bytes_allow']:.2f} | "
+            f"{r['distinct_adapters_in_many']} | "
             f"{r['pool_loads']:.0f} / {r['pool_evictions']:.0f} ({r['pool_slots']:.0f}) |"
         )
     return "\n".join(lines) + "\n"
@@ -222,8 +234,8 @@ def main(argv: list[str] | None = None) -> int:
 
     config = AutoConfig.from_pretrained(args.model)
     store = args.store or Path(tempfile.gettempdir()) / f"mixserve-adapters-{Path(args.model).name}-r{args.rank}"
-    print(f"writing up to {max(counts) + 1} adapters under {store}", flush=True)
-    write_adapters(store, args.model, max(counts) + 1, args.rank)
+    print(f"writing up to {max(counts) + 3} adapters under {store}", flush=True)
+    write_adapters(store, args.model, max(counts) + 3, args.rank)
     result = {"model": str(args.model), "layers": config.num_hidden_layers, "hidden": config.hidden_size,
               "rank": args.rank, "members": args.members, "merges": args.merges, "mixes": args.mixes,
               "concurrency": args.concurrency, "max_tokens": args.max_tokens, "rounds": args.rounds,

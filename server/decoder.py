@@ -2,7 +2,7 @@
 
 A step's tokens are packed into one ``[tokens, hidden]`` batch (decode: one token per sequence; prefill:
 chunks of several prompts), so every linear layer is one GEMM over all of them, plus every row's own mix
-through the pools' side paths (``lora_pool.py``, ``core_pool.py``). A layer, with the switches of
+through the pools' side paths (``lora_pool.py``, ``member_pool.py``). A layer, with the switches of
 ``architectures.py`` in brackets:
 
     x = norm(h);  qkv = x W_qkv (+ b) + side;  [q, k] = norm per head [qk_norm];  rotary (partial: Phi-3)

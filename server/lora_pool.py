@@ -20,8 +20,8 @@ count does not.
 Slots are handed out as ``slots.py`` says: on a mix's first admission, kept (least recently used
 first) after its last sequence finishes, weak references only.
 
-Mixes over the adapter family take ``core_pool.py``'s shared-basis path instead; this pool serves the
-rest (dense-space merges, adapters outside the family) in the same batch.
+Lowrank mixes take ``member_pool.py``'s path (cores over their members' resident factors) instead; this
+pool serves dense-space merges, whose result is not in their members' span, in the same batch.
 """
 
 from __future__ import annotations

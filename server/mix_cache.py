@@ -21,7 +21,7 @@ from typing import Any
 
 from server.metrics import Metrics
 
-Factors = Any  # the runtime's PreparedLora or PreparedCores, or {module: (A, B)}
+Factors = Any  # the runtime's PreparedLora or PreparedMembers, or {module: (A, B)}
 
 
 @dataclass
@@ -34,12 +34,12 @@ class MergedMix:
     seconds: float
     ranks: dict[str, int] = field(default_factory=dict)
     energy_kept: dict[str, float] = field(default_factory=dict)
-    path: str = "factors"  # "core": cores over the adapter family; "factors": full merged factors
+    path: str = "factors"  # "members": cores over the mix's adapters (member pool); "factors": full merged factors
     fallback: str | None = None  # why a mix took the factor path
 
     @cached_property
     def nbytes(self) -> int:
-        if hasattr(self.factors, "nbytes"):  # the runtime's PreparedLora or PreparedCores
+        if hasattr(self.factors, "nbytes"):  # the runtime's PreparedLora or PreparedMembers
             return self.factors.nbytes
         return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.factors.values())
 

@@ -63,7 +63,7 @@ class DecodeRow:
 
 
 class ModelRuntime:
-    """A Llama-family causal LM kept resident, a paged KV cache and a pool of ``max_loras`` mix slots."""
+    """A causal LM of a supported family kept resident, a paged KV cache and the two mix pools."""
 
     def __init__(self, model_dir: str | Path, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
                  **options) -> None:  # fmt: skip

@@ -1,4 +1,4 @@
-"""Which mix sits in which device slot of a pool (``lora_pool.py``'s factors, ``core_pool.py``'s cores).
+"""Which mix or adapter sits in which device slot of a pool (``lora_pool.py``'s factors, ``member_pool.py``'s adapters and cores).
 
 A slot is handed out when a mix's first sequence is admitted and stays loaded after its last one
 finishes, until another mix needs the slot (least recently used first): a popular mix is copied in
