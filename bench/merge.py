@@ -147,6 +147,12 @@ def run_lowrank_only(layers: int, n_adapters: int, rank: int, device: torch.devi
             "threads": torch.get_num_threads(), "repeats": repeats, "torch": torch.__version__, "rows": rows}  # fmt: skip
 
 
+def method_label(row: dict) -> str:
+    """``method (param value, ...)`` for a table row."""
+    p = ", ".join(f"{k} {v}" for k, v in row["params"].items())
+    return f"{row['method']} ({p})" if p else row["method"]
+
+
 def lowrank_only_markdown(result: dict) -> str:
     lines = [
         f"Mistral-7B shapes, {result['adapters']} random rank-{result['rank']} adapters (weights "
@@ -158,8 +164,7 @@ def lowrank_only_markdown(result: dict) -> str:
         "|---|---|---|---|---|",
     ]
     for r in result["rows"]:
-        p = ", ".join(f"{k} {v}" for k, v in r["params"].items())
-        name = f"{r['method']} ({p})" if p else r["method"]
+        name = method_label(r)
         lines.append(f"| {name} | {r['lowrank_s']:.2f} s | {r['lowrank_rank']} | {r['lowrank_mb']:.0f} MB | "
                      f"{r['lowrank_vs_task_arithmetic']:.3f} |")  # fmt: skip
     return "\n".join(lines) + "\n"
@@ -304,8 +309,7 @@ def members_markdown(result: dict) -> str:
         "|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
-        p = ", ".join(f"{k} {v}" for k, v in r["params"].items())
-        name = f"{r['method']} ({p})" if p else r["method"]
+        name = method_label(r)
         lines.append(f"| {name} | {r['new_set_ms']:.0f} ms | {r['cold_ms']:.1f} ms | {r['core_mb_bf16']:.2f} MB | "
                      f"{r['factors_mb_bf16']:.0f} MB | {r['rel_err_vs_merge_mix']:.1e} |")  # fmt: skip
     return "\n".join(lines) + "\n"
@@ -326,8 +330,7 @@ def core_markdown(result: dict) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
-        p = ", ".join(f"{k} {v}" for k, v in r["params"].items())
-        name = f"{r['method']} ({p})" if p else r["method"]
+        name = method_label(r)
         lines.append(f"| {name} | {r['first_set_ms']:.0f} ms | {r['cold_ms']:.1f} ms | {r['merge_mix_lowrank_ms']:.0f} ms | "
                      f"{r['speedup']:.0f}x | {r['core_mb_bf16']:.2f} MB | {r['factors_mb_bf16']:.0f} MB | "
                      f"{r['rel_err_vs_merge_mix']:.1e} |")  # fmt: skip
@@ -422,8 +425,7 @@ def to_markdown(result: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
-        p = ", ".join(f"{k} {v}" for k, v in r["params"].items())
-        name = f"{r['method']} ({p})" if p else r["method"]
+        name = method_label(r)
         err = (
             "n/a (own masks)"
             if r["dense_vs_peft_rel_err"] is None

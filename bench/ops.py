@@ -161,7 +161,8 @@ def run(model_dir: Path, batch: int, mixes: int, rank: int, context: int, repeat
     weights = runtime.weight_bytes
     per_adapter = pool.adapter_bytes(next(iter(pool.adapters.loaded()))[1])
     for r in rows:  # each scenario against the one-mix scenario of its own pool
-        one = next(o for o in rows if o["scenario"] == ("1 member mix" if "member" in r["scenario"] else "1 mix"))
+        label = "1 member mix" if "member" in r["scenario"] else "1 mix"
+        one = next((o for o in rows if o["scenario"] == label), base)  # (--no-factors: the base is its own)
         r["ops_vs_one_mix"] = r["ops_per_step"] / one["ops_per_step"]
         r["time_vs_one_mix"] = r["step_ms"] / one["step_ms"]
         r["ops_per_layer_over_base"] = (r["ops_per_step"] - base["ops_per_step"]) / layers

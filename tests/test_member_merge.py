@@ -16,17 +16,7 @@ from merging.member_merge import MAP_RTOL, SetFamilies, merge_members, set_famil
 from merging.merge import MergeError, merge_mix
 from merging.methods import METHODS
 from merging.spec import parse_mix
-from merging.synthetic import random_adapter
-
-SHAPES = {"layers.0.q": (24, 16), "layers.1.q": (24, 16), "layers.0.up": (40, 16), "layers.0.down": (16, 40)}
-
-
-def _adapters(seed: int = 0) -> dict[str, LoraAdapter]:
-    out = {}
-    for i, (name, rank) in enumerate([("sql", 4), ("python", 6), ("java", 3), ("json", 5)]):
-        shapes = SHAPES if name != "java" else {m: s for m, s in SHAPES.items() if m.endswith(".q")}
-        out[name] = random_adapter(name, shapes, rank=rank, alpha=2 * rank, seed=seed + i)
-    return out
+from tests.test_core_merge import SHAPES, _adapters
 
 
 def _dense(mix, adapters) -> dict[str, torch.Tensor]:
