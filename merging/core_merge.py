@@ -236,7 +236,16 @@ class _GroupEvaluator:
             if factors is None:
                 return None
             return concat_weighted(factors, *linear_weights(weights, params))
-        if self.bases is not None and all(isinstance(c, AdapterLeaf) for c in node.children):
+        leaves_only = all(isinstance(c, AdapterLeaf) for c in node.children)
+        if (
+            leaves_only
+            and self.family.svd_coordinates
+            and sorted(c.adapter for c in node.children) == sorted(self.family.members)
+        ):
+            basis = self._coordinate_basis(node, path)  # the stack of exactly the members: nothing to compute
+            if basis is None:
+                return None
+        elif self.bases is not None and leaves_only:
             # The set's basis may be cached: the children's factors are only needed to compute it.
             if all(self.group[0] not in self.family.members[c.adapter].modules for c in node.children):
                 return None
@@ -269,6 +278,21 @@ class _GroupEvaluator:
         if all(c is None for c in children):
             return None
         return [c if c is not None else self._empty() for c in children]
+
+    def _coordinate_basis(self, node: MixNode, path: str) -> SharedBasis | None:
+        """The shared basis of a node whose children are exactly the family's members, when the family's
+        coordinates are already in the SVD bases of their scaled stacks (``family.svd_coordinates``): the
+        bases are identities and each child's core is its coordinates' product, which is what
+        :func:`shared_basis` gives on those coordinates (canonical signs alike) without its SVDs. (A QR
+        basis, for the spectral methods, may be any orthonormal one: the identity is.)"""
+        factors = self._children(node, path)
+        if factors is None:
+            return None
+        eye = functools.partial(torch.eye, dtype=self.dtype, device=self.device)
+        M = len(self.group)
+        basis = SharedBasis(Q_B=eye(self.rb).expand(M, -1, -1), Q_A=eye(self.ra).expand(M, -1, -1),
+                            cores=[f.B @ f.A for f in factors])  # fmt: skip
+        return self._padded(basis, sum(f.rank for f in factors))
 
     def _basis(self, factors: list[LowRankDelta], kind: str) -> SharedBasis:
         return self._padded(shared_basis(factors, orthogonalize=kind), sum(f.rank for f in factors))

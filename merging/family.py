@@ -65,6 +65,9 @@ class AdapterFamily:
     bases: Mapping[str, ModuleBasis] = field(default_factory=dict)
     # name -> the member as coordinates: per module A' [r, ra], B' [rb, r] and the adapter's scale
     members: Mapping[str, LoraAdapter] = field(default_factory=dict)
+    # The coordinates are already in the SVD bases of the members' scaled stacks (a set family from Gram
+    # matrices, ``member_merge.set_family``): a node stacking exactly the members needs no bases of its own.
+    svd_coordinates: bool = False
 
     def __contains__(self, adapter: LoraAdapter) -> bool:
         """Whether this very adapter (same name and content fingerprint) is a member."""

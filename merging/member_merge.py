@@ -2,9 +2,10 @@
 
 A mix over members ``k = 1..K`` (its adapters, sorted by name) is, per module,
 
-    dW = B_cat C A_cat,    B_cat = [B_1 .. B_K] (out x sum r),    A_cat = [A_1; ..; A_K] (sum r x in),
+    dW = B_cat C A_cat,    B_cat = [s_1 B_1 .. s_K B_K] (out x sum r),    A_cat = [A_1; ..; A_K] (sum r x in),
 
-with the members' own raw factors (their scales folded into ``C``) and a small core ``C`` of
+with the members' own factors (``s_k`` its LoRA scale, as ``merge_mix``'s lowrank space stacks them) and
+a small core ``C`` of
 ``(sum r) x (sum r)``. A server keeps each adapter's factors resident once and a mix as its members'
 names and these cores (3 rank-16 members: 48 x 48 per module, ~1 MB per Mistral-7B in bf16), whatever
 the number of adapters registered.
@@ -59,7 +60,7 @@ class MemberMix:
 
     members: tuple[str, ...]
     fingerprints: tuple[str, ...]
-    cores: dict[str, torch.Tensor]  # module -> C [sum r, sum r] over the members' raw factors
+    cores: dict[str, torch.Tensor]  # module -> C [sum r, sum r] over the members' (scaled) factors
     member_ranks: dict[str, tuple[int, ...]]
     spec_hash: str
     method: str
@@ -86,11 +87,12 @@ class MemberMix:
 
 
 def stacked_factors(members: list[LoraAdapter], module: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(B_cat, A_cat)`` of ``module``: the members' raw factors side by side (rank 0 where absent)."""
+    """``(B_cat, A_cat)`` of ``module``: the members' factors side by side, each ``B`` times its adapter's
+    scale (what ``merge_mix``'s lowrank space stacks), rank 0 where a member leaves the module alone."""
     fs = [a.modules.get(module) for a in members]
     present = next(f for f in fs if f is not None)
     out, n_in = present.B.shape[0], present.A.shape[1]
-    Bs = [f.B.to(dtype) if f is not None else present.B.new_zeros((out, 0), dtype=dtype) for f in fs]
+    Bs = [f.B.to(dtype) * f.scale if f is not None else present.B.new_zeros((out, 0), dtype=dtype) for f in fs]
     As = [f.A.to(dtype) if f is not None else present.A.new_zeros((0, n_in), dtype=dtype) for f in fs]
     return torch.cat(Bs, dim=1), torch.cat(As, dim=0)
 
@@ -177,12 +179,12 @@ def set_family(
                                    _shape_only(torch.empty((), dtype=DECISION_DTYPE)).expand(n_in, ra))  # fmt: skip
             start = 0
             for a, r in zip(members, ranks, strict=True):
-                if r:
-                    f = a.modules[m]
+                if r:  # the scale is in the coordinates (the Gram matrix is of the scaled B's)
                     coords[a.name][m] = LoraFactors(A=A_coords[i, start : start + r, :ra].contiguous(),
-                                                    B=R_B[i, start : start + r, :rb].mT.contiguous(), scale=f.scale)  # fmt: skip
+                                                    B=R_B[i, start : start + r, :rb].mT.contiguous(), scale=1.0)  # fmt: skip
                 start += r
-    family = AdapterFamily(max_rank=max((max(b.dims) for b in bases.values()), default=0), version=version, bases=bases)
+    family = AdapterFamily(max_rank=max((max(b.dims) for b in bases.values()), default=0), version=version, bases=bases,
+                           svd_coordinates=True)  # fmt: skip
     return replace(family, members={a.name: replace(a, modules=coords[a.name], path=None) for a in members}), maps
 
 

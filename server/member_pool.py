@@ -7,7 +7,7 @@ On the serving device the pool keeps, per layer and input group (``[q|k|v]``, ``
 - adapter slots (``--adapter-slots``, LRU, never evicted while a running row's mix needs them):
   ``A``: ``[slots x in, n x r]``, row ``slot x in + c`` holding column ``c`` of every module's ``A_j``
   (rank-padded to the pool's ``r``); ``B_j``: ``[slots x r, out_j]``, row ``slot x r + i`` holding
-  column ``i`` of ``B_j``. Slot 0 stays zero.
+  column ``i`` of ``s B_j`` (the adapter's LoRA scale folded in). Slot 0 stays zero.
 - mix slots (``--core-slots``): ``[slots x n x R, R]``, module ``j`` of mix slot ``s`` in rows
   ``(s n + j) R ...`` as ``C_j^T`` in the padded member coordinates (member ``k`` at ``k r``); ``R`` is
   ``r`` times the most members of a loaded mix, padded. Slot 0 stays zero.
@@ -217,9 +217,9 @@ class MemberPool:
                 b_rows = B[slot * r : (slot + 1) * r]
                 b_rows.zero_()
                 f = adapter.modules.get(module)
-                if f is not None:
+                if f is not None:  # B with its LoRA scale: the cores are over the scaled factors
                     a_rows[:, j * r : j * r + f.rank] = f.A.T
-                    b_rows[: f.rank] = f.B.T
+                    b_rows[: f.rank] = (f.B.to(B.dtype) * f.scale).T
 
     def _load_mix(self, slot: int, mix: PreparedMembers) -> None:
         width = _align(len(mix.adapters) * self.rank)

@@ -83,6 +83,8 @@ class ServerState:
         )
         self.adapter_errors = self.registry.load_root()
         self._register_lock = threading.Lock()  # registrations one at a time
+        log.info("%d adapters registered; the device adapter pool holds %d at once (--adapter-slots)",
+                 len(self.registry.names()), config.adapter_slots)  # fmt: skip
         if self.runtime.graphs is not None:  # CUDA: every decode shape captured now, not on first use
             t0 = time.perf_counter()
             graphs = self.runtime.graphs.capture_buckets(config.max_batch)

@@ -58,6 +58,16 @@ def test_a_nested_mix_and_a_mergekit_node():
     _assert_same(_dense(merge_members(mk, adapters), adapters), merge_mix(mk, adapters))
 
 
+def test_a_node_over_the_members_and_a_nested_node_over_them_too():
+    """Only a node whose children are exactly the members' leaves takes the set's coordinates as its basis;
+    here the root also has a nested child over the same adapters (its stack is not the members')."""
+    adapters = _adapters(7)
+    spec = parse_mix({"method": "ties", "density": 0.4, "children": [
+        {"adapter": "sql"}, {"adapter": "json", "weight": 0.5},
+        {"method": "dare_ties", "seed": 4, "children": [{"adapter": "json"}, {"adapter": "sql", "weight": 2.0}]}]})  # fmt: skip
+    _assert_same(_dense(merge_members(spec, adapters), adapters), merge_mix(spec, adapters))
+
+
 def test_the_same_decisions_as_the_whole_registry_family():
     """A set's Gram family and the registry-wide family of ``family.py`` embed the coordinates differently;
     the merged deltas agree to rounding (the steps are indifferent to the embedding)."""
@@ -120,7 +130,7 @@ def test_set_families_are_cached_bounded_and_distinct():
     first = merge_members(spec(1.0), adapters, families=families, bases=bases)
     again = merge_members(spec(0.5), adapters, families=families, bases=bases)
     assert (families.hits, families.misses, len(families)) == (1, 1, 1) and families.nbytes > 0
-    assert bases.hits >= 1  # the second mix over the set stacks nothing new
+    assert bases.hits == bases.misses == 0  # a node over exactly the set's members computes no bases at all
     assert not torch.equal(first.cores["layers.0.q"], again.cores["layers.0.q"])
     other = merge_members(parse_mix({"method": "linear", "children": [{"adapter": "sql"}, {"adapter": "python"}]}),
                           adapters, families=families)  # fmt: skip
