@@ -108,6 +108,7 @@ class SetFamilies:
     def __init__(self, max_bytes: int = 512 << 20) -> None:
         self.max_bytes, self.nbytes = max_bytes, 0
         self._sets: OrderedDict[tuple, tuple[AdapterFamily, dict]] = OrderedDict()
+        self.own_grams = OwnGrams()
         self._bytes: dict[tuple, int] = {}
         self._versions = count(1)
         self._lock = threading.Lock()
@@ -127,7 +128,7 @@ class SetFamilies:
                 return found
             self.misses += 1
             version = next(self._versions)
-        found = set_family(members, version)
+        found = set_family(members, version, self.own_grams)
         size = coordinate_bytes(found[0]) + sum(t.numel() * t.element_size() for ts in found[1].values() for t in ts)
         with self._lock:
             if key not in self._sets and size <= self.max_bytes:
@@ -141,7 +142,7 @@ class SetFamilies:
 
 
 def set_family(
-    members: list[LoraAdapter], version: int = 0
+    members: list[LoraAdapter], version: int = 0, own_grams: OwnGrams | None = None
 ) -> tuple[AdapterFamily, dict[str, tuple[torch.Tensor, ...]]]:
     """The :class:`AdapterFamily` of ``members`` as coordinates only, from Gram matrices.
 
@@ -165,13 +166,9 @@ def set_family(
         ranks = tuple(a.modules[m].rank if m in a.modules else 0 for a in members)
         by_shape.setdefault((present.B.shape[0], present.A.shape[1], ranks), []).append(m)
     for (out, n_in, ranks), group in by_shape.items():
-        grams_B, grams_A = [], []
-        for m in group:  # only the small Gram matrices are stacked: the factors are read once
-            B_cat, A_cat = stacked_factors(members, m, DECISION_DTYPE)
-            grams_B.append(B_cat.mT @ B_cat)
-            grams_A.append(A_cat @ A_cat.mT)
-        R_B, B_inv = _gram_coordinates(torch.stack(grams_B))  # [M, R, rb]: R_B^T, and R_B^+
-        A_coords, A_inv = _gram_coordinates(torch.stack(grams_A))  # [M, R, ra]: R_A, and (R_A^+)^T
+        grams = [_grams(members, m, own_grams) for m in group]  # only the small Gram matrices are stacked
+        R_B, B_inv = _gram_coordinates(torch.stack([g for g, _ in grams]))  # [M, R, rb]: R_B^T, and R_B^+
+        A_coords, A_inv = _gram_coordinates(torch.stack([g for _, g in grams]))  # [M, R, ra]: R_A, (R_A^+)^T
         for i, m in enumerate(group):
             rb, ra = _rank(R_B[i]), _rank(A_coords[i])
             maps[m] = (R_B[i, :, :rb].mT, A_coords[i, :, :ra], B_inv[i, :, :rb], A_inv[i, :, :ra].mT)
@@ -186,6 +183,62 @@ def set_family(
     family = AdapterFamily(max_rank=max((max(b.dims) for b in bases.values()), default=0), version=version, bases=bases,
                            svd_coordinates=True)  # fmt: skip
     return replace(family, members={a.name: replace(a, modules=coords[a.name], path=None) for a in members}), maps
+
+
+class OwnGrams:
+    """Each adapter's own Gram blocks per module, ``(s^2 B^T B, A A^T)`` in float64 (``r x r``), by name and
+    fingerprint: the diagonal blocks of every set it joins, so a new set computes only its cross blocks.
+    Least recently used adapters are dropped past ``max_bytes``."""
+
+    def __init__(self, max_bytes: int = 256 << 20) -> None:
+        self.max_bytes, self.nbytes = max_bytes, 0
+        self._blocks: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple, compute) -> tuple[torch.Tensor, torch.Tensor]:
+        with self._lock:
+            found = self._blocks.get(key)
+            if found is not None:
+                self._blocks.move_to_end(key)
+                return found
+        found = compute()
+        size = sum(t.numel() * t.element_size() for t in found)
+        with self._lock:
+            if key not in self._blocks and size <= self.max_bytes:
+                self._blocks[key] = found
+                self.nbytes += size
+                while self.nbytes > self.max_bytes:
+                    _, old = self._blocks.popitem(last=False)
+                    self.nbytes -= sum(t.numel() * t.element_size() for t in old)
+        return found
+
+
+def _grams(members: list[LoraAdapter], module: str, own: OwnGrams | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B_cat^T B_cat, A_cat A_cat^T)`` of ``module`` (float64, scaled ``B``), block by block: each member's
+    own blocks from ``own`` when known, the cross blocks computed. Every block is the same product whether
+    cached or not, so a set's coordinates do not depend on what was merged before."""
+    fs = [(a, a.modules[module]) for a in members if module in a.modules]
+    Bs = [f.B.to(DECISION_DTYPE) * f.scale for _, f in fs]
+    As = [f.A.to(DECISION_DTYPE) for _, f in fs]
+    ranks = [f.rank for _, f in fs]
+    starts = [sum(ranks[:k]) for k in range(len(ranks))]
+    R = sum(ranks)
+    G_B, G_A = Bs[0].new_zeros(R, R), As[0].new_zeros(R, R)
+    for k, (a, _) in enumerate(fs):
+
+        def diagonal(k=k):
+            return Bs[k].mT @ Bs[k], As[k] @ As[k].mT
+
+        gb, ga = own.get((a.name, a.fingerprint, module), diagonal) if own is not None else diagonal()
+        sk = slice(starts[k], starts[k] + ranks[k])
+        G_B[sk, sk], G_A[sk, sk] = gb, ga
+        for j in range(k):
+            sj = slice(starts[j], starts[j] + ranks[j])
+            G_B[sj, sk] = Bs[j].mT @ Bs[k]
+            G_B[sk, sj] = G_B[sj, sk].mT
+            G_A[sj, sk] = As[j] @ As[k].mT
+            G_A[sk, sj] = G_A[sj, sk].mT
+    return G_B, G_A
 
 
 # Singular values of a member stack under this fraction of its largest are null directions of the set.

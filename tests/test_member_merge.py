@@ -153,3 +153,20 @@ def test_refusals():
     mix = merge_members(parse_mix("sql"), adapters)
     with pytest.raises(MergeError, match="changed"):
         mix.to_merged(dict(adapters, sql=dataclasses.replace(adapters["sql"], fingerprint="other")))
+
+
+def test_cached_own_gram_blocks_give_bitwise_the_same_cores():
+    """A set whose members' own Gram blocks were cached by earlier sets computes only its cross blocks: its
+    cores are bitwise those of a merge with nothing cached (each block is the same product either way)."""
+    adapters = _adapters(3)
+
+    def spec(*names):
+        return parse_mix({"method": "ties", "density": 0.5, "children": [{"adapter": n} for n in names]})
+
+    fresh = merge_members(spec("sql", "json", "python"), adapters, families=SetFamilies())
+    warm = SetFamilies()
+    merge_members(spec("sql", "json"), adapters, families=warm)
+    merge_members(spec("python", "java"), adapters, families=warm)
+    assert warm.own_grams.nbytes > 0
+    again = merge_members(spec("sql", "json", "python"), adapters, families=warm)
+    assert all(torch.equal(fresh.cores[m], again.cores[m]) for m in fresh.cores)
