@@ -45,6 +45,12 @@ def _align(n: int) -> int:
     return -(-n // RANK_ALIGN) * RANK_ALIGN
 
 
+def _core_width(members: int, rank: int) -> int:
+    """The core rows a mix of ``members`` needs in the pool: its members padded to a power of two, as a
+    graph's static plan pads a row's bags (a 3-member row reads 4 members' worth)."""
+    return _align((1 << (members - 1).bit_length()) * rank)
+
+
 class PreparedMembers:
     """A member-core mix ready for the pool: its adapters (what the pool makes resident) and, per input
     group, each module's compact ``C^T`` on the serving device with its members' ranks (laid out at the
@@ -222,7 +228,7 @@ class MemberPool:
                     b_rows[: f.rank] = (f.B.to(B.dtype) * f.scale).T
 
     def _load_mix(self, slot: int, mix: PreparedMembers) -> None:
-        width = _align(len(mix.adapters) * self.rank)
+        width = _core_width(len(mix.adapters), self.rank)
         if width > self.core_rank:
             self._grow(self.rank, width)
         self._copy_mix(slot, mix)
@@ -244,7 +250,7 @@ class MemberPool:
         adapter and mix back in at the new layout."""
         new = lambda *shape: torch.zeros(*shape, dtype=self.dtype, device=self.device)  # noqa: E731
         loaded_mixes = self.mixes.loaded()
-        core_rank = max([core_rank, *(_align(len(m.adapters) * rank) for _, m in loaded_mixes)])
+        core_rank = max([core_rank, *(_core_width(len(m.adapters), rank) for _, m in loaded_mixes)])
         slots_a = self.adapters.count + 1
         factors = {key: (new(slots_a * n_in, len(names) * rank), [new(slots_a * rank, o) for o in outs])
                    for key, (n_in, names, outs) in self.groups.items()}  # fmt: skip

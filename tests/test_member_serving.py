@@ -107,7 +107,7 @@ def test_the_static_buffer_decode_serves_member_rows(served):
     built on the device from the mix slots alone), run eagerly."""
     from server.cuda_graphs import DecodeGraphs
 
-    runtime, _, _, cores, factors = served
+    runtime, adapters, _, cores, factors = served
     batch = [(_ids(runtime, PROMPTS[0]), cores["ties"]), (_ids(runtime, PROMPTS[1]), factors["dare_ties"]),
              (_ids(runtime, PROMPTS[3]), None), (_ids(runtime, PROMPTS[2]), cores["nested"]),
              (_ids(runtime, PROMPTS[1]), cores["linear"])]  # fmt: skip
@@ -122,6 +122,25 @@ def test_the_static_buffer_decode_serves_member_rows(served):
         assert (1, 4, False, 4) in runtime.graphs._graphs
         assert _greedy(runtime, batch[4:], steps=4) == [plain[4][:4]]
         assert (1, 4, False, 2) in runtime.graphs._graphs
+        # A mix of 3 members alone (the widest loaded): its rows are padded to 4 members in the static plan,
+        # so the pool keeps 4 members' worth of core rows for it.
+        from merging.member_merge import merge_members
+        from merging.spec import parse_mix
+        from server.member_pool import MemberPool
+
+        pool = runtime.cores
+        runtime.cores = MemberPool(pool.groups, 8, 4, pool.dtype, pool.device, max_members=4)
+        try:
+            three = {"method": "ties", "density": 0.5, "children": [{"adapter": n} for n in ("sql", "python", "json")]}
+            mix = runtime.members_to_device(merge_members(parse_mix(three), adapters), adapters)
+            ids = _ids(runtime, PROMPTS[0])
+            runtime.graphs = DecodeGraphs(runtime, capture=False)
+            static = _greedy(runtime, [(ids, mix)], steps=6)
+            assert (1, 4, False, 4) in runtime.graphs._graphs
+            runtime.graphs = None
+            assert static == _greedy(runtime, [(ids, mix)], steps=6)
+        finally:
+            runtime.cores = pool
     finally:
         runtime.graphs = None
 
