@@ -62,8 +62,7 @@ class PreparedMembers:
 
     @property
     def nbytes(self) -> int:
-        return sum(c.numel() * c.element_size() for g in self.groups.values() for e in g if e is not None
-                   for c in (e[0],))  # fmt: skip
+        return sum(e[0].numel() * e[0].element_size() for g in self.groups.values() for e in g if e is not None)
 
 
 def prepare_members(mix: MemberMix, adapters: Mapping[str, LoraAdapter], layout: Mapping[str, Sequence[str]],
@@ -276,12 +275,13 @@ class MemberPool:
                 pair_row.append(b)
                 pair_slot.append(a)
                 pair_pos.append(b * K + k)
-        distinct = tuple(dict.fromkeys(pair_slot))
-        dense = len(distinct) <= self.dense_max
-        index = {a: d for d, a in enumerate(distinct)}
+        distinct, pair_d = tuple(dict.fromkeys(pair_slot)), None
+        if len(distinct) <= self.dense_max:
+            index = {a: d for d, a in enumerate(distinct)}
+            pair_d = to_device([index[a] for a in pair_slot])
         return MemberPlan(len(row_slots), K, to_device(list(row_slots)), to_device(pair_row), to_device(pair_slot),
                           to_device(pair_pos), to_device(offsets), self.rank, self.core_rank,
-                          distinct if dense else None, to_device([index[a] for a in pair_slot]) if dense else None)  # fmt: skip
+                          distinct if pair_d is not None else None, pair_d)  # fmt: skip
 
     def static_plan(self, core_slots: torch.Tensor, members: int) -> MemberPlan:
         """A plan from device tensors only (what a CUDA graph captures): every row padded to ``members``
