@@ -72,7 +72,7 @@ def copy_bandwidth(device: torch.device, nbytes: int) -> float:
 def build_runtime(shape: dict, device: torch.device, dtype: torch.dtype, max_loras: int, graphs: bool):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from server.runtime import ModelRuntime
+    from server.worker.runtime import ModelRuntime
 
     config = AutoConfig.for_model("mistral", max_position_embeddings=4096, sliding_window=None,
                                   tie_word_embeddings=False, **shape)  # fmt: skip
@@ -100,7 +100,7 @@ def random_mixes(runtime, n: int, rank: int) -> list:
 
 def decode_rows(runtime, batch: int, prompt_len: int):
     """``batch`` sequences on the base model with ``prompt_len`` tokens in the cache."""
-    from server.runtime import DecodeRow, PrefillChunk
+    from server.worker.runtime import DecodeRow, PrefillChunk
 
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, runtime.config.vocab_size, (prompt_len,), generator=g).tolist()

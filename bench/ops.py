@@ -40,11 +40,11 @@ from bench.report import write_report
 from merging.member_merge import merge_members
 from merging.spec import parse_mix
 from merging.synthetic import random_adapter
+from server.adapters.lora_pool import PreparedLora
+from server.adapters.member_pool import PreparedMembers
 from server.config import DEMO_DIR
-from server.kv_cache import bytes_per_block
-from server.lora_pool import PreparedLora
-from server.member_pool import PreparedMembers
-from server.runtime import DecodeRow, ModelRuntime, PrefillChunk
+from server.worker.kv_cache import bytes_per_block
+from server.worker.runtime import DecodeRow, ModelRuntime, PrefillChunk
 
 
 def random_mix(runtime: ModelRuntime, rank: int, seed: int) -> PreparedLora:

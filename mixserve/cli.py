@@ -221,7 +221,7 @@ def cmd_demo_train(args: argparse.Namespace) -> int:
 
 def _model_dir(value: str, command: str, flag: str) -> Path:
     """A model directory, or a model id already in the local Hugging Face cache (offline), as for serve."""
-    from server.model_source import ModelNotFoundError, locate_model
+    from server.worker.model_source import ModelNotFoundError, locate_model
 
     try:
         return locate_model(value)[0]
@@ -231,7 +231,7 @@ def _model_dir(value: str, command: str, flag: str) -> Path:
 
 def _demo_adapters(args: argparse.Namespace, command: str) -> tuple[Path, dict[str, Path]]:
     from server.config import DEMO_DIR
-    from server.model_source import MODEL_ID
+    from server.worker.model_source import MODEL_ID
 
     model = Path(args.model) if args.model else DEMO_DIR / "base"
     if args.model and not model.is_dir() and MODEL_ID.match(args.model):  # a model id in the local HF cache
@@ -308,14 +308,14 @@ def _humaneval(model: Path, adapters: dict[str, Path], args: argparse.Namespace)
 def cmd_serve(args: argparse.Namespace) -> int:
     """``mixserve serve``: the server with this package's tune jobs mounted (``POST /admin/mixes/tune``)."""
     from mixserve.tune_jobs import TuneService
-    from server.serve_cli import cmd_serve as serve
+    from server.entrypoints.serve_cli import cmd_serve as serve
 
     return serve(args, extensions=[TuneService()])
 
 
 def build_parser() -> argparse.ArgumentParser:
     from server.config import DEMO_DIR
-    from server.serve_cli import add_serve_parser
+    from server.entrypoints.serve_cli import add_serve_parser
 
     parser = argparse.ArgumentParser(prog="mixserve", description="Merge and serve LoRA adapter mixes.")
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks instead of one-line errors")

@@ -28,10 +28,10 @@ from fastapi import APIRouter, Depends
 from pydantic import BaseModel, ConfigDict, Field
 
 from merging.merge import mix_key
-from server.generation import collect, encode_prompt, start_generation
-from server.routes_admin import require_admin
-from server.sampling import SamplingParams
-from server.state import RequestError, ResolvedMix, ServerState
+from server.engine.sampling import SamplingParams
+from server.entrypoints.generation import collect, encode_prompt, start_generation
+from server.entrypoints.routes_admin import require_admin
+from server.entrypoints.state import RequestError, ResolvedMix, ServerState
 
 log = logging.getLogger("mixserve.tune")
 MAX_FINISHED_JOBS = 16  # finished jobs kept for GET
@@ -249,7 +249,7 @@ class TuneJobs:
 
 
 class TuneService:
-    """The tune jobs as a server extension (``server.api.Extension``): ``POST /admin/mixes/tune`` starts a
+    """The tune jobs as a server extension (``server.entrypoints.api.Extension``): ``POST /admin/mixes/tune`` starts a
     job, ``GET`` lists them or shows one with its trials, ``DELETE`` cancels; admin token required."""
 
     def __init__(self) -> None:

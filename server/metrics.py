@@ -85,7 +85,7 @@ class Metrics:
         self.lora_info.labels(*labels).set(time.time())
 
     def observe_member_pool(self, pool) -> None:
-        """The member pool's residency (``server.member_pool.MemberPool``): gauges set, counters advanced."""
+        """The member pool's residency (``server.adapters.member_pool.MemberPool``): gauges set, counters advanced."""
         self.adapter_pool_slots.set(pool.adapters.count)
         self.adapter_pool_resident.set(len(pool.adapters.loaded()))
         self.adapter_pool_in_use.set(pool.adapters.in_use())

@@ -6,7 +6,7 @@ from __future__ import annotations
 def greedy(runtime, batch, steps: int = 12, chunk: int | None = None) -> list[list[int]]:
     """Greedy tokens for ``(prompt ids, prepared mix or None)`` rows prefilled together (in chunks of ``chunk``
     tokens, several prompts per forward) and decoded together; the rows' blocks and slots freed after."""
-    from server.runtime import DecodeRow, PrefillChunk
+    from server.worker.runtime import DecodeRow, PrefillChunk
 
     tables = [runtime.kv.allocate(runtime.kv.blocks_for(len(ids) + steps)) for ids, _ in batch]
     slots = [runtime.acquire(mix) for _, mix in batch]

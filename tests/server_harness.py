@@ -10,8 +10,8 @@ import httpx
 import torch
 import uvicorn
 
-from server.api import create_app
 from server.config import ServeConfig
+from server.entrypoints.api import create_app
 from server.readiness import free_port
 
 

@@ -8,9 +8,9 @@ import httpx
 import openai
 import pytest
 
-from server.api import redact_paths
-from server.auth import secrets_match
 from server.config import ServeConfig
+from server.entrypoints.api import redact_paths
+from server.entrypoints.auth import secrets_match
 from tests.server_harness import running_server
 
 DEMO = Path(__file__).resolve().parents[1] / "mixserve" / "demo"

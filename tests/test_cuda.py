@@ -36,7 +36,7 @@ def _mix(runtime, spec):
 def _greedy(
     runtime, prompts: list[str], slots: list[int], steps: int = 8, cores: list[int] | None = None
 ) -> list[list[int]]:
-    from server.runtime import DecodeRow, PrefillChunk
+    from server.worker.runtime import DecodeRow, PrefillChunk
 
     ids = [runtime.tokenizer(p)["input_ids"] for p in prompts]
     cores = cores or [0] * len(ids)
@@ -62,8 +62,8 @@ def test_captured_graphs_match_the_eager_step_also_after_the_pool_grows(dtype, g
     """Replayed graphs against the same static-buffer step run eagerly (the same kernels: equal tokens),
     with graphs captured before and after the first mix grows the pool. CUDA's default side path is the
     masked one; grouped_mm is tested too (bf16 only)."""
-    from server.cuda_graphs import DecodeGraphs
-    from server.runtime import ModelRuntime
+    from server.worker.cuda_graphs import DecodeGraphs
+    from server.worker.runtime import ModelRuntime
 
     runtime = ModelRuntime(DEMO_DIR / "base", device="cuda", dtype=dtype, max_loras=4, kv_cache_bytes=64 << 20,
                            cuda_graphs=True)  # fmt: skip
@@ -97,8 +97,8 @@ def test_member_mixes_in_captured_graphs_match_the_eager_step(dtype):
     from merging.member_merge import merge_members
     from merging.spec import parse_mix
     from merging.synthetic import random_factors
-    from server.cuda_graphs import DecodeGraphs
-    from server.runtime import ModelRuntime
+    from server.worker.cuda_graphs import DecodeGraphs
+    from server.worker.runtime import ModelRuntime
 
     runtime = ModelRuntime(DEMO_DIR / "base", device="cuda", dtype=dtype, max_loras=4, core_slots=8,
                            adapter_slots=16, kv_cache_bytes=64 << 20, cuda_graphs=True)  # fmt: skip

@@ -114,8 +114,8 @@ def test_the_latency_column_serves_each_row_as_the_server_would():
     from merging.merge import merge_mix
     from merging.spec import parse_mix
     from mixserve.eval.latency import ServingLatency
-    from server.lora_pool import PreparedLora
-    from server.member_pool import PreparedMembers
+    from server.adapters.lora_pool import PreparedLora
+    from server.adapters.member_pool import PreparedMembers
 
     adapters = {n: load_adapter(DEMO / "adapters" / n, n) for n in ("sql", "json")}
     latency = ServingLatency(DEMO / "base", adapters, steps=2, rounds=1)

@@ -1,4 +1,4 @@
-"""Every model family of server/architectures.py against transformers + PEFT, token for token.
+"""Every model family of server/worker/architectures.py against transformers + PEFT, token for token.
 
 Per family: a tiny random model (3 layers, random weights and norms strong enough that greedy tokens are
 stable) with the features its checkpoints use switched on and small (a 12-token sliding window, soft-caps
@@ -121,7 +121,7 @@ def served(family):
     from merging.member_merge import merge_members
     from merging.merge import merge_mix
     from merging.spec import parse_mix
-    from server.runtime import ModelRuntime
+    from server.worker.runtime import ModelRuntime
 
     _model_type, model_dir, paths = family
     hf = _hf(model_dir)
@@ -155,7 +155,7 @@ def test_base_and_adapters_match_transformers_and_peft_in_one_mixed_batch(family
 
 def test_logits_match_transformers_through_prefill_chunks_and_decode(family, served):
     """Logits, not only greedy tokens: a final soft-cap (Gemma) keeps the argmax but changes sampling."""
-    from server.runtime import DecodeRow, PrefillChunk
+    from server.worker.runtime import DecodeRow, PrefillChunk
 
     runtime = served[0]
     ids = PROMPTS[2]
@@ -175,7 +175,7 @@ def test_logits_match_transformers_through_prefill_chunks_and_decode(family, ser
 
 def test_the_static_buffer_decode_of_cuda_graphs_generates_the_same_tokens(served):
     """The path a CUDA graph captures (padded bucket, static tables incl. the windows'), run eagerly."""
-    from server.cuda_graphs import DecodeGraphs
+    from server.worker.cuda_graphs import DecodeGraphs
 
     runtime, _, _, factors, cores = served
     batch = [(PROMPTS[0], cores["ties"]), (PROMPTS[1], factors["a"]), (PROMPTS[2], None)]
@@ -201,7 +201,7 @@ def test_a_merged_mix_generates_what_its_peft_export_generates(family, served, t
 def test_sliding_window_layers_never_read_blocks_outside_their_window(served):
     """Poison (NaN) every block of a sliding-window layer that lies wholly before the window of the row's
     next positions: decoding is unchanged, so those blocks are never read (even masked, a NaN would show)."""
-    from server.runtime import DecodeRow, PrefillChunk
+    from server.worker.runtime import DecodeRow, PrefillChunk
 
     runtime = served[0]
     sliding = [i for i, w in enumerate(runtime.windows) if w is not None]
@@ -250,7 +250,7 @@ def test_an_adapter_on_a_module_the_family_does_not_have_is_refused_naming_it(fa
 def test_an_unsupported_model_type_is_refused_at_start_naming_the_supported_ones(tmp_path):
     from transformers import AutoConfig
 
-    from server.runtime import ModelRuntime, ServingError
+    from server.worker.runtime import ModelRuntime, ServingError
 
     AutoConfig.for_model("qwen3_moe", **SMALL).save_pretrained(tmp_path)
     with pytest.raises(
@@ -265,7 +265,7 @@ def test_an_unsupported_model_type_is_refused_at_start_naming_the_supported_ones
 def test_captured_cuda_graphs_generate_the_eager_tokens(family):
     """On a GPU: the family's decode steps replayed from captured graphs (windows' tables included) give
     the eager step's tokens, in bf16."""
-    from server.runtime import ModelRuntime
+    from server.worker.runtime import ModelRuntime
 
     hf = _hf(family[1]).to("cuda", torch.bfloat16)
     runtime = ModelRuntime.from_model(hf, block_size=4, max_loras=2, core_slots=2, kv_cache_bytes=64 << 20)
@@ -282,7 +282,7 @@ def test_length_dependent_rope_is_served_up_to_its_original_context():
     capped where they still equal the unscaled ones; static scalings keep the full context."""
     from transformers import AutoConfig
 
-    from server.architectures import resolve
+    from server.worker.architectures import resolve
 
     half = [1.0] * 4  # head_dim 16 x partial 0.5 = 8 rotary dims, 4 factors
     longrope = {"rope_type": "longrope", "short_factor": half, "long_factor": [2.0] * 4,

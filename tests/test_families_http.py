@@ -48,7 +48,7 @@ def cached_model(tmp_path_factory):
 
 
 def test_a_model_id_resolves_from_the_cache_and_a_missing_one_is_one_sentence(cached_model, monkeypatch):
-    from server.model_source import ModelNotFoundError, locate_model
+    from server.worker.model_source import ModelNotFoundError, locate_model
 
     hub, snapshot, _ = cached_model
     monkeypatch.setenv("HF_HUB_CACHE", str(hub))
@@ -69,7 +69,7 @@ def test_served_from_the_cache_id_the_openai_client_gets_transformers_and_peft_t
     from merging.export import merge_to_disk
     from merging.spec import parse_mix
     from mixserve.cli import build_parser
-    from server.serve_cli import config_from_args
+    from server.entrypoints.serve_cli import config_from_args
 
     hub, snapshot, adapters = cached_model
     monkeypatch.setenv("HF_HUB_CACHE", str(hub))

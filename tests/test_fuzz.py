@@ -33,7 +33,7 @@ def _openapi() -> dict:
     # The schema the server serves at /openapi.json, built without loading the model, so that
     # the cases can be generated at collection time; they are sent to the live server below.
     from mixserve.tune_jobs import TuneService
-    from server.api import create_app
+    from server.entrypoints.api import create_app
 
     return create_app(ServeConfig(), [TuneService()]).openapi()  # as `mixserve serve` builds it
 

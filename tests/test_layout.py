@@ -17,23 +17,23 @@ TOP_LEVEL = {"merging", "server", "mixserve"}
 
 
 def test_server_sources_do_not_import_the_trainer_or_the_harness():
-    offenders = [p.name for p in (ROOT / "server").glob("*.py") if FORBIDDEN.search(p.read_text())]
+    offenders = [p.name for p in (ROOT / "server").rglob("*.py") if FORBIDDEN.search(p.read_text())]
     assert not offenders, offenders
 
 
 def test_server_imports_nothing_of_mixserve():
     """One-way layering: `mixserve` (the command, the tune jobs, the eval) builds on `server`, never back."""
     imports = re.compile(r"^\s*(from|import)\s+mixserve\b", re.M)
-    offenders = [p.name for p in (ROOT / "server").glob("*.py") if imports.search(p.read_text())]
+    offenders = [p.name for p in (ROOT / "server").rglob("*.py") if imports.search(p.read_text())]
     assert not offenders, offenders
-    code = "import sys, server.api, server.serve_cli; print(sorted(m for m in sys.modules if m.startswith('mixserve')))"
+    code = "import sys, server.entrypoints.api, server.entrypoints.serve_cli; print(sorted(m for m in sys.modules if m.startswith('mixserve')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "[]", out.stdout
 
 
 def test_importing_the_app_loads_neither():
     prefixes = ("mixserve.demo", "mixserve.eval.harness", "mixserve.eval.benchmark", "transformers.trainer")
-    code = f"import sys, server.api, mixserve.tune_jobs; print(sorted(m for m in sys.modules if m.startswith({prefixes!r})))"
+    code = f"import sys, server.entrypoints.api, mixserve.tune_jobs; print(sorted(m for m in sys.modules if m.startswith({prefixes!r})))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "[]", out.stdout
 
@@ -58,7 +58,7 @@ def test_the_wheel_installs_only_merging_server_and_mixserve():
     data = setuptools["package-data"]["mixserve.demo"]
     assert {"base/*", "adapters/*/*", "pins.yaml"} <= set(data), data
     assert "results/*" in setuptools["exclude-package-data"]["mixserve.eval"]
-    assert "static/*" in setuptools["package-data"]["server"]  # the /playground page ships too
+    assert "static/*" in setuptools["package-data"]["server.entrypoints"]  # the /playground page ships too
 
 
 def test_the_demo_model_lives_in_the_mixserve_package():
@@ -70,3 +70,27 @@ def test_the_demo_model_lives_in_the_mixserve_package():
     from mixserve.cli import build_parser
 
     assert build_parser().parse_args(["demo-train"]).out == str(DEMO_DIR)  # the CLI rebuilds the same place
+
+
+# server/ by layer, as vLLM's entrypoints / engine / worker, with the adapter pools under the worker:
+# each layer imports only the layers below it (and the shared leaves config, metrics, readiness).
+LAYERS = ["entrypoints", "engine", "worker", "adapters"]
+LEAVES = {"config", "metrics", "readiness"}
+
+
+def test_server_layers_import_one_way():
+    imports = re.compile(r"^\s*(?:from|import)\s+server\.(\w+)", re.M)
+    offenders = []
+    for path in (ROOT / "server").rglob("*.py"):
+        rel = path.relative_to(ROOT / "server").parts
+        if len(rel) == 1:  # a shared leaf: imports nothing of server
+            assert path.stem in LEAVES | {"__init__"}, f"server/{path.name}: put it in a layer ({LAYERS})"
+            offenders += [f"{path.name} -> {m}" for m in imports.findall(path.read_text())]
+            continue
+        level = LAYERS.index(rel[0])
+        for target in imports.findall(path.read_text()):
+            if target in LEAVES:
+                continue
+            if target not in LAYERS or LAYERS.index(target) < level:
+                offenders.append(f"{'/'.join(rel)} -> {target}")
+    assert not offenders, offenders

@@ -41,7 +41,7 @@ def served():
     from merging.member_merge import merge_members
     from merging.merge import merge_mix
     from merging.spec import parse_mix
-    from server.runtime import ModelRuntime
+    from server.worker.runtime import ModelRuntime
 
     runtime = ModelRuntime(DEMO / "base", max_loras=8, core_slots=8, adapter_slots=16)
     adapters = {n: load_adapter(DEMO / "adapters" / n, n) for n in NAMES}
@@ -66,7 +66,7 @@ def test_a_member_mix_generates_what_its_factors_generate(served, name):
 
 
 def test_member_mix_logits_match_the_factor_path(served):
-    from server.runtime import PrefillChunk
+    from server.worker.runtime import PrefillChunk
 
     runtime, _, _, cores, factors = served
     ids = _ids(runtime, PROMPTS[0])
@@ -105,7 +105,7 @@ def test_one_batch_of_member_factor_and_base_rows(served):
 def test_the_static_buffer_decode_serves_member_rows(served):
     """The decode a CUDA graph captures (padded bucket, rows padded to a power of two of members, the plan
     built on the device from the mix slots alone), run eagerly."""
-    from server.cuda_graphs import DecodeGraphs
+    from server.worker.cuda_graphs import DecodeGraphs
 
     runtime, adapters, _, cores, factors = served
     batch = [(_ids(runtime, PROMPTS[0]), cores["ties"]), (_ids(runtime, PROMPTS[1]), factors["dare_ties"]),
@@ -126,7 +126,7 @@ def test_the_static_buffer_decode_serves_member_rows(served):
         # so the pool keeps 4 members' worth of core rows for it.
         from merging.member_merge import merge_members
         from merging.spec import parse_mix
-        from server.member_pool import MemberPool
+        from server.adapters.member_pool import MemberPool
 
         pool = runtime.cores
         runtime.cores = MemberPool(pool.groups, 8, 4, pool.dtype, pool.device, max_members=4)
@@ -173,8 +173,8 @@ def test_members_evicted_and_loaded_again_serve_the_same_tokens(served):
     from merging.member_merge import merge_members
     from merging.merge import merge_mix
     from merging.spec import parse_mix
-    from server.member_pool import MemberPool
-    from server.slots import PoolFullError
+    from server.adapters.member_pool import MemberPool
+    from server.adapters.slots import PoolFullError
 
     runtime, adapters, _, _, _ = served
     more = dict(adapters)

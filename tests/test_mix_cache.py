@@ -8,8 +8,8 @@ import threading
 import pytest
 import torch
 
+from server.adapters.mix_cache import MergedMix, MixCache
 from server.metrics import Metrics
-from server.mix_cache import MergedMix, MixCache
 
 
 def _mix(nbytes: int) -> MergedMix:

@@ -9,8 +9,10 @@ import httpx
 import pytest
 import torch
 
-from server.architectures import LLAMA_GROUPS
-from server.kv_cache import (
+from server.adapters.lora_pool import LoraPool, prepare_lora
+from server.adapters.slots import PoolFullError
+from server.worker.architectures import LLAMA_GROUPS
+from server.worker.kv_cache import (
     NULL_BLOCK,
     OutOfBlocksError,
     PagedKVCache,
@@ -19,8 +21,6 @@ from server.kv_cache import (
     cpu_kv_budget,
     cuda_kv_budget,
 )
-from server.lora_pool import LoraPool, prepare_lora
-from server.slots import PoolFullError
 
 DEMO = Path(__file__).resolve().parents[1] / "mixserve" / "demo"
 needs_demo = pytest.mark.skipif(not (DEMO / "base" / "model.safetensors").is_file(), reason="mixserve/demo not trained")
@@ -68,7 +68,7 @@ def test_the_cpu_default_takes_at_most_a_quarter_of_available_memory():
 
 @needs_demo
 def test_a_context_the_cache_cannot_hold_is_refused_at_start_saying_what_fits():
-    from server.runtime import ModelRuntime, ServingError
+    from server.worker.runtime import ModelRuntime, ServingError
 
     per_block = 4 * 16 * 2 * 4 * 64 * 4  # demo: layers x block x (k, v) x kv heads x head dim x fp32
     with pytest.raises(ServingError, match=r"does not fit the KV cache: 10 blocks of 16 tokens hold 160 .*at most 160"):

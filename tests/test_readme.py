@@ -122,7 +122,7 @@ def test_the_readme_python_example_prints_what_the_readme_shows(server):
 
 def test_all_tasks_is_pinned_by_default_and_listed():
     from mixserve.cli import build_parser
-    from server.serve_cli import config_from_args
+    from server.entrypoints.serve_cli import config_from_args
 
     args = build_parser().parse_args(["serve"])
     assert config_from_args(args).pin_file == DEMO_DIR / "pins.yaml"

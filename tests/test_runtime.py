@@ -13,7 +13,7 @@ pytestmark = pytest.mark.skipif(not (DEMO / "base" / "model.safetensors").is_fil
 
 @pytest.fixture(scope="module")
 def runtime():
-    from server.runtime import ModelRuntime
+    from server.worker.runtime import ModelRuntime
 
     return ModelRuntime(DEMO / "base", max_loras=4)
 
@@ -51,7 +51,7 @@ def _fold(mix) -> torch.nn.Module:
 
 
 def test_logits_match_transformers_with_the_delta_folded_in(runtime, mixes):
-    from server.runtime import DecodeRow, PrefillChunk
+    from server.worker.runtime import DecodeRow, PrefillChunk
 
     ids = _prompt(runtime, "### task: sql\n### input: how many books have author bemi\n### output:\nSELECT")
     with torch.no_grad():
@@ -77,7 +77,7 @@ def test_logits_match_transformers_with_the_delta_folded_in(runtime, mixes):
 def test_pooled_side_path_matches_the_per_mix_reference(runtime, mixes, grouped):
     """Rows on four mixes (and the base) in one prefill and one decode step, given in mixed order:
     each row's logits equal transformers' with its own mix folded in."""
-    from server.runtime import DecodeRow, PrefillChunk
+    from server.worker.runtime import DecodeRow, PrefillChunk
 
     names = ["dense", None, "sql", "ties", "sql", None, "dense", "ties"]
     texts = ["### task: sql\n### input: how many books have author bemi\n### output:\n",
@@ -111,7 +111,7 @@ def test_pooled_side_path_matches_the_per_mix_reference(runtime, mixes, grouped)
 def _greedy(runtime, batch: list[tuple[list[int], str | None]], mixes, steps: int = 12,
             chunk: int | None = None) -> list[list[int]]:  # fmt: skip
     """Greedy tokens for sequences prefilled (in chunks of ``chunk`` tokens) and decoded together."""
-    from server.runtime import DecodeRow, PrefillChunk
+    from server.worker.runtime import DecodeRow, PrefillChunk
 
     tables = [runtime.kv.allocate(runtime.kv.blocks_for(len(ids) + steps)) for ids, _ in batch]
     slots = [runtime.pool.acquire(mixes.get(m)) for _, m in batch]
@@ -174,7 +174,7 @@ def test_gqa_and_biased_projections_match_transformers(tmp_path, model_type):
 
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from server.runtime import DecodeRow, ModelRuntime, PrefillChunk
+    from server.worker.runtime import DecodeRow, ModelRuntime, PrefillChunk
 
     torch.manual_seed(0)
     config = AutoConfig.for_model(
@@ -209,7 +209,7 @@ def test_the_static_buffer_decode_of_cuda_graphs_generates_the_same_tokens(runti
     """The path a CUDA graph captures (padded batch bucket, padding rows on the null block, every pool
     slot in the side path) run eagerly here: the same greedy tokens as the plain decode, and the padding
     rows disturb no one's KV cache. (The capture itself needs a GPU.)"""
-    from server.cuda_graphs import DecodeGraphs
+    from server.worker.cuda_graphs import DecodeGraphs
 
     batch = [(_prompt(runtime, t), m) for t, m in [
         ("### task: sql\n### input: how many books have author bemi\n### output:\n", "sql"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from server.sampling import SamplingParams, make_generator, sample_next
+from server.engine.sampling import SamplingParams, make_generator, sample_next
 
 
 @pytest.mark.parametrize("temperature", [0.0, 5e-324, 1e-300, 1e-30, 1e-6])

@@ -182,7 +182,7 @@ def test_a_full_queue_answers_429_with_retry_after(server):
 def test_a_merge_that_runs_out_of_memory_fails_only_its_requests(server, monkeypatch, merge, space):
     """On the member path (lowrank mixes) and the factor path (dense-space mixes)."""
     url, _app, _ = server
-    import server.state as state_module
+    import server.entrypoints.state as state_module
 
     real = getattr(state_module, merge)
 

@@ -10,8 +10,8 @@ import pytest
 
 import mixserve.tune_jobs as tune_jobs
 from mixserve.tune_jobs import TuneJobs
-from server.engine import TokenEvent
-from server.state import RequestError
+from server.engine.engine import TokenEvent
+from server.entrypoints.state import RequestError
 
 REQUEST = {"tasks": ["sql"], "adapters": None, "budget": 2, "n_val": 2, "methods": None, "space": "lowrank",
            "seed": 0, "pin_as": None}  # fmt: skip

@@ -102,8 +102,8 @@ class MixserveReplica:
         import uvicorn
 
         from mixserve.tune_jobs import TuneService
-        from server.api import create_app
         from server.config import ServeConfig
+        from server.entrypoints.api import create_app
         from server.readiness import free_port, wait_until_ready
 
         config = ServeConfig(**(serve_kwargs or {}))

@@ -4,7 +4,7 @@ Folding a merge into the weights makes every row the same compute, so a folded m
 noise. What a mix costs when served is its side path: ``mixserve serve`` keeps the base weights and
 adds each row's mix through the member pool (a lowrank mix: its adapters' own factors, resident once,
 and the mix's small cores) or the factor pool (dense-space mixes, PEFT's merges: factors at the mix's rank). So each
-row here is timed as the server runs it: :class:`~server.runtime.ModelRuntime` decode steps at batch 1
+row here is timed as the server runs it: :class:`~server.worker.runtime.ModelRuntime` decode steps at batch 1
 with the mix in its pool, against the base model's steps taken in turns with it (base, mix, base, ...),
 median step time of each; the ratio is what the row costs a user over the base model.
 """
@@ -26,7 +26,7 @@ class ServingLatency:
     """A :class:`ModelRuntime` of the base, timing decode at batch 1."""
 
     def __init__(self, model_dir: Path, adapters: dict[str, LoraAdapter], *, steps: int = 24, rounds: int = 5) -> None:
-        from server.runtime import ModelRuntime
+        from server.worker.runtime import ModelRuntime
 
         self.runtime = ModelRuntime(model_dir, max_loras=1, core_slots=1, adapter_slots=max(16, len(adapters)))
         self.adapters, self.steps, self.rounds = adapters, steps, rounds
@@ -48,7 +48,7 @@ class ServingLatency:
 
     def _step_ms(self, prepared) -> float:
         """Median ms of ``steps`` decode steps for one sequence on ``prepared`` (after its prefill)."""
-        from server.runtime import DecodeRow, PrefillChunk
+        from server.worker.runtime import DecodeRow, PrefillChunk
 
         rt = self.runtime
         blocks = rt.kv.allocate(rt.kv.blocks_for(len(self.prompt) + self.steps))

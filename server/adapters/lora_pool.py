@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F  # noqa: N812 - the usual name
 
-from server.slots import SlotTable
+from server.adapters.slots import SlotTable
 
 RANK_ALIGN = 16  # padded ranks are multiples of this: aligned strides, and few regrowths
 # module name -> (A [r, in], B [out, r] with the LoRA scale folded in)

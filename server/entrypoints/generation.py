@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 from starlette.requests import Request
 
-from server.engine import EngineStoppedError, GenerationRequest, QueueFullError, RequestHandle, TokenEvent
-from server.sampling import SamplingParams
-from server.state import RequestError, ResolvedMix, ServerState
+from server.engine.engine import EngineStoppedError, GenerationRequest, QueueFullError, RequestHandle, TokenEvent
+from server.engine.sampling import SamplingParams
+from server.entrypoints.state import RequestError, ResolvedMix, ServerState
 
 
 @dataclass

@@ -11,10 +11,10 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
-from server.auth import require_api_key
-from server.generation import Generation, collect, encode_prompt, sampling_params, start_generation, stream
-from server.schemas import ChatCompletionRequest, CompletionRequest
-from server.state import RequestError, ServerState
+from server.entrypoints.auth import require_api_key
+from server.entrypoints.generation import Generation, collect, encode_prompt, sampling_params, start_generation, stream
+from server.entrypoints.schemas import ChatCompletionRequest, CompletionRequest
+from server.entrypoints.state import RequestError, ServerState
 
 # Router-level, so a missing key is answered (401) before anything else, even while the model loads.
 router = APIRouter(dependencies=[Depends(require_api_key)])

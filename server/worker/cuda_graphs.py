@@ -28,9 +28,9 @@ from dataclasses import dataclass
 
 import torch
 
-from server.kv_cache import NULL_BLOCK
-from server.lora_pool import SidePlan
-from server.member_pool import MemberPlan
+from server.adapters.lora_pool import SidePlan
+from server.adapters.member_pool import MemberPlan
+from server.worker.kv_cache import NULL_BLOCK
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
@@ -50,7 +50,7 @@ class _Graph:
 
 
 class DecodeGraphs:
-    """Static-buffer decode for ``runtime`` (a :class:`~server.runtime.ModelRuntime`)."""
+    """Static-buffer decode for ``runtime`` (a :class:`~server.worker.runtime.ModelRuntime`)."""
 
     def __init__(self, runtime, *, capture: bool) -> None:
         self.runtime, self.capture = runtime, capture

@@ -15,8 +15,8 @@ import yaml
 
 from merging.adapters import AdapterError
 from merging.mergekit_config import MergekitConfigError, MergekitMix, from_mergekit, lora_resolver
-from server.registry import NAME, confined
-from server.state import RequestError, ServerState
+from server.adapters.registry import NAME, confined
+from server.entrypoints.state import RequestError, ServerState
 
 
 def parse_config(raw: str | dict[str, Any]) -> Any:

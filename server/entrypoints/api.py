@@ -17,14 +17,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from server import routes_admin, routes_openai, routes_playground
-from server.auth import require_api_key
 from server.config import ServeConfig
-from server.generation import collect, encode_prompt, sampling_params, start_generation, stream
+from server.entrypoints import routes_admin, routes_openai, routes_playground
+from server.entrypoints.auth import require_api_key
+from server.entrypoints.generation import collect, encode_prompt, sampling_params, start_generation, stream
+from server.entrypoints.routes_openai import StateDep
+from server.entrypoints.schemas import GenerateRequest, error_body
+from server.entrypoints.state import RequestError, ServerState
 from server.metrics import CONTENT_TYPE
-from server.routes_openai import StateDep
-from server.schemas import GenerateRequest, error_body
-from server.state import RequestError, ServerState
 
 log = logging.getLogger("mixserve.api")
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",

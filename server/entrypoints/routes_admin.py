@@ -11,11 +11,11 @@ import asyncio
 from fastapi import APIRouter, Depends, Request
 
 from merging.adapters import AdapterError
-from server.auth import bearer, secrets_match
-from server.mergekit_mixes import mix_from_mergekit
-from server.routes_openai import StateDep
-from server.schemas import PinMixRequest, RegisterAdapterRequest
-from server.state import RequestError, ServerState
+from server.entrypoints.auth import bearer, secrets_match
+from server.entrypoints.mergekit_mixes import mix_from_mergekit
+from server.entrypoints.routes_openai import StateDep
+from server.entrypoints.schemas import PinMixRequest, RegisterAdapterRequest
+from server.entrypoints.state import RequestError, ServerState
 
 
 def require_admin(request: Request, state: StateDep) -> ServerState:

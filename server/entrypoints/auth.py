@@ -11,7 +11,7 @@ import hmac
 
 from fastapi import Request
 
-from server.state import RequestError
+from server.entrypoints.state import RequestError
 
 
 def secrets_match(given: str, expected: str) -> bool:

@@ -1,6 +1,6 @@
 """``/playground``: a page to compose mixes and compare them side by side, served by mixserve itself.
 
-Static HTML + JS shipped in the package (``server/static/``): no build step, nothing fetched from the
+Static HTML + JS shipped in the package (``server/entrypoints/static/``): no build step, nothing fetched from the
 internet. The page talks to the public API (``/v1/models``, ``/generate``, ``/metrics``, ``/ready``)
 with the API key a person enters, and to ``/admin/mixes`` only with an admin token entered.
 """
@@ -19,7 +19,7 @@ router = APIRouter()
 
 @router.get("/playground", response_class=HTMLResponse, include_in_schema=False)
 async def playground() -> HTMLResponse:
-    page = resources.files("server").joinpath("static/playground.html").read_text(encoding="utf-8")
+    page = resources.files("server.entrypoints").joinpath("static/playground.html").read_text(encoding="utf-8")
     return HTMLResponse(page, headers={"Cache-Control": "no-cache"})
 
 

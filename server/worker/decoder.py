@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F  # noqa: N812 - the usual name
 from transformers.activations import ACT2FN
 
-from server.architectures import ModelSpec
-from server.fused_linear import FusedLinear, fuse_linears
+from server.worker.architectures import ModelSpec
+from server.worker.fused_linear import FusedLinear, fuse_linears
 
 # attend(layer, q [N, H, d], heads [N, H + 2 KV, d]) -> [N, H * d], called once the keys are cached
 Attend = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]

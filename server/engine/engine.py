@@ -28,11 +28,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from server.lora_pool import PreparedLora
-from server.member_pool import PreparedMembers
+from server.adapters.lora_pool import PreparedLora
+from server.adapters.member_pool import PreparedMembers
+from server.engine.sampling import SamplingParams, make_generator, sample_next
 from server.metrics import Metrics
-from server.runtime import DecodeRow, ModelRuntime, PrefillChunk
-from server.sampling import SamplingParams, make_generator, sample_next
+from server.worker.runtime import DecodeRow, ModelRuntime, PrefillChunk
 
 log = logging.getLogger("mixserve.engine")
 

@@ -21,12 +21,12 @@ from merging.core_merge import BasisCache, dense_node
 from merging.member_merge import SetFamilies, merge_members
 from merging.merge import MergeError, merge_mix, mix_key
 from merging.spec import AdapterLeaf, MixNode, depth, leaves, parse_mix
+from server.adapters.mix_cache import CacheEntry, Lease, MergedMix, MixCache
+from server.adapters.registry import NAME, AdapterRegistry
 from server.config import DEMO_DIR, ServeConfig
-from server.engine import Engine
+from server.engine.engine import Engine
 from server.metrics import Metrics
-from server.mix_cache import CacheEntry, Lease, MergedMix, MixCache
-from server.registry import NAME, AdapterRegistry
-from server.runtime import ModelRuntime
+from server.worker.runtime import ModelRuntime
 
 log = logging.getLogger("mixserve.state")
 DEMO_MODEL_NAME = "mixserve-demo"

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from server.config import DEMO_DIR, DTYPES, Limits, ServeConfig
-from server.model_source import ModelNotFoundError, locate_model
+from server.worker.model_source import ModelNotFoundError, locate_model
 
 EPILOG = """\
 examples:
@@ -172,10 +172,10 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
 
 
 def cmd_serve(args: argparse.Namespace, extensions: Sequence = ()) -> int:
-    """Serve until SIGTERM / SIGINT; ``extensions``: routes the calling command adds (``server.api.Extension``)."""
+    """Serve until SIGTERM / SIGINT; ``extensions``: routes the calling command adds (``server.entrypoints.api.Extension``)."""
     import uvicorn
 
-    from server.api import create_app
+    from server.entrypoints.api import create_app
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = config_from_args(args)

@@ -37,8 +37,8 @@ import torch
 
 from merging.adapters import LoraAdapter
 from merging.member_merge import MemberMix
-from server.lora_pool import RANK_ALIGN
-from server.slots import PoolFullError, SlotTable
+from server.adapters.lora_pool import RANK_ALIGN
+from server.adapters.slots import PoolFullError, SlotTable
 
 
 def _align(n: int) -> int:

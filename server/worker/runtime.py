@@ -24,12 +24,12 @@ import torch
 
 from merging.adapters import LoraAdapter
 from merging.member_merge import MemberMix
-from server.architectures import UnsupportedModelError, resolve
-from server.decoder import Decoder
-from server.kv_cache import NULL_BLOCK, PagedKVCache, bytes_per_block, check_fits, cpu_kv_budget, cuda_kv_budget
-from server.lora_pool import LoraFactorsByModule, LoraPool, PreparedLora, SidePlan, prepare_lora
-from server.member_pool import MemberPlan, MemberPool, PreparedMembers, prepare_members
-from server.paged_attention import chunk_attention, decode_attention, key_mask
+from server.adapters.lora_pool import LoraFactorsByModule, LoraPool, PreparedLora, SidePlan, prepare_lora
+from server.adapters.member_pool import MemberPlan, MemberPool, PreparedMembers, prepare_members
+from server.worker.architectures import UnsupportedModelError, resolve
+from server.worker.decoder import Decoder
+from server.worker.kv_cache import NULL_BLOCK, PagedKVCache, bytes_per_block, check_fits, cpu_kv_budget, cuda_kv_budget
+from server.worker.paged_attention import chunk_attention, decode_attention, key_mask
 
 MIN_KEYS = 64  # decode attention reads at least this many keys per row
 # window -> (each row's window table [rows, window blocks], the position of its first key [rows])
@@ -138,7 +138,7 @@ class ModelRuntime:
         self.cores = MemberPool(groups, adapter_slots, core_slots, self.dtype, self.device, max_members)
         self.graphs = None
         if cuda_graphs and self.device.type == "cuda":
-            from server.cuda_graphs import DecodeGraphs
+            from server.worker.cuda_graphs import DecodeGraphs
 
             self.graphs = DecodeGraphs(self, capture=True)
 
