@@ -36,6 +36,10 @@ class Metrics:
                              buckets=E2E_BUCKETS, registry=r)  # fmt: skip
         self.prompt_tokens = Counter(p + "prompt_tokens", "Prompt tokens processed.", ["mix"], registry=r)
         self.generated_tokens = Counter(p + "generated_tokens", "Tokens generated.", ["mix"], registry=r)
+        self.prefill_tokens = Counter(p + "prefill_tokens", "Prompt tokens run through the model (once for all the "
+                                      "choices of a request).", registry=r)  # fmt: skip
+        self.structured_requests = Counter(p + "structured_requests", "Requests with an output grammar, by kind.",
+                                           ["kind"], registry=r)  # fmt: skip
         self.requests = Counter(p + "requests", "Finished requests by reason.", ["finish_reason"], registry=r)
         self.running = Gauge(p + "requests_running", "Sequences in the running batch.", registry=r)
         self.waiting = Gauge(p + "requests_waiting", "Requests waiting for admission.", registry=r)

@@ -10,7 +10,7 @@ import pytest
 
 import mixserve.tune_jobs as tune_jobs
 from mixserve.tune_jobs import TuneJobs
-from server.engine.engine import TokenEvent
+from server.engine.sequence import TokenEvent
 from server.entrypoints.state import RequestError
 
 REQUEST = {"tasks": ["sql"], "adapters": None, "budget": 2, "n_val": 2, "methods": None, "space": "lowrank",
@@ -28,6 +28,8 @@ def _state() -> SimpleNamespace:
 
 
 class _Handle:
+    n = 1  # choices
+
     def __init__(self, events: list[TokenEvent], log: list[str]) -> None:
         self._events, self.log = events, log
 

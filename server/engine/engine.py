@@ -10,8 +10,12 @@ Each step (run in a worker thread, so the event loop keeps serving HTTP):
 3. decodes one token for every other running sequence in a single batched forward (rows sorted by
    mix-pool slot, the pooled side path's order).
 
-Tokens go back to the request's asyncio queue through ``call_soon_threadsafe``. Detokenisation and
-stop strings are handled here, so a stopped sequence frees its blocks at once.
+Each forward's rows are sampled together (:mod:`server.engine.sampler`: one pass, one host copy);
+the grammar masks of structured rows are filled on worker threads while the forward runs. A request
+for ``n`` choices is admitted with the KV blocks of all of them, prefilled once, then forked: the
+choices share the prompt's full blocks and copy its last, partly filled one. Tokens go back to the
+request's asyncio queue through ``call_soon_threadsafe``. Detokenisation and stop strings are handled
+here, so a stopped sequence frees its blocks at once.
 """
 
 from __future__ import annotations
@@ -22,15 +26,21 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 import torch
 
-from server.adapters.lora_pool import PreparedLora
-from server.adapters.member_pool import PreparedMembers
-from server.engine.sampling import SamplingParams, make_generator, sample_next
+from server.engine.sampler import Sampler, SampleRow, prompt_logprobs
+from server.engine.sampling import make_generator
+from server.engine.sequence import (
+    ChoiceGroup,
+    GenerationRequest,
+    RequestHandle,
+    Sequence,
+    TokenEvent,
+    TokenLogprob,
+)
+from server.engine.structured import StepMasks, StructuredOutputs
 from server.metrics import Metrics
 from server.worker.runtime import DecodeRow, ModelRuntime, PrefillChunk
 
@@ -43,70 +53,6 @@ class QueueFullError(RuntimeError):
 
 class EngineStoppedError(RuntimeError):
     """The engine no longer admits requests (draining or stopped)."""
-
-
-@dataclass
-class GenerationRequest:
-    prompt_ids: list[int]
-    params: SamplingParams
-    lora: PreparedLora | PreparedMembers | None = None  # factors (factor pool) or member cores (member pool)
-    mix_key: str = ""  # "" = the base model; equal keys share a side-path segment
-    mix_label: str = "base"  # bounded metrics label: base, an adapter or pinned name, or "adhoc"
-    on_finish: Callable[[], None] | None = None  # e.g. release the mix-cache lease (called on the loop)
-    arrival: float = field(default_factory=time.perf_counter)  # set before any merge: TTFT includes it
-
-
-@dataclass
-class TokenEvent:
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
-    error: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-
-@dataclass
-class _Sequence:
-    id: int
-    req: GenerationRequest
-    queue: asyncio.Queue[TokenEvent]
-    arrival: float
-    blocks: list[int] = field(default_factory=list)  # KV block table (reserved for prompt + max_tokens)
-    lora_slot: int = -1  # the mix's factor-pool slot while running (-1: no slots held)
-    core_slot: int = 0  # the mix's member-pool slot while running
-    prefilled: int = 0  # prompt tokens already in the KV cache
-    tokens: list[int] = field(default_factory=list)
-    emitted_chars: int = 0
-    pending_ids: list[int] = field(default_factory=list)
-    text: str = ""  # decoded so far (complete characters only)
-    prefix_offset: int = 0  # incremental detokenisation window, as in vLLM
-    read_offset: int = 0
-    last_token_time: float = 0.0
-    cancelled: bool = False
-    finished: bool = False
-    generator: torch.Generator | None = None
-
-    @property
-    def position(self) -> int:  # tokens already in the KV cache when decoding
-        return len(self.req.prompt_ids) + len(self.tokens) - 1
-
-
-class RequestHandle:
-    """What a caller gets back from :meth:`Engine.submit`: an async stream of events and an abort."""
-
-    def __init__(self, engine: Engine, seq: _Sequence) -> None:
-        self._engine, self._seq = engine, seq
-
-    def abort(self) -> None:
-        self._engine.abort(self._seq)
-
-    async def events(self) -> AsyncIterator[TokenEvent]:
-        while True:
-            event = await self._seq.queue.get()
-            yield event
-            if event.finish_reason is not None:
-                return
 
 
 class Engine:
@@ -132,9 +78,9 @@ class Engine:
         self.max_waiting = max_waiting
         # Prompt tokens prefilled per step: bounds the stall of running sequences (long prompts are chunked).
         self.max_prefill_tokens = max_prefill_tokens
-        self._waiting: deque[_Sequence] = deque()
-        self._running: list[_Sequence] = []
-        self._prefilling: list[_Sequence] = []  # running, prompt not all in the KV cache yet (admission order)
+        self._waiting: deque[Sequence] = deque()
+        self._running: list[Sequence] = []
+        self._prefilling: list[Sequence] = []  # running, prompt not all in the KV cache yet (admission order)
         self._ids = itertools.count()
         self._lock = threading.Lock()  # guards _waiting between the loop and the step thread
         self._wake = asyncio.Event()
@@ -144,6 +90,8 @@ class Engine:
         self.steps = 0
         eos = runtime.tokenizer.eos_token_id
         self._eos = set(eos if isinstance(eos, list) else [eos]) - {None}
+        self.sampler = Sampler(runtime.device)
+        self.structured: StructuredOutputs | None = None  # set by the server once a request needs it
 
     # ------------------------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -162,7 +110,7 @@ class Engine:
         self.accepting = False
         with self._lock:
             for seq in list(self._waiting) + self._running:
-                seq.cancelled = True
+                seq.group.cancelled = True
         self._wake.set()
         if self._task is not None:
             for _ in range(200):  # let the step thread abort what is left
@@ -187,21 +135,33 @@ class Engine:
 
     # ------------------------------------------------------------------------------------ requests
     def submit(self, req: GenerationRequest) -> RequestHandle:
+        """Queue ``req`` (its ``n`` choices); raises :class:`QueueFullError` / :class:`EngineStoppedError`."""
         if not self.accepting:
             raise EngineStoppedError("the server is shutting down")
         with self._lock:
             if len(self._waiting) >= self.max_waiting:
                 raise QueueFullError(f"{len(self._waiting)} requests are waiting (limit {self.max_waiting})")
-            seq = _Sequence(next(self._ids), req, asyncio.Queue(), req.arrival)
-            seq.generator = make_generator(req.params)
-            self._waiting.append(seq)
+            group = ChoiceGroup(req.n)
+            self._waiting.append(self._choice(req, group, 0))
         self.metrics.prompt_tokens.labels(req.mix_label).inc(len(req.prompt_ids))
         self._wake.set()
-        return RequestHandle(self, seq)
+        return RequestHandle(self, group)
 
-    def abort(self, seq: _Sequence) -> None:
-        if not seq.finished:
-            seq.cancelled = True
+    def _choice(self, req: GenerationRequest, group: ChoiceGroup, index: int) -> Sequence:
+        params = req.params.for_choice(index)
+        seq = Sequence(
+            next(self._ids), req, group, params, index, generator=make_generator(params, self.runtime.device)
+        )
+        if params.grammar is not None:
+            seq.matcher = self.structured.matcher(params.grammar)
+        if params.repetition_penalty != 1.0:
+            seq.prompt_mask = torch.zeros(self.runtime.vocab_size, dtype=torch.bool, device=self.runtime.device)
+            seq.prompt_mask[torch.tensor(req.prompt_ids, device=self.runtime.device)] = True
+        return seq
+
+    def abort(self, group: ChoiceGroup) -> None:
+        if group.unfinished:
+            group.cancelled = True
             self._wake.set()
 
     async def _run(self) -> None:
@@ -239,11 +199,14 @@ class Engine:
             self._decode(decoding)
         self._update_gauges()
 
-    def _blocks_needed(self, seq: _Sequence) -> int:
-        tokens = min(len(seq.req.prompt_ids) + seq.req.params.max_tokens, self.runtime.max_len)
-        return self.runtime.kv.blocks_for(tokens)
+    def _blocks_needed(self, seq: Sequence) -> int:
+        """The KV blocks of all of ``seq``'s choices: each its prompt + ``max_tokens``, the prompt's full
+        blocks once."""
+        kv, prompt = self.runtime.kv, len(seq.req.prompt_ids)
+        each = kv.blocks_for(min(prompt + seq.params.max_tokens, self.runtime.max_len))
+        return each + (seq.group.n - 1) * (each - prompt // kv.block_size)
 
-    def _schedule_prefill(self) -> list[tuple[_Sequence, int]]:
+    def _schedule_prefill(self) -> list[tuple[Sequence, int]]:
         """``(sequence, prompt tokens)`` to prefill this step: started prompts first, then admissions."""
         budget, work = self.max_prefill_tokens, []
         for seq in self._prefilling:
@@ -253,18 +216,21 @@ class Engine:
             work.append((seq, n))
             budget -= n
         kv = self.runtime.kv
-        while budget > 0 and len(self._running) < self.max_batch:
+        while budget > 0:
             with self._lock:
                 if not self._waiting:
                     break
                 seq = self._waiting[0]
                 needed = self._blocks_needed(seq)
-                if needed > kv.free_blocks or not self.runtime.can_acquire(seq.req.lora):
-                    break  # first come, first served: wait for blocks or a mix slot to free up
+                if (len(self._running) + seq.group.n > self.max_batch or needed > kv.free_blocks
+                        or not self.runtime.can_acquire(seq.req.lora)):  # fmt: skip
+                    break  # first come, first served: wait for places, blocks or a mix slot to free up
                 self._waiting.popleft()
             try:
                 seq.lora_slot, seq.core_slot = self.runtime.acquire(seq.req.lora)  # may copy the mix in
-                seq.blocks = kv.allocate(needed)
+                seq.blocks = kv.allocate(kv.blocks_for(min(len(seq.req.prompt_ids) + seq.params.max_tokens,
+                                                           self.runtime.max_len)))  # fmt: skip
+                seq.spare_blocks = kv.allocate(needed - len(seq.blocks))
             except Exception as exc:
                 log.exception("admission failed")
                 self._finish(seq, "error", error=str(exc))  # frees whatever it got
@@ -276,33 +242,84 @@ class Engine:
             budget -= n
         return work
 
-    def _prefill(self, work: list[tuple[_Sequence, int]]) -> set[int]:
-        """Run the chunks in one forward; sequences whose prompt completed get their first token (their
-        ids are returned: they decode from the next step on)."""
+    def _prefill(self, work: list[tuple[Sequence, int]]) -> set[int]:
+        """Run the chunks in one forward; sequences whose prompt completed get their first token (they and
+        the choices forked from them, whose ids are returned, decode from the next step on)."""
         if not work:
             return set()
         chunks = [PrefillChunk(s.req.prompt_ids[s.prefilled : s.prefilled + n], s.prefilled, s.blocks, s.lora_slot,
                                s.core_slot) for s, n in work]  # fmt: skip
+        every = [c for c, (s, _) in enumerate(work) if s.params.prompt_logprobs is not None]
+        completing = [s for s, n in work if s.prefilled + n == len(s.req.prompt_ids) and s.params.max_tokens > 0]
+        rows = [(s, i) for s in completing for i in range(s.group.n)]  # (parent, choice index) per sample row
+        masks = self._start_masks([s if i == 0 else None for s, i in rows])
         try:
-            logits = self.runtime.prefill(chunks)
+            logits, full = self.runtime.prefill_positions(chunks, every)
         except Exception as exc:
             log.exception("prefill failed")
             for seq, _ in work:
                 self._finish(seq, "error", error=str(exc))
             return set()
-        now, done = time.perf_counter(), set()
-        for row, (seq, n) in enumerate(work):
+        self.metrics.prefill_tokens.inc(sum(n for _, n in work))
+        now, done, last = time.perf_counter(), set(), {}
+        for c, (seq, n) in enumerate(work):
+            if c in full:
+                self._prompt_logprobs(seq, full[c], n)
             seq.prefilled += n
             if seq.prefilled < len(seq.req.prompt_ids):
                 continue
             self._prefilling.remove(seq)
-            done.add(seq.id)
-            self.metrics.ttft.labels(seq.req.mix_label).observe(now - seq.arrival)
-            self._sample_and_append(seq, logits[row], now)
-        return done
+            self.metrics.ttft.labels(seq.req.mix_label).observe(now - seq.req.arrival)
+            if seq.params.prompt_logprobs is not None:
+                self._emit(seq, TokenEvent("", [], prompt_logprobs=seq.prompt_logprobs))
+            if seq.params.max_tokens == 0:  # echo only: the prompt's logprobs were the answer
+                self._finish(seq, "length")
+                continue
+            last[seq.id] = c
+        if not rows:
+            return done
+        if masks is not None:
+            masks.wait()
+        sampled = []
+        for r, (seq, i) in enumerate(rows):
+            if i and masks is not None:
+                masks.copy_row(r, r - i)  # a fresh choice's grammar state is its parent's
+            seq.forked = True
+            sampled.append(seq if i == 0 else self._fork(seq, i))
+        index = torch.tensor([last[s.id] for s, _ in rows], dtype=torch.long, device=logits.device)
+        self._sample(sampled, logits[index], masks, now)
+        return done | {s.id for s in sampled}
 
-    def _decode(self, seqs: list[_Sequence]) -> None:
+    def _fork(self, parent: Sequence, index: int) -> Sequence:
+        """Choice ``index`` of ``parent``'s request, after its prompt is prefilled: the prompt's full
+        blocks shared, the partly filled one copied into its own reserved blocks."""
+        kv, prompt = self.runtime.kv, len(parent.req.prompt_ids)
+        full = prompt // kv.block_size
+        own = len(parent.blocks) - full
+        child = self._choice(parent.req, parent.group, index)
+        child.blocks = kv.share(parent.blocks[:full]) + parent.spare_blocks[:own]
+        del parent.spare_blocks[:own]
+        if prompt % kv.block_size:
+            kv.copy_block(parent.blocks[full], child.blocks[full])
+        child.lora_slot, child.core_slot = self.runtime.acquire(parent.req.lora)
+        child.prefilled, child.prompt_logprobs = prompt, parent.prompt_logprobs
+        self._running.append(child)
+        return child
+
+    def _prompt_logprobs(self, seq: Sequence, logits: torch.Tensor, n: int) -> None:
+        """The logprobs of the prompt tokens a chunk's positions predict (the first token has none)."""
+        ids, start = seq.req.prompt_ids, seq.prefilled
+        if start == 0:
+            seq.prompt_logprobs.append(None)
+        stop = min(start + n, len(ids) - 1)  # the last position predicts a generated token
+        if stop > start:
+            for t, (lp, top) in zip(ids[start + 1 : stop + 1], prompt_logprobs(logits[: stop - start],
+                                    ids[start + 1 : stop + 1], seq.params.prompt_logprobs), strict=True):  # fmt: skip
+                seq.prompt_logprobs.append(TokenLogprob(t, lp, top))
+
+    def _decode(self, seqs: list[Sequence]) -> None:
         self.metrics.batch_size.observe(len(seqs))
+        masks = self._start_masks(seqs)
         try:
             logits = self.runtime.decode([DecodeRow(s.tokens[-1], s.position, s.blocks, s.lora_slot, s.core_slot)
                                           for s in seqs])  # fmt: skip
@@ -312,91 +329,9 @@ class Engine:
                 self._finish(seq, "error", error=str(exc))
             return
         now = time.perf_counter()
-        for row, seq in enumerate(seqs):
+        for seq in seqs:
             self.metrics.itl.labels(seq.req.mix_label).observe(now - seq.last_token_time)
-            self._sample_and_append(seq, logits[row], now)
-
-    def _sample_and_append(self, seq: _Sequence, logits: torch.Tensor, now: float) -> None:
-        try:
-            token = sample_next(logits, seq.req.params, seq.generator)
-        except Exception as exc:  # fails this sequence only
-            log.exception("sampling failed")
-            self._finish(seq, "error", error=f"sampling failed: {exc}")
-            return
-        self._append(seq, token, now)
-
-    def _append(self, seq: _Sequence, token: int, now: float) -> None:
-        """Record one generated token, emit the text it completes, finish the sequence if it ends."""
-        seq.last_token_time = now
-        params = seq.req.params
-        self.metrics.generated_tokens.labels(seq.req.mix_label).inc()
-        finish = None
-        if token in self._eos and not params.ignore_eos:
-            # The end: what was held back for stop matching (below) is sent now, or it would be lost.
-            text, finish = seq.text, "stop"
-        else:
-            seq.tokens.append(token)
-            seq.pending_ids.append(token)
-            text = self._detokenize(seq)
-        if params.stop and finish is None:
-            hits = [i for i in (text.find(s, max(0, seq.emitted_chars - len(s))) for s in params.stop) if i >= 0]
-            if hits:
-                text, finish = text[: min(hits)], "stop"
-        if finish is None and len(seq.tokens) >= params.max_tokens:
-            finish = "length"
-        if finish is None and seq.position + 1 >= self.runtime.max_len:
-            finish = "length"  # the context is full
-        # Hold back what could still become a stop string (incomplete UTF-8 never reaches `text`).
-        hold = 0 if finish else max((len(s) - 1 for s in params.stop), default=0)
-        end = max(seq.emitted_chars, len(text) - hold)
-        if end > seq.emitted_chars or finish:
-            delta = text[seq.emitted_chars : end]
-            seq.emitted_chars = end
-            ids, seq.pending_ids = seq.pending_ids, []
-            if finish:
-                self._finish(seq, finish, last=(delta, ids))
-            else:
-                self._emit(seq, TokenEvent(delta, ids))
-
-    def _detokenize(self, seq: _Sequence) -> str:
-        """The sequence's text so far, decoding only a short window of recent tokens per step: the text
-        of tokens[prefix:] minus that of tokens[prefix:read] is what the new tokens add (the window's
-        first token gives SentencePiece its leading-space context); an incomplete UTF-8 character
-        waits for the token that completes it."""
-        tok = self.runtime.tokenizer
-        before = tok.decode(seq.tokens[seq.prefix_offset : seq.read_offset], skip_special_tokens=True)
-        after = tok.decode(seq.tokens[seq.prefix_offset :], skip_special_tokens=True)
-        if len(after) > len(before) and not after.endswith("\ufffd"):
-            seq.text += after[len(before) :]
-            seq.prefix_offset, seq.read_offset = seq.read_offset, len(seq.tokens)
-        return seq.text
-
-    def _finish(self, seq: _Sequence, reason: str, *, error: str | None = None, last=("", [])) -> None:
-        if seq.finished:
-            return
-        seq.finished = True
-        if seq in self._running:
-            self._running.remove(seq)
-        if seq in self._prefilling:
-            self._prefilling.remove(seq)
-        if seq.blocks:
-            self.runtime.kv.free(seq.blocks)
-            seq.blocks = []
-        if seq.lora_slot >= 0:
-            self.runtime.release(seq.lora_slot, seq.core_slot)
-            seq.lora_slot, seq.core_slot = -1, 0
-        self.metrics.requests.labels(reason).inc()
-        if reason in ("stop", "length"):
-            self.metrics.e2e.labels(seq.req.mix_label).observe(time.perf_counter() - seq.arrival)
-        text, ids = last
-        event = TokenEvent(text, list(ids), reason, error, len(seq.req.prompt_ids), len(seq.tokens))
-        self._emit(seq, event)
-        if seq.req.on_finish is not None and self._loop is not None:
-            self._loop.call_soon_threadsafe(seq.req.on_finish)
-
-    def _emit(self, seq: _Sequence, event: TokenEvent) -> None:
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(seq.queue.put_nowait, event)
+        self._sample(seqs, logits, masks, now)
 
     def _update_gauges(self) -> None:
         kv = self.runtime.kv
@@ -408,3 +343,75 @@ class Engine:
             {s.req.mix_label for s in self._running if s.req.mix_key},
             {s.req.mix_label for s in list(self._waiting) if s.req.mix_key},
         )
+
+    # ------------------------------------------------------------------------------------ sampling
+    def _start_masks(self, seqs: list[Sequence | None]) -> StepMasks | None:
+        """Start filling the grammar masks of the structured rows on worker threads (None: no such row)."""
+        rows = [r for r, s in enumerate(seqs) if s is not None and s.matcher is not None]
+        if not rows or self.structured is None:
+            return None
+        return self.structured.step_masks(len(seqs), [seqs[r].matcher for r in rows], rows)
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor, masks: StepMasks | None, now: float) -> None:
+        try:
+            if masks is not None:
+                masks.wait()  # a matcher's error fails the step's rows below, never silently
+            masked = [r for r, s in enumerate(seqs) if s.matcher is not None] if masks is not None else []
+            rows = [SampleRow(s.params, s.generator, s.tokens, s.prompt_mask) for s in seqs]
+            result = self.sampler.sample(logits, rows, masks.apply if masks is not None else None, masked)
+        except Exception as exc:  # fails these sequences only
+            log.exception("sampling failed")
+            for seq in seqs:
+                self._finish(seq, "error", error=f"sampling failed: {exc}")
+            return
+        for r, seq in enumerate(seqs):
+            seq.last_token_time = now
+            self.metrics.generated_tokens.labels(seq.req.mix_label).inc()
+            lp = None if result.logprobs[r] is None else TokenLogprob(result.tokens[r], result.logprobs[r],
+                                                                      result.top[r])  # fmt: skip
+            try:
+                out = seq.append(result.tokens[r], lp, self.runtime.tokenizer, self._eos, self.runtime.max_len)
+            except ValueError as exc:  # the grammar refused the token
+                self._finish(seq, "error", error=str(exc))
+                continue
+            if out is not None and out.finish_reason:
+                self._finish(seq, out.finish_reason, last=(out.text, out.token_ids, out.logprobs or []))
+            elif out is not None:
+                self._emit(seq, out)
+
+    def _finish(self, seq: Sequence, reason: str, *, error: str | None = None, last=("", [], [])) -> None:
+        if seq.finished:
+            return
+        seq.finished = True
+        if seq in self._running:
+            self._running.remove(seq)
+        if seq in self._prefilling:
+            self._prefilling.remove(seq)
+        kv = self.runtime.kv
+        for blocks in (seq.blocks, seq.spare_blocks):
+            if blocks:
+                kv.free(blocks)
+        seq.blocks, seq.spare_blocks = [], []
+        if seq.lora_slot >= 0:
+            self.runtime.release(seq.lora_slot, seq.core_slot)
+            seq.lora_slot, seq.core_slot = -1, 0
+        group, wants = seq.group, seq.params.logprobs is not None
+        text, ids, lps = last
+        event = TokenEvent(text, list(ids), reason, error, len(seq.req.prompt_ids), len(seq.tokens), seq.index,
+                           lps if wants else None, None, seq.cumulative_logprob if wants else None)  # fmt: skip
+        self._emit(seq, event)
+        group.unfinished -= 1
+        if seq.index == 0 and group.n > 1 and not seq.forked:  # the other choices never started: they end too
+            for i in range(1, group.n):
+                self._emit(seq, TokenEvent("", [], reason, error, len(seq.req.prompt_ids), 0, i))
+            group.unfinished -= group.n - 1
+        if group.unfinished == 0:
+            self.metrics.requests.labels(reason).inc()
+            if reason in ("stop", "length"):
+                self.metrics.e2e.labels(seq.req.mix_label).observe(time.perf_counter() - seq.req.arrival)
+            if seq.req.on_finish is not None and self._loop is not None:
+                self._loop.call_soon_threadsafe(seq.req.on_finish)
+
+    def _emit(self, seq: Sequence, event: TokenEvent) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(seq.group.queue.put_nowait, event)

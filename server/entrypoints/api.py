@@ -60,7 +60,8 @@ def create_app(config: ServeConfig, extensions: Sequence[Extension] = ()) -> Fas
                     extension.attach(state)
                 await state.start()
                 app.state.server = state
-                log.info("ready: %s, adapters %s, pins %s", state.base_name, state.registry.names(), sorted(state.pins))
+                log.info("ready: %s (context %d tokens, prompt + completion), adapters %s, pins %s", state.base_name,
+                         state.runtime.max_len, state.registry.names(), sorted(state.pins))  # fmt: skip
             except Exception as exc:  # keep /health answering and say why /ready stays false
                 log.exception("start-up failed")
                 app.state.load_error = f"{type(exc).__name__}: {exc}"
@@ -185,18 +186,27 @@ def redact_paths(text: str) -> str:
 
 def _install_errors(app: FastAPI) -> None:
     @app.exception_handler(RequestError)
-    async def request_error(_: Request, exc: RequestError):
+    async def request_error(request: Request, exc: RequestError):
+        # The reason, never the request's text: messages name fields and limits only.
+        log.info("refused %s %s: %d %s (%s)", request.method, request.url.path, exc.status, exc.message, exc.param)
         headers = {"Retry-After": "1"} if exc.status in (429, 503) else None
         body = error_body(exc.message, _TYPES.get(exc.status, "server_error"), exc.param, exc.code)
         return JSONResponse(body, status_code=exc.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, exc: RequestValidationError):
+    async def validation_error(request: Request, exc: RequestValidationError):
         errors = exc.errors()
         first = errors[0] if errors else {}
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        msg = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg')}"
-                        for e in errors[:5])  # fmt: skip
+
+        def say(e: dict) -> str:
+            where = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"
+            if e.get("type") == "extra_forbidden":  # an unknown field: refused, never silently ignored
+                return f"{where}: unknown field (not supported by mixserve; the README lists every field)"
+            return f"{where}: {e.get('msg')}"
+
+        msg = "; ".join(say(e) for e in errors[:5])
+        log.info("refused %s %s: 400 %s", request.method, request.url.path, msg)
         return JSONResponse(error_body(msg, "invalid_request_error", ".".join(loc) or None, "invalid_request"), 400)
 
     @app.exception_handler(StarletteHTTPException)

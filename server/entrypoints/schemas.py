@@ -1,39 +1,129 @@
 """Request and response bodies: the OpenAI shapes mixserve serves, plus its native and admin ones.
 
-Unknown fields are accepted and ignored where OpenAI clients send extras; fields mixserve cannot
-honour (``n > 1``, ``logprobs``) are refused with a message rather than silently dropped.
+Every field of the OpenAI requests is either honoured or refused: an unknown field is a 400 that
+names it (``extra="forbid"``), and a known one mixserve cannot honour (``suffix``, ``tools``) is
+refused by the route with a sentence. ``user`` is accepted and has no effect (OpenAI's abuse
+tracking). The README's endpoint table lists them all.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MixField = dict[str, Any] | str | None
 StopField = str | list[str] | None
+MAX_CHOICES = 16  # n, best_of, and choices per request (prompts x n)
+PromptList = list[str | list[int]]
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str = Field("response", max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's ``response_format``: ``text``, ``json_object`` or ``json_schema``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and (self.json_schema is None or self.json_schema.schema_ is None):
+            raise ValueError("type 'json_schema' needs json_schema.schema")
+        return self
+
+
+class StructuredOutputsParams(BaseModel):
+    """vLLM's ``structured_outputs`` extra: exactly one constraint."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    json_object: bool | None = None
+    regex: str | None = None
+    choice: list[str] | None = Field(None, min_length=1, max_length=256)
+    grammar: str | None = None
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool = False
 
 
 class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
-    max_tokens: int | None = Field(None, ge=1)
+    model: str
+    max_tokens: int | None = Field(None, ge=0)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1, le=1, description="only n=1 is supported")
+    top_k: int = Field(0, ge=-1, description="-1 or 0: off")
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    logit_bias: dict[str, float] | None = Field(None, max_length=1024)
     stop: StopField = None
+    stop_token_ids: list[int] | None = Field(None, max_length=64)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stream: bool = False
-    stream_options: dict[str, Any] | None = None
-    logprobs: Any = Field(None, description="not supported: must be null or false")
+    stream_options: StreamOptions | None = None
     mix: MixField = Field(None, description="an ad-hoc mix (MixSpec JSON) or the name of an adapter or pinned mix")
     ignore_eos: bool = False
+    user: str | None = Field(None, max_length=256, description="accepted; no effect")
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsParams | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = Field(None, min_length=1, max_length=256)
+    guided_grammar: str | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for key, bias in (value or {}).items():
+            if not key.lstrip("-").isdigit():
+                raise ValueError(f"logit_bias keys are token ids, got {key!r}")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"logit_bias values are in [-100, 100], got {bias} for token {key}")
+        return value
 
 
 class CompletionRequest(_Sampling):
-    model: str
-    prompt: str | list[str] | list[int]
-    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
+    prompt: Any
+    max_tokens: int | None = Field(16, ge=0)  # OpenAI's default for completions
+    logprobs: int | None = Field(None, ge=0, le=20)
+    echo: bool = False
+    best_of: int | None = Field(None, ge=1, le=MAX_CHOICES)
+    suffix: str | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, value: Any) -> PromptList:
+        """One list of prompts: each a string or a list of token ids (OpenAI's four shapes)."""
+        if isinstance(value, str):
+            return [value]
+        if isinstance(value, list) and value:
+            if all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+                return [list(value)]
+            if all(isinstance(p, str) for p in value):
+                return list(value)
+            if all(isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p)
+                   for p in value):  # fmt: skip
+                return [list(p) for p in value]
+        raise ValueError("prompt must be a string, a list of strings, a list of token ids or a list of lists of "
+                         "token ids (none empty)")  # fmt: skip
 
 
 class ChatMessage(BaseModel):
@@ -41,6 +131,7 @@ class ChatMessage(BaseModel):
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -51,9 +142,16 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(_Sampling):
-    model: str
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
+    max_tokens: int | None = Field(None, ge=1)
 
 
 class GenerateRequest(BaseModel):

@@ -25,6 +25,8 @@ from server.adapters.mix_cache import CacheEntry, Lease, MergedMix, MixCache
 from server.adapters.registry import NAME, AdapterRegistry
 from server.config import DEMO_DIR, ServeConfig
 from server.engine.engine import Engine
+from server.engine.structured import StructuredOutputs
+from server.entrypoints.openai_shapes import TokenStrings
 from server.metrics import Metrics
 from server.worker.runtime import ModelRuntime
 
@@ -83,6 +85,8 @@ class ServerState:
         )
         self.adapter_errors = self.registry.load_root()
         self._register_lock = threading.Lock()  # registrations one at a time
+        self._structured_lock = threading.Lock()
+        self.token_strings = TokenStrings(self.runtime.tokenizer)  # logprobs' token texts, decoded once each
         log.info("%d adapters registered; the device adapter pool holds %d at once (--adapter-slots)",
                  len(self.registry.names()), config.adapter_slots)  # fmt: skip
         if self.runtime.graphs is not None:  # CUDA: every decode shape captured now, not on first use
@@ -126,9 +130,21 @@ class ServerState:
         if not drained:
             log.warning("drain deadline passed with requests in flight; aborting them")
         await self.engine.stop()
+        if self.engine.structured is not None:
+            self.engine.structured.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------------------------------ resolving
+    def structured_outputs(self) -> StructuredOutputs:
+        """The grammar compiler for the served tokenizer, built on the first structured request (xgrammar
+        takes seconds to import); blocking, call it off the event loop."""
+        with self._structured_lock:
+            if self.engine.structured is None:
+                eos = self.runtime.tokenizer.eos_token_id
+                stops = [t for t in (eos if isinstance(eos, list) else [eos]) if t is not None]
+                self.engine.structured = StructuredOutputs(self.runtime.tokenizer, self.runtime.vocab_size, stops)
+            return self.engine.structured
+
     def resolve(self, model: str | None, mix: dict | str | None) -> ResolvedMix:
         """What a request asks for: ``mix`` (a spec, or a name) wins over ``model``."""
         if mix is not None:

@@ -39,7 +39,7 @@ class PagedKVCache:
         self.block_size, self.num_blocks, self.kv_heads = block_size, num_blocks, kv_heads
         self.data = torch.zeros(layers, num_blocks, block_size, 2 * kv_heads, head_dim, dtype=dtype, device=device)
         self._free = list(range(num_blocks - 1, NULL_BLOCK, -1))  # pop() hands out low numbers first
-        self._used: set[int] = set()
+        self._refs: dict[int, int] = {}  # allocated block -> holders (choices of one prompt share blocks)
 
     @property
     def nbytes(self) -> int:
@@ -65,14 +65,33 @@ class PagedKVCache:
         if n > len(self._free):
             raise OutOfBlocksError(f"{n} KV blocks asked, {len(self._free)} free")
         blocks = [self._free.pop() for _ in range(n)]
-        self._used.update(blocks)
+        for b in blocks:
+            self._refs[b] = 1
         return blocks
 
+    def share(self, blocks: list[int]) -> list[int]:
+        """Another holder of ``blocks`` (the full prompt blocks the choices of one request share): each
+        returns to the free list when its last holder frees it."""
+        if not all(b in self._refs for b in blocks):
+            raise ValueError(f"KV blocks {blocks} shared but never allocated")
+        for b in blocks:
+            self._refs[b] += 1
+        return list(blocks)
+
+    def copy_block(self, src: int, dst: int) -> None:
+        """Block ``dst`` := block ``src`` in every layer (a choice's own copy of a partly filled prompt block)."""
+        self.data[:, dst].copy_(self.data[:, src])
+
     def free(self, blocks: list[int]) -> None:
-        if len(set(blocks)) != len(blocks) or not self._used.issuperset(blocks):
+        if len(set(blocks)) != len(blocks) or not all(b in self._refs for b in blocks):
             raise ValueError(f"KV blocks {blocks} freed twice or never allocated")
-        self._used.difference_update(blocks)
-        self._free.extend(reversed(blocks))
+        released = []
+        for b in blocks:
+            self._refs[b] -= 1
+            if not self._refs[b]:
+                del self._refs[b]
+                released.append(b)
+        self._free.extend(reversed(released))
 
     def layer(self, i: int) -> torch.Tensor:
         """Layer ``i``'s cache as ``[blocks * block_size, 2 * kv_heads, head_dim]`` (a view)."""

@@ -119,6 +119,7 @@ class ModelRuntime:
         self.device, self.dtype = hf.lm_head.weight.device, hf.lm_head.weight.dtype
         self.decoder = Decoder(hf, self.spec)
         self.embed = hf.model.embed_tokens.weight
+        self.vocab_size = hf.lm_head.weight.shape[0]  # the logits' width (may exceed the tokenizer's)
         self.layers = self.decoder.layers_hf
         self.linears, self.fused = self.decoder.linears, self.decoder.fused
         self.heads, self.kv_heads, self.head_dim = self.spec.heads, self.spec.kv_heads, self.spec.head_dim
@@ -230,10 +231,16 @@ class ModelRuntime:
         bs = self.kv.block_size
         return [blocks[p // bs] * bs + p % bs for p in range(start, end)]
 
-    @torch.inference_mode()
     def prefill(self, chunks: Sequence[PrefillChunk]) -> torch.Tensor:
         """Several prompts' chunks in one forward: the logits after each chunk's last token, ``[chunks, vocab]``
         fp32 (in the order given). Each chunk's keys and values go to its blocks."""
+        return self.prefill_positions(chunks)[0]
+
+    @torch.inference_mode()
+    def prefill_positions(self, chunks: Sequence[PrefillChunk], every: Sequence[int] = ()
+                          ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:  # fmt: skip
+        """:meth:`prefill`, and for the chunks numbered in ``every`` the logits after each of their tokens
+        (``{chunk: [len(ids), vocab]}``, what a prompt's logprobs need)."""
         order = sorted(range(len(chunks)), key=lambda c: chunks[c].lora_slot)
         ids, positions, where, slots, core_slots, spans = [], [], [], [], [], []
         for c in order:
@@ -264,7 +271,9 @@ class ModelRuntime:
         h = self._forward(self._tensor(ids), self._tensor(positions), self._tensor(where), side, core, attend)
         last = self._tensor([b - 1 for _, b, _ in spans])
         logits = self._logits(h[last])
-        return logits if order == sorted(order) else logits[self._tensor(_inverse(order))]
+        logits = logits if order == sorted(order) else logits[self._tensor(_inverse(order))]
+        at = {c: row for row, c in enumerate(order)}
+        return logits, {c: self._logits(h[spans[at[c]][0] : spans[at[c]][1]]) for c in every}
 
     def _chunk_blocks(self, ch: PrefillChunk, n: int, window: int | None) -> tuple[torch.Tensor | None, int]:
         """The blocks a chunk of ``n`` tokens attends over and the first one's index (None for a first
