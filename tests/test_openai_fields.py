@@ -62,6 +62,11 @@ def test_token_id_prompts_in_every_shape_give_the_text_prompts_answer(server, cl
     assert [c.index for c in strings.choices] == [0, 1, 2, 3]
     assert all(c.text == by_text for c in strings.choices)
     assert strings.usage.prompt_tokens == 2 * len(ids) and strings.usage.completion_tokens == 4 * 12
+    # lm-eval's generate_until request: token ids, its stop list and a seed.
+    until = client.completions.create(model="sql", prompt=[ids], max_tokens=32, temperature=0, seed=1234,
+                                      stop=["\n\n", "<eos>", "### task"])  # fmt: skip
+    text = until.choices[0].text
+    assert text.startswith(by_text) or by_text.startswith(text)
     r = post(url, {"model": "sql", "prompt": [[1, 2], [10**9]]})
     assert (
         r.status_code == 400 and r.json()["error"]["param"] == "prompt" and "token ids" in r.json()["error"]["message"]
@@ -78,7 +83,8 @@ def test_echo_logprobs_are_the_models_loglikelihoods(server):
     ids = ids_of(app, JSON) + ids_of(app, '{"name": "pudo"')[1:]
     body = {"model": "mixserve-demo", "prompt": [ids], "max_tokens": 1, "echo": True, "logprobs": 1,
             "temperature": 0, "seed": 1234}  # fmt: skip
-    choice = post(url, body).json()["choices"][0]
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    choice = client.completions.create(**body).model_dump()["choices"][0]  # exactly what lm-eval sends
     lp = choice["logprobs"]
     assert len(lp["token_logprobs"]) == len(ids) + 1 and lp["token_logprobs"][0] is None
     hf = AutoModelForCausalLM.from_pretrained(DEMO / "base", dtype=torch.float32).eval()

@@ -242,3 +242,23 @@ def test_serve_flags_reject_sizes_that_cannot_work(capsys):
         with pytest.raises(SystemExit) as exit_info:
             build_parser().parse_args(["serve", *flags])  # parsing only: nothing is started
         assert exit_info.value.code == 2 and needle in capsys.readouterr().err
+
+
+def test_shared_blocks_return_to_the_free_list_with_their_last_holder_and_copies_are_exact():
+    """The choices of one request share the prompt's full blocks (reference counts) and copy its last one."""
+    cache = PagedKVCache(2, 8, 4, 1, 2, torch.float32, "cpu")
+    blocks = cache.allocate(3)
+    shared = cache.share(blocks[:2])
+    own = cache.allocate(1)
+    cache.data[:, blocks[2]] = torch.randn(2, 4, 2, 2)
+    cache.copy_block(blocks[2], own[0])
+    assert torch.equal(cache.data[:, own[0]], cache.data[:, blocks[2]])
+    free = cache.free_blocks
+    cache.free(blocks)  # the first holder: only its unshared block comes back
+    assert cache.free_blocks == free + 1
+    cache.free(shared + own)
+    assert cache.free_blocks == cache.usable_blocks
+    with pytest.raises(ValueError):
+        cache.free(shared)  # freed twice
+    with pytest.raises(ValueError):
+        cache.share([5])  # never allocated
