@@ -58,12 +58,11 @@ def run(model_dir: Path, batch: int, context: int, repeats: int) -> dict:
     runtime.prefill([PrefillChunk(prompt, 0, t) for t in tables])
     rows = [DecodeRow(prompt[-1], context, t) for t in tables]
     history = [torch.randint(0, vocab, (64,), generator=g).tolist() for _ in range(batch)]
-    prompt_mask = torch.zeros(vocab, dtype=torch.bool)
-    prompt_mask[torch.tensor(prompt)] = True
+    prompt_tokens = frozenset(prompt)
     batches = {
         "greedy": [SampleRow(SamplingParams(), None, h) for h in history],
         "mixed": [
-            SampleRow(p, make_generator(p), h, prompt_mask if p.repetition_penalty != 1.0 else None)
+            SampleRow(p, make_generator(p), h, prompt_tokens if p.repetition_penalty != 1.0 else frozenset())
             for p, h in zip(mixed_params(batch, vocab), history, strict=True)
         ],
     }

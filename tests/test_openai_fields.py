@@ -97,6 +97,14 @@ def test_echo_logprobs_are_the_models_loglikelihoods(server):
         assert math.isclose(value, float(ref[i - 1].max()), abs_tol=1e-4)
     assert choice["text"].startswith(app.state.server.runtime.tokenizer.decode(ids))
     assert lp["text_offset"][0] == 0 and lp["text_offset"] == sorted(lp["text_offset"])
+    # Streamed, the prompt comes first (with its logprobs), then the completion's tokens.
+    chunks = list(client.completions.create(**{**body, "max_tokens": 3}, stream=True))
+    text = "".join(ch.text for c in chunks for ch in c.choices)
+    streamed = [v for c in chunks for ch in c.choices if ch.logprobs for v in ch.logprobs.token_logprobs]
+    whole = client.completions.create(**{**body, "max_tokens": 3}).choices[0]
+    assert text == whole.text and streamed == pytest.approx(whole.logprobs.token_logprobs, abs=1e-6)
+    plain = list(client.completions.create(**{**body, "max_tokens": 3, "logprobs": None}, stream=True))
+    assert "".join(ch.text for c in plain for ch in c.choices) == whole.text
     # max_tokens 0 with echo: the prompt's logprobs only, for every choice.
     zero = post(url, {**body, "max_tokens": 0, "n": 2}).json()
     assert [c["logprobs"]["token_logprobs"] for c in zero["choices"]] == [lp["token_logprobs"][:-1]] * 2
@@ -281,3 +289,26 @@ def test_model_cards_give_the_context(server, client):
     one = client.models.retrieve("sql")
     assert one.id == "sql" and one.model_extra["max_model_len"] == context
     assert httpx.get(url + "/v1/models/nope").status_code == 404
+
+
+def test_guidellms_requests_stream_with_usage_in_every_chunk(server):
+    """The bodies guidellm 0.8.1 sends (captured from it): vLLM's continuous_usage_stats included."""
+    url, _ = server
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    bodies = [("/v1/completions", {"model": "sql", "stream": True, "stream_options": options, "max_tokens": 8,
+                                   "ignore_eos": True, "prompt": SQL}),
+              ("/v1/chat/completions", {"model": "sql", "stream": True, "stream_options": options,
+                                        "max_completion_tokens": 8, "ignore_eos": True,
+                                        "messages": [{"role": "user", "content": [{"type": "text", "text": SQL}]}]})]  # fmt: skip
+    for path, body in bodies:
+        with httpx.stream("POST", url + path, json=body, timeout=60) as r:
+            assert r.status_code == 200
+            chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+        counts = [c["usage"]["completion_tokens"] for c in chunks]
+        assert counts == sorted(counts) and counts[-1] == 8 and all("usage" in c for c in chunks)
+    r = post(url, {"model": "sql", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:,"}}]}]}, "/v1/chat/completions")  # fmt: skip
+    assert r.status_code == 400 and "image_url" in r.json()["error"]["message"]
+    r = post(url, {"model": "sql", "messages": [{"role": "assistant", "content": "x", "tool_calls": []}]},
+             "/v1/chat/completions")  # fmt: skip
+    assert r.status_code == 400 and "tool_calls" in r.json()["error"]["message"]

@@ -74,8 +74,7 @@ def test_top_k_top_p_min_p_keep_exactly_the_tokens_they_should():
 def test_penalties_and_bias_match_their_definitions():
     logits = logits_of(2, seed=3)
     out = [3, 3, 7]
-    prompt = torch.zeros(VOCAB, dtype=torch.bool)
-    prompt[[1, 7, 11]] = True
+    prompt = frozenset({1, 7, 11})
     params = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25, repetition_penalty=1.3,
                             logit_bias=((5, 2.0), (11, -1.0)), logprobs=VOCAB - 1)  # fmt: skip
     rows = [SampleRow(params, None, out, prompt), SampleRow(SamplingParams(logprobs=3))]

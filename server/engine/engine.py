@@ -155,8 +155,7 @@ class Engine:
         if params.grammar is not None:
             seq.matcher = self.structured.matcher(params.grammar)
         if params.repetition_penalty != 1.0:
-            seq.prompt_mask = torch.zeros(self.runtime.vocab_size, dtype=torch.bool, device=self.runtime.device)
-            seq.prompt_mask[torch.tensor(req.prompt_ids, device=self.runtime.device)] = True
+            seq.prompt_tokens = frozenset(req.prompt_ids)
         return seq
 
     def abort(self, group: ChoiceGroup) -> None:
@@ -357,7 +356,7 @@ class Engine:
             if masks is not None:
                 masks.wait()  # a matcher's error fails the step's rows below, never silently
             masked = [r for r, s in enumerate(seqs) if s.matcher is not None] if masks is not None else []
-            rows = [SampleRow(s.params, s.generator, s.tokens, s.prompt_mask) for s in seqs]
+            rows = [SampleRow(s.params, s.generator, s.tokens, s.prompt_tokens) for s in seqs]
             result = self.sampler.sample(logits, rows, masks.apply if masks is not None else None, masked)
         except Exception as exc:  # fails these sequences only
             log.exception("sampling failed")

@@ -8,10 +8,10 @@ with how many rows use which parameters. The stages, in order (vLLM's):
 2. penalties over each row's output (presence, frequency) and prompt + output (repetition);
 3. the grammar mask of structured rows (disallowed tokens to ``-inf``);
 4. greedy rows take the argmax here; sampled rows are divided by their temperature,
-   truncated by top-k, top-p and min-p, and draw ``argmax(p / q)`` with ``q ~ Exp(1)`` (the
-   exponential race, equivalent to drawing from ``p``: no cumulative sums, no host sync). A seeded
-   row draws its ``q`` from its own generator, so its tokens do not depend on the rest of the batch;
-   the others share the engine's.
+   truncated by top-k, top-p and min-p, and draw by inverse transform from their cumulative
+   probabilities (float64) with one uniform per row, on the device (no host sync). A seeded row draws
+   its uniform from its own generator, so its tokens do not depend on the rest of the batch; the
+   others share the engine's.
 5. logprobs (the chosen token's and the top ``k``) from ``log_softmax`` of what the token was drawn
    from: the stages above with the temperature (1 for greedy rows).
 
@@ -21,6 +21,7 @@ once (``host_copies`` counts them). Token ids are exact in float64 (below 2**53)
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -34,12 +35,12 @@ TopLogprobs = list[tuple[int, float]]
 @dataclass
 class SampleRow:
     """One row of a step: its parameters, its generator (None: the engine's), its output so far (for
-    the penalties) and, for a repetition penalty, a ``[vocab]`` bool mask of its prompt's tokens."""
+    the penalties) and, for a repetition penalty, its prompt's distinct tokens."""
 
     params: SamplingParams
     generator: torch.Generator | None = None
     output: Sequence[int] = ()
-    prompt_mask: torch.Tensor | None = None
+    prompt_tokens: frozenset[int] = frozenset()
 
 
 @dataclass
@@ -69,30 +70,43 @@ class Sampler:
     def sample(self, logits: torch.Tensor, rows: Sequence[SampleRow], mask: MaskFn | None = None,
                masked: Sequence[int] = ()) -> SampleResult:  # fmt: skip
         """The next token of each row of ``logits [rows, vocab]`` (modified in place). ``mask(logits,
-        masked)`` applies the grammar masks of rows ``masked``."""
+        masked)`` applies the grammar masks of rows ``masked``. Each stage touches only the rows (and, for
+        bias and penalties, only the tokens) that use it."""
         params = [r.params for r in rows]
         logits = logits.float()
         if any(p.logit_bias for p in params):
             self._bias(logits, params)
-        penalized = [i for i, p in enumerate(params) if p.penalized]
-        if penalized:
-            self._penalize(logits, [rows[i] for i in penalized], penalized)
+        if any(p.penalized for p in params):
+            self._penalize(logits, rows)
         if masked and mask is not None:
             mask(logits, list(masked))
-        greedy = [p.greedy for p in params]
-        if all(greedy):
-            tokens, processed = logits.argmax(dim=-1), logits
-        else:
-            processed = self._draw_ready(logits, params)
-            probs = torch.softmax(processed, dim=-1)
-            q = torch.empty_like(probs).exponential_(generator=self.generator)
-            for i, row in enumerate(rows):
-                if row.generator is not None:
-                    q[i].exponential_(generator=row.generator)
-            tokens = (probs / q).argmax(dim=-1)
-            if any(greedy):
-                tokens = torch.where(self._tensor(greedy, torch.bool), logits.argmax(dim=-1), tokens)
-        return self._to_host(tokens, processed, params)
+        sampled = [i for i, p in enumerate(params) if not p.greedy]
+        if not sampled:
+            return self._to_host(logits.argmax(dim=-1), logits, params)
+        everyone = len(sampled) == len(rows)
+        tokens = None if everyone else logits.argmax(dim=-1)
+        at = None if everyone else self._tensor(sampled, torch.long)
+        sub = self._draw_ready(logits if everyone else logits[at], [params[i] for i in sampled])
+        drawn = self._draw(torch.softmax(sub, dim=-1), [rows[i].generator for i in sampled])
+        if everyone:
+            return self._to_host(drawn, sub, params)
+        tokens[at] = drawn
+        logits[at] = sub  # what the sampled rows were drawn from (their logprobs)
+        return self._to_host(tokens, logits, params)
+
+    def _draw(self, probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+        """One token per row of ``probs`` by inverse transform: the first token whose cumulative probability
+        exceeds ``u * total``, ``u ~ U(0, 1)`` from the row's own generator where it has one (a zero-
+        probability token is never the first to exceed it). One random number per row, where vLLM's
+        exponential race draws one per token (a million per step for 32 rows of a 32,000-token
+        vocabulary)."""
+        u = torch.rand(probs.shape[0], generator=self.generator, device=self.device, dtype=torch.float64)
+        for j, g in enumerate(generators):
+            if g is not None:
+                u[j] = torch.rand((), generator=g, device=self.device, dtype=torch.float64)
+        cdf = probs.double().cumsum_(dim=-1)
+        drawn = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
+        return drawn.clamp_(max=probs.shape[1] - 1)
 
     # ------------------------------------------------------------------------------------ stages
     def _tensor(self, values: list, dtype: torch.dtype) -> torch.Tensor:
@@ -105,32 +119,35 @@ class Sampler:
         logits.index_put_((self._tensor(rows, torch.long), self._tensor(ids, torch.long)),
                           self._tensor(values, logits.dtype), accumulate=True)  # fmt: skip
 
-    def _penalize(self, logits: torch.Tensor, rows: list[SampleRow], index: list[int]) -> None:
-        vocab = logits.shape[1]
-        width = max(len(r.output) for r in rows)
-        counts = torch.zeros(len(rows), vocab + 1, dtype=logits.dtype, device=self.device)
-        if width:  # pad with a sentinel column (vocab) that is dropped after counting
-            ids = self._tensor([list(r.output) + [vocab] * (width - len(r.output)) for r in rows], torch.long)
-            counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=logits.dtype))
-        counts = counts[:, :vocab]
-        at = self._tensor(index, torch.long)
-        sub = logits[at]
-        rep = [r.params.repetition_penalty for r in rows]
-        if any(p != 1.0 for p in rep):
-            seen = counts > 0
-            prompts = [r.prompt_mask for r in rows]
-            if any(m is not None for m in prompts):
-                empty = torch.zeros(vocab, dtype=torch.bool, device=self.device)
-                seen |= torch.stack([empty if m is None else m for m in prompts])
-            penalty = self._tensor(rep, logits.dtype)[:, None]
-            sub = torch.where(seen, torch.where(sub > 0, sub / penalty, sub * penalty), sub)
-        freq = self._tensor([r.params.frequency_penalty for r in rows], logits.dtype)[:, None]
-        presence = self._tensor([r.params.presence_penalty for r in rows], logits.dtype)[:, None]
-        logits[at] = sub - freq * counts - presence * (counts > 0).to(logits.dtype)
+    def _penalize(self, logits: torch.Tensor, rows: Sequence[SampleRow]) -> None:
+        """Repetition (over prompt and output tokens), then frequency and presence (over the output), on
+        the penalized tokens only: index lists built on the host from each row's counts."""
+        rep_rows, rep_ids, rep_values, pen_rows, pen_ids, pen_values = [], [], [], [], [], []
+        for i, row in enumerate(rows):
+            p = row.params
+            if not p.penalized:
+                continue
+            counts = Counter(row.output)
+            if p.repetition_penalty != 1.0:
+                seen = sorted(row.prompt_tokens | counts.keys())
+                rep_rows += [i] * len(seen)
+                rep_ids += seen
+                rep_values += [p.repetition_penalty] * len(seen)
+            if p.frequency_penalty or p.presence_penalty:
+                pen_rows += [i] * len(counts)
+                pen_ids += list(counts)
+                pen_values += [p.frequency_penalty * c + p.presence_penalty for c in counts.values()]
+        if rep_ids:
+            where = (self._tensor(rep_rows, torch.long), self._tensor(rep_ids, torch.long))
+            value, penalty = logits[where], self._tensor(rep_values, logits.dtype)
+            logits[where] = torch.where(value > 0, value / penalty, value * penalty)
+        if pen_ids:
+            where = (self._tensor(pen_rows, torch.long), self._tensor(pen_ids, torch.long))
+            logits.index_put_(where, -self._tensor(pen_values, logits.dtype), accumulate=True)
 
     def _draw_ready(self, logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-        """Logits divided by each row's temperature (1 for greedy rows), truncated where asked."""
-        temps = self._tensor([1.0 if p.greedy else p.temperature for p in params], logits.dtype)
+        """Sampled rows' logits divided by their temperatures, truncated where asked."""
+        temps = self._tensor([p.temperature for p in params], logits.dtype)
         # Shift by the max first: a tiny temperature sends the others to -inf, never to inf - inf.
         scaled = (logits - logits.max(dim=-1, keepdim=True).values) / temps[:, None]
         cut = [i for i, p in enumerate(params) if p.truncated]
@@ -166,28 +183,34 @@ class Sampler:
 def truncate(logits: torch.Tensor, params: list[SamplingParams], device: torch.device) -> torch.Tensor:
     """Top-k, then top-p (the smallest set of most likely tokens whose mass reaches ``p``; always the
     most likely one), then min-p (tokens below ``min_p`` times the most likely one's probability), each
-    removed token at ``-inf``; one sort for the batch (vLLM's ``apply_top_k_top_p``)."""
+    removed token at ``-inf``. Rows with a top-p are sorted (vLLM's ``apply_top_k_top_p``); a top-k alone
+    needs only each row's k-th value."""
     vocab = logits.shape[1]
     ks = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
-    ps = [p.top_p for p in params]
-    if any(k < vocab for k in ks) or any(p < 1.0 for p in ps):
-        ordered, order = logits.sort(dim=-1)  # ascending
-        if any(k < vocab for k in ks):
-            kth = ordered.gather(1, torch.tensor([vocab - k for k in ks], device=device)[:, None])
-            ordered = ordered.masked_fill(ordered < kth, float("-inf"))
-        if any(p < 1.0 for p in ps):
-            cumulative = torch.softmax(ordered, dim=-1).cumsum(dim=-1)
-            drop = cumulative <= 1 - torch.tensor(ps, dtype=logits.dtype, device=device)[:, None]
-            drop[:, -1] = False
-            ordered = ordered.masked_fill(drop, float("-inf"))
-        logits = ordered.scatter(1, order, ordered)
-    min_ps = [p.min_p for p in params]
-    if any(m > 0 for m in min_ps):
-        probs = torch.softmax(logits, dim=-1)
-        floor = (
-            probs.max(dim=-1, keepdim=True).values * torch.tensor(min_ps, dtype=logits.dtype, device=device)[:, None]
-        )
-        logits = logits.masked_fill(probs < floor, float("-inf"))
+    nucleus = [i for i, p in enumerate(params) if p.top_p < 1.0]
+    only_k = [i for i, p in enumerate(params) if p.top_p >= 1.0 and ks[i] < vocab]
+    if only_k:
+        at = torch.tensor(only_k, device=device)
+        top = logits[at].topk(max(ks[i] for i in only_k), dim=-1).values
+        kth = top.gather(1, torch.tensor([ks[i] - 1 for i in only_k], device=device)[:, None])
+        logits[at] = logits[at].masked_fill(logits[at] < kth, float("-inf"))
+    if nucleus:
+        at = torch.tensor(nucleus, device=device)
+        ordered, order = logits[at].sort(dim=-1)  # ascending
+        kth = ordered.gather(1, torch.tensor([vocab - ks[i] for i in nucleus], device=device)[:, None])
+        ordered = ordered.masked_fill(ordered < kth, float("-inf"))
+        cumulative = torch.softmax(ordered, dim=-1).cumsum(dim=-1)
+        ps = torch.tensor([params[i].top_p for i in nucleus], dtype=logits.dtype, device=device)
+        drop = cumulative <= 1 - ps[:, None]
+        drop[:, -1] = False
+        ordered = ordered.masked_fill(drop, float("-inf"))
+        logits[at] = torch.empty_like(ordered).scatter_(1, order, ordered)
+    floors = [i for i, p in enumerate(params) if p.min_p > 0]
+    if floors:
+        at = torch.tensor(floors, device=device)
+        probs = torch.softmax(logits[at], dim=-1)
+        m = torch.tensor([params[i].min_p for i in floors], dtype=logits.dtype, device=device)[:, None]
+        logits[at] = logits[at].masked_fill(probs < probs.max(dim=-1, keepdim=True).values * m, float("-inf"))
     return logits
 
 

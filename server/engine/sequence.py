@@ -94,7 +94,7 @@ class Sequence:
     forked: bool = False  # its other choices were started (after its prompt was prefilled)
     generator: torch.Generator | None = None
     matcher: Any = None  # the grammar matcher of a structured request
-    prompt_mask: torch.Tensor | None = None  # [vocab] bool of the prompt's tokens (repetition penalty)
+    prompt_tokens: frozenset[int] = frozenset()  # the prompt's distinct tokens (repetition penalty)
 
     @property
     def cancelled(self) -> bool:

@@ -117,9 +117,15 @@ async def completions(body: CompletionRequest, request: Request, state: StateDep
     gens = await _start_all(state, body, prompts, params, best_of if generates else 1)
     rid, created, strings = f"cmpl-{uuid.uuid4().hex}", int(time.time()), state.token_strings
 
+    prompt_tokens = sum(map(len, prompts))
+    running = {"completion": 0}  # tokens streamed so far (continuous usage)
+
     def chunk(index: int, text: str, logprobs: dict | None, reason: str | None) -> dict:
-        return {"id": rid, "object": "text_completion", "created": created, "model": body.model,
-                "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}]}  # fmt: skip
+        out = {"id": rid, "object": "text_completion", "created": created, "model": body.model,
+               "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}]}  # fmt: skip
+        if body.stream_options is not None and body.stream_options.continuous_usage_stats:
+            out["usage"] = usage(prompt_tokens, running["completion"])
+        return out
 
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
@@ -131,6 +137,7 @@ async def completions(body: CompletionRequest, request: Request, state: StateDep
                     for j in range(body.n):
                         yield _sse(chunk(p * body.n + j, text, None, None))
             async for p, ev in merged_events(gens):
+                running["completion"] += len(ev.token_ids)
                 if ev.finish_reason == "error":
                     yield _sse({"error": {"message": f"generation failed: {ev.error}", "type": "server_error"}})
                     break
@@ -151,7 +158,7 @@ async def completions(body: CompletionRequest, request: Request, state: StateDep
                 if ev.finish_reason:
                     done += ev.completion_tokens
             if include_usage:
-                yield _sse({**chunk(0, "", None, None), "choices": [], "usage": usage(sum(map(len, prompts)), done)})
+                yield _sse({**chunk(0, "", None, None), "choices": [], "usage": usage(prompt_tokens, done)})
             yield _sse("[DONE]")
 
         return StreamingResponse(events(), media_type="text/event-stream")
@@ -177,7 +184,7 @@ def chat_prompt(state: ServerState, body: ChatCompletionRequest) -> str:
     """The model's chat template if it has one; otherwise the messages' text, one per line (the demo
     model has no template: its task prompts are sent as the content of one user message)."""
     tok = state.runtime.tokenizer
-    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    messages = [{"role": m.role, "content": m.text()} | ({"name": m.name} if m.name else {}) for m in body.messages]
     if getattr(tok, "chat_template", None):
         return tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     return "\n".join(m["content"] for m in messages)
@@ -210,15 +217,21 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
 
+        running = {"completion": 0}  # tokens streamed so far (continuous usage)
+
         def chunk(index: int, delta: dict, reason: str | None, logprobs: dict | None = None) -> dict:
-            return {**head, "object": "chat.completion.chunk",
-                    "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}]}  # fmt: skip
+            out = {**head, "object": "chat.completion.chunk",
+                   "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}]}  # fmt: skip
+            if body.stream_options is not None and body.stream_options.continuous_usage_stats:
+                out["usage"] = usage(len(prompt), running["completion"])
+            return out
 
         async def events() -> AsyncIterator[str]:
             done = 0
             for j in range(body.n):
                 yield _sse(chunk(j, {"role": "assistant", "content": ""}, None))
             async for _, ev in merged_events([gen]):
+                running["completion"] += len(ev.token_ids)
                 if ev.finish_reason == "error":
                     yield _sse({"error": {"message": f"generation failed: {ev.error}", "type": "server_error"}})
                     break

@@ -58,6 +58,7 @@ class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: usage so far in every chunk (guidellm sends it)
 
 
 class _Sampling(BaseModel):
@@ -127,17 +128,26 @@ class CompletionRequest(_Sampling):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    """A chat message: text content only (a list's ``text`` parts joined); image, audio, file parts and
+    tool-call transcripts are refused by name (the served models read text, and mixserve has no tools)."""
+
+    model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict[str, Any]] | None = None
-    name: str | None = None
+    name: str | None = Field(None, max_length=64, description="passed to the model's chat template")
+
+    @field_validator("content")
+    @classmethod
+    def _text_only(cls, value: str | list[dict[str, Any]] | None) -> str | list[dict[str, Any]] | None:
+        for part in value if isinstance(value, list) else []:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ValueError(f"content parts of type {part.get('type')!r} are not supported (text only)")
+        return value
 
     def text(self) -> str:
         if isinstance(self.content, list):
-            return "".join(
-                p["text"] for p in self.content if p.get("type") == "text" and isinstance(p.get("text"), str)
-            )
+            return "".join(p["text"] for p in self.content)
         return self.content or ""
 
 
