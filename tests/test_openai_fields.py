@@ -235,6 +235,12 @@ def test_json_schema_outputs_are_valid_and_mixed_with_free_rows_of_other_mixes(s
         assert all(f.result().choices[0].text == free for f in frees)  # free rows unchanged beside grammars
     for text in outs:
         jsonschema.validate(json.loads(text), RECORD)  # even on the SQL prompt: valid JSON of the schema
+    structured = server[1].state.server.engine.structured
+    compiles = structured.compiles
+    client.completions.create(
+        model="json", prompt=JSON, max_tokens=60, temperature=0, extra_body={"response_format": schema}
+    )
+    assert structured.compiles == compiles  # compiled once, cached by spec
     assert json.loads(outs[0]) == {"name": "pudo", "age": 37, "city": "boto", "job": "pifu"}
 
 
