@@ -202,7 +202,7 @@ def _install_errors(app: FastAPI) -> None:
         def say(e: dict) -> str:
             where = ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "body"
             if e.get("type") == "extra_forbidden":  # an unknown field: refused, never silently ignored
-                return f"{where}: unknown field (not supported by mixserve; the README lists every field)"
+                return f"{where}: unknown field (this endpoint does not take it; the README lists every field)"
             return f"{where}: {e.get('msg')}"
 
         msg = "; ".join(say(e) for e in errors[:5])
