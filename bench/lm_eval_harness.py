@@ -48,7 +48,7 @@ from typing import Any
 import httpx
 import yaml
 
-from bench.report import write_report
+from bench.report import cpu_model, write_report
 from mixserve.eval.tasks import TASKS, Example, make_split
 from server.readiness import free_port
 
@@ -304,13 +304,7 @@ def versions(venv: Path) -> dict[str, str]:
 
 
 def machine() -> dict[str, Any]:
-    model = ""
-    try:
-        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                     if line.startswith("model name"))  # fmt: skip
-    except (OSError, StopIteration):
-        pass
-    return {"processor": platform.processor(), "cpu_model": model, "cores": os.cpu_count(),
+    return {"processor": platform.processor(), "cpu_model": cpu_model(), "cores": os.cpu_count(),
             "cores_usable": len(os.sched_getaffinity(0)), "platform": platform.platform()}  # fmt: skip
 
 

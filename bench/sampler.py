@@ -14,7 +14,6 @@ sampler's own milliseconds and its host copies per step are reported beside it. 
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 import torch
 
 from bench.ops import _kv_bytes
-from bench.report import write_report
+from bench.report import machine_line, write_report
 from server.engine.sampler import Sampler, SampleRow
 from server.engine.sampling import SamplingParams, make_generator
 from server.worker.runtime import DecodeRow, ModelRuntime, PrefillChunk
@@ -87,8 +86,7 @@ def run(model_dir: Path, batch: int, context: int, repeats: int) -> dict:
     return {
         "model": str(model_dir), "batch": batch, "context": context, "repeats": repeats, "vocab": vocab,
         "step_ms": med, "sampler_ms": samp, "ratio_mixed_over_greedy": med["mixed"] / med["greedy"],
-        "host_copies_per_step": copies, "machine": f"{platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} torch threads", "torch": torch.__version__,
+        "host_copies_per_step": copies, "machine": f"{machine_line()}, {torch.get_num_threads()} torch threads", "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d"),
     }  # fmt: skip
 

@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -30,7 +29,7 @@ import time
 import httpx
 import jsonschema
 
-from bench.report import write_report
+from bench.report import machine_line, write_report
 from mixserve.eval.scorers import json_scores
 from mixserve.eval.tasks import make_split
 from server.readiness import free_port, wait_until_ready
@@ -138,7 +137,7 @@ def run(args) -> dict:
         proc.terminate()
         proc.wait(60)
     result |= {"command": " ".join(["python -m bench.structured", *sys.argv[1:]]), "model": MODEL,
-               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+               "machine": machine_line(),
                "date": time.strftime("%Y-%m-%d")}  # fmt: skip
     return result
 
