@@ -145,7 +145,7 @@ class Engine:
             self._waiting.append(self._choice(req, group, 0))
         self.metrics.prompt_tokens.labels(req.mix_label).inc(len(req.prompt_ids))
         self._wake.set()
-        return RequestHandle(self, group)
+        return RequestHandle(group, self.abort)
 
     def _choice(self, req: GenerationRequest, group: ChoiceGroup, index: int) -> Sequence:
         params = req.params.for_choice(index)

@@ -12,16 +12,13 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from server.adapters.lora_pool import PreparedLora
 from server.adapters.member_pool import PreparedMembers
 from server.engine.sampling import SamplingParams
-
-if TYPE_CHECKING:
-    from server.engine.engine import Engine
 
 
 @dataclass
@@ -145,15 +142,15 @@ class Sequence:
 class RequestHandle:
     """What a caller gets back from :meth:`Engine.submit`: the events of every choice and an abort."""
 
-    def __init__(self, engine: Engine, group: ChoiceGroup) -> None:
-        self._engine, self._group = engine, group
+    def __init__(self, group: ChoiceGroup, abort: Callable[[ChoiceGroup], None]) -> None:
+        self._group, self._abort = group, abort
 
     @property
     def n(self) -> int:
         return self._group.n
 
     def abort(self) -> None:
-        self._engine.abort(self._group)
+        self._abort(self._group)
 
     async def events(self) -> AsyncIterator[TokenEvent]:
         """Every choice's events (``event.index``) until each has finished."""
