@@ -47,9 +47,12 @@ def mixed_params(batch: int, vocab: int) -> list[SamplingParams]:
     return out
 
 
-def run(model_dir: Path, batch: int, context: int, repeats: int) -> dict:
+def run(model_dir: Path, batch: int, context: int, repeats: int, device: str = "cpu", dtype: str = "float32") -> dict:
     max_len = context + 128
-    runtime = ModelRuntime(model_dir, max_len=max_len, kv_cache_bytes=_kv_bytes(model_dir, batch, max_len))
+    torch_dtype = getattr(torch, dtype)
+    runtime = ModelRuntime(model_dir, max_len=max_len, device=device, dtype=torch_dtype,
+                           kv_cache_bytes=_kv_bytes(model_dir, batch, max_len) * torch_dtype.itemsize // 4)  # fmt: skip
+    sync = torch.cuda.synchronize if runtime.device.type == "cuda" else (lambda: None)
     vocab = runtime.vocab_size
     g = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, vocab, (context,), generator=g).tolist()
@@ -58,6 +61,7 @@ def run(model_dir: Path, batch: int, context: int, repeats: int) -> dict:
     rows = [DecodeRow(prompt[-1], context, t) for t in tables]
     history = [torch.randint(0, vocab, (64,), generator=g).tolist() for _ in range(batch)]
     prompt_tokens = frozenset(prompt)
+    device = runtime.device
     batches = {
         "greedy": [SampleRow(SamplingParams(), None, h) for h in history],
         "mixed": [
@@ -65,17 +69,19 @@ def run(model_dir: Path, batch: int, context: int, repeats: int) -> dict:
             for p, h in zip(mixed_params(batch, vocab), history, strict=True)
         ],
     }
-    sampler = Sampler(seed=0)
+    sampler = Sampler(device, seed=0)
     steps: dict[str, list[float]] = {k: [] for k in batches}
     sampling: dict[str, list[float]] = {k: [] for k in batches}
     copies: dict[str, int] = {}
     for i in range(repeats + 2):  # two warm-up rounds, alternating so drift hits both alike
         for name, sample_rows in batches.items():
             before = sampler.host_copies
+            sync()
             t0 = time.perf_counter()
             logits = runtime.decode(rows)
+            sync()
             t1 = time.perf_counter()
-            sampler.sample(logits, sample_rows)
+            sampler.sample(logits, sample_rows)  # ends on its host copy: synchronous
             t2 = time.perf_counter()
             copies[name] = sampler.host_copies - before
             if i >= 2:
@@ -84,9 +90,10 @@ def run(model_dir: Path, batch: int, context: int, repeats: int) -> dict:
     med = {k: statistics.median(v) * 1e3 for k, v in steps.items()}
     samp = {k: statistics.median(v) * 1e3 for k, v in sampling.items()}
     return {
-        "model": str(model_dir), "batch": batch, "context": context, "repeats": repeats, "vocab": vocab,
+        "model": str(model_dir), "device": str(device), "dtype": dtype, "batch": batch, "context": context, "repeats": repeats, "vocab": vocab,
         "step_ms": med, "sampler_ms": samp, "ratio_mixed_over_greedy": med["mixed"] / med["greedy"],
-        "host_copies_per_step": copies, "machine": f"{machine_line()}, {torch.get_num_threads()} torch threads", "torch": torch.__version__,
+        "host_copies_per_step": copies, "machine": torch.cuda.get_device_name(device) if device.type == "cuda"
+        else f"{machine_line()}, {torch.get_num_threads()} torch threads", "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d"),
     }  # fmt: skip
 
@@ -107,9 +114,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--context", type=int, default=128, help="tokens already in each row's KV cache")
     ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--out", default="bench/results/sampler-cpu")
     args = ap.parse_args()
-    write_report(args.out, run(args.model, args.batch, args.context, args.repeats), to_markdown)
+    result = run(args.model, args.batch, args.context, args.repeats, args.device, args.dtype)
+    write_report(args.out, result, to_markdown)
 
 
 if __name__ == "__main__":
