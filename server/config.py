@@ -56,6 +56,9 @@ class ServeConfig:
     max_rank: int | None = None  # re-factor served deltas to at most this rank (default: their own)
     merge_threads: int = 1
     pin_file: Path | None = None
+    # The admin state store (pins, registrations, tune results): a SQLite path or a database URL
+    # (postgresql+psycopg://...); None keeps them in memory only (`mixserve serve` defaults to a file).
+    state: str | None = None
     admin_token: str | None = field(default_factory=lambda: os.environ.get("MIXSERVE_ADMIN_TOKEN") or None)
     insecure_admin: bool = False
     # vLLM's convention: when set, /v1/* and /generate need 'Authorization: Bearer <key>'.

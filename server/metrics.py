@@ -36,6 +36,11 @@ class Metrics:
                              buckets=E2E_BUCKETS, registry=r)  # fmt: skip
         self.prompt_tokens = Counter(p + "prompt_tokens", "Prompt tokens processed.", ["mix"], registry=r)
         self.generated_tokens = Counter(p + "generated_tokens", "Tokens generated.", ["mix"], registry=r)
+        self.store_up = Gauge(p + "state_store_up", "1 while the admin state store answers (1 with no store).",
+                              registry=r)  # fmt: skip
+        self.store_up.set(1)
+        self.store_version = Gauge(p + "state_store_version", "The state store version this server has applied.",
+                                   registry=r)  # fmt: skip
         self.prefill_tokens = Counter(p + "prefill_tokens", "Prompt tokens run through the model (once for all the "
                                       "choices of a request).", registry=r)  # fmt: skip
         self.structured_requests = Counter(p + "structured_requests", "Requests with an output grammar, by kind.",

@@ -20,6 +20,11 @@ settings.register_profile("default", derandomize=True, deadline=None)
 settings.register_profile("explore", derandomize=False, deadline=None, max_examples=500)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
+# `mixserve serve` keeps admin state in a file under the user's data directory by default: servers the
+# tests start as subprocesses keep it in memory instead, so no test sees another's (or an earlier run's)
+# pins. The state store's own tests pass --state explicitly.
+os.environ["MIXSERVE_STATE"] = "none"
+
 TINY = LlamaShape(hidden=32, intermediate=64, layers=2, heads=4, kv_heads=2, vocab=128)
 
 

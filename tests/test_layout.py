@@ -72,9 +72,10 @@ def test_the_demo_model_lives_in_the_mixserve_package():
     assert build_parser().parse_args(["demo-train"]).out == str(DEMO_DIR)  # the CLI rebuilds the same place
 
 
-# server/ by layer, as vLLM's entrypoints / engine / worker, with the adapter pools under the worker:
-# each layer imports only the layers below it (and the shared leaves config, metrics, readiness).
-LAYERS = ["entrypoints", "engine", "worker", "adapters"]
+# server/ by layer, as vLLM's entrypoints / engine / worker, with the adapter pools under the worker and
+# the admin state store at the bottom: each layer imports only the layers below it (and the shared
+# leaves config, metrics, readiness).
+LAYERS = ["entrypoints", "engine", "worker", "adapters", "store"]
 LEAVES = {"config", "metrics", "readiness"}
 
 

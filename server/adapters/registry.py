@@ -58,6 +58,21 @@ class AdapterRegistry:
         return errors
 
     def register(self, name: str, path: str | Path, *, replace: bool = False) -> LoraAdapter:
+        adapter = self.load(name, path, replace=replace)
+        self.add(adapter)
+        return adapter
+
+    def add(self, adapter: LoraAdapter) -> None:
+        """Serve ``adapter`` under its name (replacing any adapter of that name)."""
+        self._adapters[adapter.name] = adapter
+
+    def relative(self, path: str | Path) -> str:
+        """``path`` as the store keeps it: relative to the root (which may move between hosts)."""
+        return confined(self.root, path).relative_to(self.root.resolve()).as_posix()
+
+    def load(self, name: str, path: str | Path, *, replace: bool = True) -> LoraAdapter:
+        """Read and check an adapter without serving it (:meth:`add` does); refuses a taken name unless
+        ``replace``."""
         if not NAME.match(name):
             raise AdapterError(f"adapter name {name!r} must match {NAME.pattern}")
         if name in self._adapters and not replace:
@@ -73,5 +88,4 @@ class AdapterRegistry:
             raise AdapterError(f"{weights.name} is {weights.stat().st_size:,} bytes (limit {self.max_bytes:,})")
         adapter = load_adapter(directory, name)
         adapter.check_base_shapes(self._base_shapes)
-        self._adapters[name] = adapter
         return adapter

@@ -25,6 +25,7 @@ from server.entrypoints.routes_openai import StateDep
 from server.entrypoints.schemas import GenerateRequest, error_body
 from server.entrypoints.state import RequestError, ServerState
 from server.metrics import CONTENT_TYPE
+from server.store.state_store import StoreUnavailableError
 
 log = logging.getLogger("mixserve.api")
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -97,7 +98,8 @@ def create_app(config: ServeConfig, extensions: Sequence[Extension] = ()) -> Fas
             # Unauthenticated: the reason names files without the server's directories (full text in the log).
             reason = redact_paths(request.app.state.load_error or ("shutting down" if state else "loading"))
             return JSONResponse({"ready": False, "reason": reason}, status_code=503)
-        return {"ready": True, "model": state.base_name, "adapters": state.registry.names(), "pins": sorted(state.pins)}
+        return {"ready": True, "model": state.base_name, "adapters": state.registry.names(), "pins": sorted(state.pins),
+                "store": state.admin.view()}  # fmt: skip
 
     @app.get("/metrics")
     async def metrics(state: StateDep):
@@ -192,6 +194,12 @@ def _install_errors(app: FastAPI) -> None:
         headers = {"Retry-After": "1"} if exc.status in (429, 503) else None
         body = error_body(exc.message, _TYPES.get(exc.status, "server_error"), exc.param, exc.code)
         return JSONResponse(body, status_code=exc.status, headers=headers)
+
+    @app.exception_handler(StoreUnavailableError)
+    async def store_unavailable(request: Request, exc: StoreUnavailableError):
+        log.warning("refused %s %s: 503 %s", request.method, request.url.path, exc)
+        body = error_body(f"{exc}; nothing was changed", "server_error", None, "store_unavailable")
+        return JSONResponse(body, status_code=503, headers={"Retry-After": "1"})
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):

@@ -7,6 +7,7 @@ the admin API is refused, unless the server runs with ``--insecure-admin`` (loca
 from __future__ import annotations
 
 import asyncio
+import json
 
 from fastapi import APIRouter, Depends, Request
 
@@ -83,8 +84,18 @@ async def pin_mix(body: PinMixRequest, state: StateDep):
 
 @router.delete("/mixes/{name}")
 async def unpin_mix(name: str, state: StateDep):
-    state.unpin(name)
+    await state.unpin(name)
     return {"name": name, "pinned": False}
+
+
+@router.get("/mixes")
+async def pinned_mixes(state: StateDep):
+    """The pinned mixes, the state store's version and what could not be restored from it (and why)."""
+    pins = [{"name": p.name, "key": p.key, "mix": state.admin.pin_specs.get(p.name)} for p in state.pins.values()]
+    for pin in pins:
+        pin["mix"] = None if pin["mix"] is None else json.loads(pin["mix"])
+    return {"pins": sorted(pins, key=lambda p: p["name"]), "not_restored": state.admin.problems,
+            "store": state.admin.view()}  # fmt: skip
 
 
 @router.get("/cache")
@@ -109,6 +120,7 @@ async def cache(state: StateDep):
             "kv_block_size": state.runtime.kv.block_size, "kv_blocks": state.runtime.kv.usable_blocks,
             "kv_blocks_free": state.runtime.kv.free_blocks, "mix_pool_slots": state.runtime.pool.max_loras,
             "mix_pool_bytes": state.runtime.pool.nbytes, "adapter_pool": adapter_pool(state),
+            "state_store": state.admin.view(),
             "merge_caches": {"adapter_sets": len(state.families), "adapter_sets_bytes": state.families.nbytes,
                              "basis_sets": len(state.bases), "basis_bytes": state.bases.nbytes}}  # fmt: skip
 

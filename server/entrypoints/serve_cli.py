@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -127,6 +128,10 @@ def add_serve_parser(sub) -> None:
     s.add_argument("--pin-file", dest="pin_file", type=Path,
                    help="YAML of named mixes to merge and pin at start-up (default: with the demo model and "
                         "adapters, the demo's pins.yaml: its recommended all-four mix as `all-tasks`)")  # fmt: skip
+    s.add_argument("--state", dest="state", default=os.environ.get("MIXSERVE_STATE"),
+                   help="where pins, adapter registrations and tune results survive restarts: a SQLite file, or a "
+                        "database URL shared by replicas (postgresql+psycopg://...), or 'none' (memory only); "
+                        "default: $MIXSERVE_STATE, else <data dir>/mixserve/<model name>.db (printed at start)")  # fmt: skip
     s.add_argument("--api-key", dest="api_key", default=d.api_key,
                    help="require 'Authorization: Bearer KEY' on /v1/* and /generate (default: $MIXSERVE_API_KEY; "
                         "unset = open); /health, /ready and /metrics stay open")  # fmt: skip
@@ -144,6 +149,13 @@ def add_serve_parser(sub) -> None:
     s.set_defaults(func=cmd_serve)
 
 
+def default_state_path(model_name: str) -> Path:
+    """``$XDG_DATA_HOME/mixserve/<model name>.db`` (``~/.local/share`` without it): one store per base model."""
+    base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in model_name) or "model"
+    return base / "mixserve" / f"{safe}.db"
+
+
 def config_from_args(args: argparse.Namespace) -> ServeConfig:
     try:
         model, model_id = locate_model(args.model)
@@ -158,7 +170,10 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
     if args.adapter_slots < args.max_mix_adapters:
         raise SystemExit(f"mixserve serve: --adapter-slots {args.adapter_slots} cannot hold a mix of "
                          f"--max-mix-adapters {args.max_mix_adapters} adapters; raise it or lower --max-mix-adapters")  # fmt: skip
+    name = args.model_name or model_id or ("mixserve-demo" if model == DEMO_DIR / "base" else Path(model).name)
+    state = args.state or str(default_state_path(name))
     return ServeConfig(
+        state=None if state.lower() == "none" else state,
         model=model, adapters=args.adapters, model_name=args.model_name or model_id, device=args.device, dtype=args.dtype,
         host=args.host, port=args.port, max_batch=args.max_batch, max_len=args.max_len, max_waiting=args.max_waiting,
         max_tune_jobs=args.max_tune_jobs, max_prefill_tokens=args.max_prefill_tokens, max_rank=args.max_rank,

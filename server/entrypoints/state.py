@@ -26,8 +26,10 @@ from server.adapters.registry import NAME, AdapterRegistry
 from server.config import DEMO_DIR, ServeConfig
 from server.engine.engine import Engine
 from server.engine.structured import StructuredOutputs
+from server.entrypoints.admin_state import AdminState, canonical
 from server.entrypoints.openai_shapes import TokenStrings
 from server.metrics import Metrics
+from server.store.state_store import StateStore, store_url
 from server.worker.runtime import ModelRuntime
 
 log = logging.getLogger("mixserve.state")
@@ -112,6 +114,7 @@ class ServerState:
             step_executor=engine_executor,
         )
         self.pins: dict[str, PinnedMix] = {}
+        self.admin = AdminState(self, StateStore(store_url(config.state)) if config.state else None)
         self.ready = False
         self.started = time.time()
 
@@ -120,12 +123,14 @@ class ServerState:
         await self.engine.start()
         if self.config.pin_file is not None:
             for name, spec in read_pin_file(Path(self.config.pin_file)).items():
-                await self.pin(name, spec)
+                await self.pin(name, spec, persist=False)  # the file is configuration, not admin state
                 log.info("pinned %s from %s", name, self.config.pin_file)
+        await self.admin.restore()  # after the file: what an admin did last wins
         self.ready = True
 
     async def shutdown(self) -> None:
         self.ready = False
+        await self.admin.stop()
         drained = await self.engine.drain(self.config.drain_seconds)
         if not drained:
             log.warning("drain deadline passed with requests in flight; aborting them")
@@ -223,10 +228,14 @@ class ServerState:
 
     # ----------------------------------------------------------------------------------- adapters
     def register_adapter(self, name: str, path: str, *, replace: bool = False) -> LoraAdapter:
-        """Load an adapter from under the adapter root (worker thread: file I/O). Registering is reading it:
-        nothing is derived for the other adapters; the member pool loads it when a mix first needs it."""
+        """Load an adapter from under the adapter root (worker thread: file I/O), record it in the state
+        store, then serve it. Registering is reading it: nothing is derived for the other adapters; the
+        member pool loads it when a mix first needs it. Raises ``StoreUnavailableError`` (nothing changed)."""
         with self._register_lock:
-            return self.registry.register(name, path, replace=replace)
+            adapter = self.registry.load(name, path, replace=replace)
+            self.admin.write_now("put_adapter", name, self.registry.relative(path), adapter.fingerprint)
+            self.registry.add(adapter)
+            return adapter
 
     def update_adapter_metrics(self) -> None:
         self.metrics.adapters_registered.set(len(self.registry.names()))
@@ -238,14 +247,19 @@ class ServerState:
         if name == self.base_name or name in self.registry:
             raise RequestError(409, f"{name!r} is already the name of the base model or an adapter", "name", "conflict")
 
-    async def pin(self, name: str, raw: dict | str) -> CacheEntry:
-        """Merge now and pin under ``name`` (replacing an earlier pin of that name)."""
+    async def pin(self, name: str, raw: dict | str, *, persist: bool = True) -> CacheEntry:
+        """Merge now and pin under ``name`` (replacing an earlier pin of that name: the later write wins);
+        with ``persist``, the state store has it before it is served (``StoreUnavailableError``: nothing
+        changed)."""
         self.check_pin_name(name)
         spec = self.validate_spec(raw)
         resolved = ResolvedMix(name, mix_key(spec, self.registry.snapshot()), spec)
         lease = await self.lease(resolved)
         assert lease is not None
         try:
+            if persist:
+                await self.admin.write("put_pin", name, raw)
+                self.admin.pin_specs[name] = canonical(raw)
             if name in self.pins:
                 self.cache.unpin(name)
             self.cache.pin(lease.entry, name)
@@ -254,9 +268,12 @@ class ServerState:
             lease.release()
         return lease.entry
 
-    def unpin(self, name: str) -> None:
+    async def unpin(self, name: str, *, persist: bool = True) -> None:
         if name not in self.pins:
             raise RequestError(404, f"no pinned mix named {name!r}", "name", "not_found")
+        if persist:
+            await self.admin.write("delete_pin", name)
+            self.admin.pin_specs.pop(name, None)
         del self.pins[name]
         self.cache.unpin(name)
 

@@ -1,0 +1,176 @@
+"""The admin state kept in the store (``server/store``) and the server's memory in step.
+
+- **Writes go to the store first** (a registration, a pin, an unpin): the admin call answers once the
+  store has it; if the store is unreachable it answers 503 with the reason and memory is not changed.
+- **Start-up restores** the store's registrations and pins before ``/ready`` (after the pin file: what
+  an admin did last wins); a pin that cannot be restored (an adapter gone, changed or failing to merge)
+  is kept in the store and reported in ``GET /admin/mixes`` and the log, and never blocks the others.
+- **Following**: a background task polls the store's version (``poll_seconds``) and applies what
+  another replica changed, so a pin taken anywhere is served everywhere; while the store is down,
+  generation goes on and the task retries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from typing import Any
+
+from merging.adapters import AdapterError, LoraAdapter
+from server.store.state_store import Snapshot, StateStore, StoreUnavailableError, redact
+
+log = logging.getLogger("mixserve.state")
+
+
+def canonical(spec: Any) -> str:
+    return json.dumps(spec, sort_keys=True)
+
+
+class AdminState:
+    """What the store holds, applied to one server (``ServerState``) and kept in step."""
+
+    def __init__(self, state: Any, store: StateStore | None, poll_seconds: float = 0.5) -> None:
+        """``state``: the server's ``ServerState`` (its registry, pins, ``pin`` / ``unpin`` and metrics)."""
+        self._state, self.store, self.poll_seconds = state, store, poll_seconds
+        self.version = 0  # the store version this server has applied
+        self.reachable = store is not None
+        self.last_contact = time.time()
+        self.problems: dict[str, str] = {}  # pin or adapter name -> why it is not served as stored
+        self.pin_specs: dict[str, str] = {}  # pin name -> its canonical spec as applied
+        self._task: asyncio.Task | None = None
+        self._apply_lock = asyncio.Lock()
+
+    # ------------------------------------------------------------------------------------ start, stop
+    async def restore(self) -> None:
+        """Apply the store's state (start-up, before ready), then follow it."""
+        if self.store is None:
+            return
+        snapshot = await self._read()
+        if snapshot is not None:
+            await self.apply(snapshot)
+            log.info("state store %s (version %d): %d adapter registrations, %d pins restored%s",
+                     redact(self.store.url), snapshot.version, len(snapshot.adapters), len(snapshot.pins),
+                     f"; not restored: {self.problems}" if self.problems else "")  # fmt: skip
+        self._task = asyncio.create_task(self._follow(), name="mixserve-state-follower")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self.store is not None:
+            self.store.close()
+
+    # --------------------------------------------------------------------------------------- writes
+    async def write(self, method: str, *args) -> None:
+        """``store.<method>(*args)`` off the loop; raises :class:`StoreUnavailableError` (a 503) if the
+        store cannot take it, and then nothing was changed."""
+        if self.store is not None:
+            await asyncio.to_thread(self.write_now, method, *args)
+
+    def write_now(self, method: str, *args) -> None:
+        """:meth:`write` on the calling thread (a worker thread already)."""
+        if self.store is None:
+            return
+        try:
+            version = getattr(self.store, method)(*args)
+        except StoreUnavailableError:
+            self._mark(False)
+            raise
+        self._mark(True)
+        self.version = max(self.version, version)
+
+    # ------------------------------------------------------------------------------------ following
+    async def _read(self) -> Snapshot | None:
+        try:
+            snapshot = await asyncio.to_thread(self.store.snapshot)
+        except StoreUnavailableError as exc:
+            if self.reachable:
+                log.warning("%s; serving what is in memory, retrying", exc)
+            self._mark(False)
+            return None
+        self._mark(True)
+        return snapshot
+
+    def _mark(self, reachable: bool) -> None:
+        if reachable and not self.reachable:
+            log.info("state store %s reachable again", redact(self.store.url))
+        self.reachable = reachable
+        if reachable:
+            self.last_contact = time.time()
+        metrics = self._state.metrics
+        metrics.store_up.set(1 if reachable else 0)
+
+    async def _follow(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_seconds)
+            try:
+                version = await asyncio.to_thread(self.store.version)
+            except StoreUnavailableError as exc:
+                if self.reachable:
+                    log.warning("%s; serving what is in memory, retrying", exc)
+                self._mark(False)
+                continue
+            except Exception:  # a bug here must not stop the follower
+                log.exception("state store poll failed")
+                continue
+            self._mark(True)
+            self._state.metrics.store_version.set(version)
+            if version != self.version:
+                snapshot = await self._read()
+                if snapshot is not None:
+                    try:
+                        await self.apply(snapshot)
+                    except Exception:
+                        log.exception("applying state store version %d failed", snapshot.version)
+
+    # ------------------------------------------------------------------------------------- applying
+    async def apply(self, snapshot: Snapshot) -> None:
+        """Make memory match ``snapshot``: registrations, then pins (added, changed, removed)."""
+        async with self._apply_lock:
+            state = self._state
+            for record in snapshot.adapters.values():
+                current = state.registry[record.name] if record.name in state.registry else None
+                if current is not None and current.fingerprint == record.fingerprint:
+                    continue
+                try:
+                    adapter: LoraAdapter = await asyncio.to_thread(state.registry.load, record.name, record.path)
+                except AdapterError as exc:
+                    self.problems[record.name] = f"adapter not restored: {exc}"
+                    log.warning("adapter %s not restored: %s", record.name, exc)
+                    continue
+                if adapter.fingerprint != record.fingerprint:
+                    self.problems[record.name] = (f"adapter {record.name} changed on disk since it was registered "
+                                                  f"(fingerprint {record.fingerprint[:12]} -> {adapter.fingerprint[:12]})")  # fmt: skip
+                    log.warning("%s", self.problems[record.name])
+                state.registry.add(adapter)
+            state.update_adapter_metrics()
+            for name, record in snapshot.pins.items():
+                spec = canonical(record.spec)
+                if self.pin_specs.get(name) == spec and name in state.pins:
+                    continue
+                try:
+                    await state.pin(name, record.spec, persist=False)
+                except Exception as exc:  # a pin that cannot come back is reported, never blocks the others
+                    reason = getattr(exc, "message", None) or str(exc)
+                    self.problems[name] = f"pin not restored: {reason}"
+                    log.warning("pin %s not restored: %s", name, reason)
+                    continue
+                self.pin_specs[name] = spec
+                self.problems.pop(name, None)
+            for name in [n for n in self.pin_specs if n not in snapshot.pins]:
+                del self.pin_specs[name]  # unpinned by another replica
+                if name in state.pins:
+                    await state.unpin(name, persist=False)
+            self.version = max(self.version, snapshot.version)
+            state.metrics.store_version.set(snapshot.version)
+
+    def view(self) -> dict:
+        """For ``/ready`` and ``/admin/cache``."""
+        if self.store is None:
+            return {"kind": "none", "persistent": False}
+        return {"kind": self.store.kind, "url": redact(self.store.url), "reachable": self.reachable,
+                "version": self.version, "seconds_since_contact": round(time.time() - self.last_contact, 3)}  # fmt: skip

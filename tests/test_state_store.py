@@ -1,0 +1,206 @@
+"""The admin state store (issue 36): migrations, atomic writes under SIGKILL, and real servers that
+restart with their pins and registrations, follow each other through one store, and keep serving
+generation while the store is unavailable."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from server.readiness import free_port, wait_until_ready
+from server.store.state_store import SCHEMA_VERSION, StateStore, StoreSchemaError, store_url
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "mixserve" / "demo"
+pytestmark = pytest.mark.skipif(not (DEMO / "base" / "model.safetensors").is_file(), reason="mixserve/demo not trained")
+TIES = {"method": "ties", "density": 0.5, "children": [{"adapter": "sql"}, {"adapter": "json"}]}
+SQL = ("### task: sql\n### input: CREATE TABLE books (title TEXT, author TEXT, year INT, pages INT) ; "
+       "how many books have author bemi\n### output:\n")  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------ the store
+def test_migrations_apply_once_and_a_newer_schema_is_refused(tmp_path):
+    url = store_url(str(tmp_path / "a" / "state.db"))
+    store = StateStore(url)
+    assert store.schema_version() == SCHEMA_VERSION and store.version() == 0
+    assert store.put_pin("p", {"adapter": "sql"}) == 1
+    store.close()
+    again = StateStore(url)  # reopening migrates nothing and keeps the data
+    assert again.snapshot().pins["p"].spec == {"adapter": "sql"} and again.version() == 1
+    again.close()
+    with sqlite3.connect(tmp_path / "a" / "state.db") as conn:
+        conn.execute("UPDATE mixserve_schema SET version = ?", (SCHEMA_VERSION + 1,))
+    with pytest.raises(StoreSchemaError, match="upgrade mixserve"):
+        StateStore(url)
+
+
+def test_every_write_advances_the_version_and_the_later_pin_wins(tmp_path):
+    store = StateStore(store_url(str(tmp_path / "s.db")))
+    store.put_adapter("code", "python", "f" * 64)
+    store.put_pin("m", TIES)
+    store.put_pin("m", "sql")
+    store.put_tune_result("job1", {"best": {"score": 0.9}})
+    store.delete_pin("gone")  # deleting what is not there is a write too (idempotent)
+    snap = store.snapshot()
+    assert snap.version == 5 and snap.pins["m"].spec == "sql"
+    assert snap.adapters["code"].path == "python" and snap.tune_results["job1"]["best"]["score"] == 0.9
+    store.delete_pin("m")
+    assert "m" not in store.snapshot().pins
+
+
+_WRITER = """
+import sys
+from server.store.state_store import StateStore, store_url
+store = StateStore(store_url(sys.argv[1]))
+i = 0
+while True:
+    i += 1
+    store.put_pin(f"p{i % 50}", {"method": "linear", "children": [{"adapter": "sql", "weight": i}]})
+    store.put_adapter(f"a{i % 7}", f"dir{i}", f"{i:064d}")
+    if i % 3 == 0:
+        store.delete_pin(f"p{(i * 7) % 50}")
+    print(i, flush=True)
+"""
+
+
+def test_sigkill_in_the_middle_of_writes_leaves_the_before_or_the_after(tmp_path):
+    """A writer killed at random moments, 20 times: the database is intact, every row whole, and the
+    version counter agrees with the rows (each row carries the version of the write that made it)."""
+    db = tmp_path / "k.db"
+    script = tmp_path / "writer.py"
+    script.write_text(_WRITER)
+    for cycle in range(20):
+        proc = subprocess.Popen([sys.executable, str(script), str(db)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        proc.stdout.readline()  # it has written at least once
+        time.sleep(0.02 + 0.013 * (cycle % 7))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        store = StateStore(store_url(str(db)))
+        snap = store.snapshot()
+        store.close()
+        with sqlite3.connect(db) as conn:
+            assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+            versions = [v for (v,) in conn.execute(
+                "SELECT version FROM mixserve_pins UNION ALL SELECT version FROM mixserve_adapters")]  # fmt: skip
+        assert versions and max(versions) <= snap.version
+        for pin in snap.pins.values():
+            assert pin.spec["children"][0]["adapter"] == "sql"
+        for a in snap.adapters.values():
+            assert a.path.startswith("dir") and len(a.fingerprint) == 64
+
+
+# ------------------------------------------------------------------------------------- real servers
+class Server:
+    """``mixserve serve`` as a subprocess on a free port with its admin API open."""
+
+    def __init__(self, state: str, adapters: Path, *extra: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "mixserve.cli", "serve", "--port", str(self.port), "--adapters", str(adapters),
+               "--state", state, "--insecure-admin", "--max-batch", "4", "--log-level", "warning", *extra]  # fmt: skip
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        wait_until_ready(self.url, timeout=120, proc=self.proc)
+
+    def get(self, path: str) -> dict:
+        return httpx.get(self.url + path, timeout=30).json()
+
+    def post(self, path: str, body: dict) -> httpx.Response:
+        return httpx.post(self.url + path, json=body, timeout=60)
+
+    def complete(self, model: str) -> httpx.Response:
+        return self.post("/v1/completions", {"model": model, "prompt": SQL, "max_tokens": 8, "temperature": 0})
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(60)
+
+
+@pytest.fixture
+def adapters(tmp_path) -> Path:
+    """A copy of the demo adapters (tests delete and change them)."""
+    root = tmp_path / "adapters"
+    shutil.copytree(DEMO / "adapters", root)
+    shutil.copytree(root / "python", root / "extra" / "code")
+    return root
+
+
+@pytest.mark.slow
+def test_pins_and_registrations_come_back_after_a_restart_and_sigkill(tmp_path, adapters):
+    state = str(tmp_path / "state.db")
+    a = Server(state, adapters)
+    try:
+        assert a.post("/admin/adapters", {"name": "code", "path": "extra/code"}).status_code == 200
+        assert a.post("/admin/mixes", {"name": "ties-mix", "mix": TIES}).status_code == 200
+        assert a.post("/admin/mixes", {"name": "code-mix", "mix": {"method": "linear", "children": [
+            {"adapter": "code"}, {"adapter": "sql"}]}}).status_code == 200  # fmt: skip
+        assert a.post("/admin/mixes", {"name": "short-lived", "mix": "sql"}).status_code == 200
+        assert httpx.delete(a.url + "/admin/mixes/short-lived", timeout=30).status_code == 200
+        before = {m: a.complete(m).json()["choices"][0]["text"] for m in ("ties-mix", "code-mix")}
+    finally:
+        a.stop(signal.SIGKILL)  # no drain, no shutdown hook: only what the store has
+    b = Server(state, adapters)
+    try:
+        assert set(b.get("/ready")["pins"]) >= {"ties-mix", "code-mix"} and "short-lived" not in b.get("/ready")["pins"]
+        assert "code" in b.get("/ready")["adapters"]
+        assert {m: b.complete(m).json()["choices"][0]["text"] for m in before} == before
+        mixes = b.get("/admin/mixes")
+        assert mixes["not_restored"] == {} and mixes["store"]["kind"] == "sqlite"
+        assert {p["name"]: p["mix"] for p in mixes["pins"]}["ties-mix"] == TIES
+    finally:
+        b.stop()
+    shutil.rmtree(adapters / "extra")  # an adapter gone: its pin is reported, the others still served
+    c = Server(state, adapters)
+    try:
+        problems = c.get("/admin/mixes")["not_restored"]
+        assert "code" in problems and "code-mix" in problems and "ties-mix" in c.get("/ready")["pins"]
+        assert c.complete("ties-mix").status_code == 200
+    finally:
+        c.stop()
+
+
+@pytest.mark.slow
+def test_two_servers_on_one_store_follow_each_other_and_survive_a_locked_store(tmp_path, adapters):
+    state = str(tmp_path / "shared.db")
+    a, b = Server(state, adapters), Server(state, adapters)
+    try:
+        t0 = time.monotonic()
+        assert a.post("/admin/mixes", {"name": "shared", "mix": TIES}).status_code == 200
+        while b.complete("shared").status_code != 200:
+            assert time.monotonic() - t0 < 2.0, "the pin did not reach the other server within 2 s"
+            time.sleep(0.05)
+        assert httpx.delete(b.url + "/admin/mixes/shared", timeout=30).status_code == 200
+        t0 = time.monotonic()
+        while a.complete("shared").status_code != 404:
+            assert time.monotonic() - t0 < 2.0
+            time.sleep(0.05)
+        # The store locked by another writer past its timeout: admin writes 503 (nothing changed),
+        # generation goes on; once released, writes succeed again.
+        lock = sqlite3.connect(state, timeout=1, isolation_level=None)
+        lock.execute("BEGIN EXCLUSIVE")
+        try:
+            r = a.post("/admin/mixes", {"name": "while-locked", "mix": "sql"})
+            assert r.status_code == 503 and r.json()["error"]["code"] == "store_unavailable"
+            assert a.complete("sql").status_code == 200
+            assert "while-locked" not in a.get("/ready")["pins"]
+        finally:
+            lock.execute("ROLLBACK")
+            lock.close()
+        assert a.post("/admin/mixes", {"name": "after", "mix": "sql"}).status_code == 200
+        c = Server(state, adapters)  # a server started later has it
+        try:
+            assert "after" in c.get("/ready")["pins"]
+        finally:
+            c.stop()
+    finally:
+        a.stop()
+        b.stop()
