@@ -4,12 +4,14 @@ generation while the store is unavailable."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -199,6 +201,90 @@ def test_two_servers_on_one_store_follow_each_other_and_survive_a_locked_store(t
         c = Server(state, adapters)  # a server started later has it
         try:
             assert "after" in c.get("/ready")["pins"]
+        finally:
+            c.stop()
+    finally:
+        a.stop()
+        b.stop()
+
+
+# ------------------------------------------------------------------------------------------ PostgreSQL
+def _pg_bin(name: str) -> str | None:
+    found = shutil.which(name)
+    if found:
+        return found
+    candidates = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))
+    return str(candidates[-1]) if candidates else None
+
+
+class Postgres:
+    """A throwaway PostgreSQL cluster (Debian's binaries, run as the ``postgres`` user) on 127.0.0.1."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.dir, self.port = workdir, free_port()
+        self.data = workdir / "data"
+        workdir.mkdir(parents=True, exist_ok=True)
+        shutil.chown(workdir, "postgres")
+        self._as_postgres(_pg_bin("initdb"), "-D", str(self.data), "--auth=trust", "-U", "postgres")
+        self.start()
+        subprocess.run([_pg_bin("psql") or "psql", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "-c",
+                        "CREATE DATABASE mixserve"], check=True, capture_output=True)  # fmt: skip
+        self.url = f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/mixserve"
+
+    def _as_postgres(self, *cmd: str) -> None:
+        subprocess.run(["runuser", "-u", "postgres", "--", *cmd], check=True, capture_output=True)
+
+    def start(self) -> None:
+        options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1"
+        self._as_postgres(_pg_bin("pg_ctl"), "-D", str(self.data), "-o", options, "-l", str(self.dir / "log"), "-w",
+                          "start")  # fmt: skip
+
+    def stop(self) -> None:
+        self._as_postgres(_pg_bin("pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+
+@pytest.fixture
+def postgres():
+    if _pg_bin("initdb") is None or _pg_bin("pg_ctl") is None:
+        pytest.skip("needs PostgreSQL's server binaries (Debian: apt-get install postgresql; .ci/run installs it)")
+    if os.geteuid() != 0 or shutil.which("runuser") is None:
+        pytest.skip("starts PostgreSQL as the 'postgres' user: needs root and runuser")
+    # Not under pytest's tmp_path: its root-only parent is closed to the postgres user.
+    workdir = Path(tempfile.mkdtemp(prefix="mixserve-pg-"))
+    try:
+        pg = Postgres(workdir)
+        yield pg
+        with contextlib.suppress(subprocess.CalledProcessError):
+            pg.stop()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_a_fleet_on_postgresql_shares_pins_and_rides_out_the_database_going_down(postgres, adapters):
+    a, b = Server(postgres.url, adapters), Server(postgres.url, adapters)
+    try:
+        t0 = time.monotonic()
+        assert a.post("/admin/mixes", {"name": "fleet", "mix": TIES}).status_code == 200
+        while b.complete("fleet").status_code != 200:
+            assert time.monotonic() - t0 < 2.0, "the pin did not reach the other replica within 2 s"
+            time.sleep(0.05)
+        assert b.get("/admin/mixes")["store"]["kind"] == "postgresql"
+        postgres.stop()
+        try:
+            for server in (a, b):  # generation goes on; admin writes say why they cannot
+                assert server.complete("fleet").status_code == 200
+                r = server.post("/admin/mixes", {"name": "while-down", "mix": "sql"})
+                assert r.status_code == 503 and r.json()["error"]["code"] == "store_unavailable"
+        finally:
+            postgres.start()
+        t0 = time.monotonic()
+        while a.post("/admin/mixes", {"name": "back", "mix": "sql"}).status_code != 200:
+            assert time.monotonic() - t0 < 15, "admin writes did not recover once the database came back"
+            time.sleep(0.5)
+        c = Server(postgres.url, adapters)  # a replica started later has every pin
+        try:
+            assert {"fleet", "back"} <= set(c.get("/ready")["pins"])
         finally:
             c.stop()
     finally:
