@@ -135,6 +135,13 @@ class TuneJobs:
             raise RequestError(404, f"no tune job {job_id!r}", "id", "not_found")
         return self.jobs[job_id]
 
+    def views(self, *, with_trials: bool = False) -> dict[str, dict]:
+        """Every job: those of this process, and the finished ones the state store holds (from before a
+        restart, or from another replica)."""
+        stored = {k: v if with_trials else {x: y for x, y in v.items() if x != "trials"}
+                  for k, v in self.state.admin.tune_results.items()}  # fmt: skip
+        return stored | {j.id: j.view(with_trials=with_trials) for j in self.jobs.values()}
+
     async def cancel(self, job_id: str) -> TuneJob:
         job = self.get(job_id)
         if job.status == "running" and job.task is not None:
@@ -198,6 +205,11 @@ class TuneJobs:
             job.status, job.error = "failed", f"{type(exc).__name__}: {getattr(exc, 'message', exc)}"
         finally:
             job.finished = time.time()
+            # The result survives restarts (the state store); failing to store it leaves it in memory only.
+            try:
+                await asyncio.shield(self.state.admin.write("put_tune_result", job.id, job.view(with_trials=True)))
+            except Exception as exc:
+                log.warning("tune job %s: result not stored: %s", job.id, exc)
             job.task = None
 
     async def _score(self, mix: dict | str, examples: dict) -> dict[str, float]:
@@ -277,10 +289,13 @@ class TuneService:
         return self._jobs().start(body.model_dump()).view()
 
     async def list_jobs(self) -> dict:
-        return {"jobs": [j.view() for j in self._jobs().jobs.values()]}
+        return {"jobs": list(self._jobs().views().values())}
 
     async def get_job(self, job_id: str) -> dict:
-        return self._jobs().get(job_id).view(with_trials=True)
+        views = self._jobs().views(with_trials=True)
+        if job_id not in views:
+            raise RequestError(404, f"no tune job {job_id!r}", "id", "not_found")
+        return views[job_id]
 
     async def cancel_job(self, job_id: str) -> dict:
         """Cancel a running job (its in-flight generations are aborted); a finished one is left as it is."""

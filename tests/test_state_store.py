@@ -150,6 +150,10 @@ def test_pins_and_registrations_come_back_after_a_restart_and_sigkill(tmp_path, 
         before = {m: a.complete(m).json()["choices"][0]["text"] for m in ("ties-mix", "code-mix")}
     finally:
         a.stop(signal.SIGKILL)  # no drain, no shutdown hook: only what the store has
+    # A tune job's result as the job writes it when it ends (tests/test_tune_jobs_unit.py checks that write).
+    store = StateStore(store_url(state))
+    store.put_tune_result("job42", {"id": "job42", "status": "completed", "best": {"mix": TIES}, "trials": [{}]})
+    store.close()
     b = Server(state, adapters)
     try:
         assert set(b.get("/ready")["pins"]) >= {"ties-mix", "code-mix"} and "short-lived" not in b.get("/ready")["pins"]
@@ -158,6 +162,8 @@ def test_pins_and_registrations_come_back_after_a_restart_and_sigkill(tmp_path, 
         mixes = b.get("/admin/mixes")
         assert mixes["not_restored"] == {} and mixes["store"]["kind"] == "sqlite"
         assert {p["name"]: p["mix"] for p in mixes["pins"]}["ties-mix"] == TIES
+        jobs = {j["id"]: j for j in b.get("/admin/mixes/tune")["jobs"]}
+        assert jobs["job42"]["best"]["mix"] == TIES and b.get("/admin/mixes/tune/job42")["trials"] == [{}]
     finally:
         b.stop()
     shutil.rmtree(adapters / "extra")  # an adapter gone: its pin is reported, the others still served

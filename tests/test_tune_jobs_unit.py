@@ -4,6 +4,7 @@ queue-full answers are retried, and a failed generation cancels (and aborts) the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from types import SimpleNamespace
 
 import pytest
@@ -17,9 +18,15 @@ REQUEST = {"tasks": ["sql"], "adapters": None, "budget": 2, "n_val": 2, "methods
            "seed": 0, "pin_as": None}  # fmt: skip
 
 
-def _state() -> SimpleNamespace:
+def _state(writes: list | None = None) -> SimpleNamespace:
     tokenizer = lambda text, add_special_tokens=False: {"input_ids": [1, 2, 3]}  # noqa: E731
+
+    async def write(method: str, *args) -> None:
+        if writes is not None:
+            writes.append((method, *args))
+
     return SimpleNamespace(
+        admin=SimpleNamespace(write=write, tune_results={"old": {"id": "old", "status": "completed", "trials": []}}),
         registry={"sql"}, validate_spec=lambda spec: spec, check_pin_name=lambda name: None,
         resolve=lambda model, mix: SimpleNamespace(key=mix, label=mix),
         runtime=SimpleNamespace(tokenizer=tokenizer, max_len=256),
@@ -110,3 +117,27 @@ def test_a_failed_pin_leaves_the_search_completed_with_the_error():
     job = asyncio.run(scenario())
     assert job.status == "completed" and len(job.trials) == 2 and job.best is not None
     assert job.pinned_as is None and "pinning 'winner' failed" in job.error and "already an adapter" in job.error
+
+
+def test_a_finished_job_is_written_to_the_state_store_and_stored_jobs_are_listed(monkeypatch):
+    import mixserve.eval.tasks as tasks
+
+    def broken_split(*args, **kwargs):
+        raise RuntimeError("no data")
+
+    monkeypatch.setattr(tasks, "make_split", broken_split)
+    writes: list = []
+
+    async def scenario():
+        jobs = TuneJobs(_state(writes))
+        job = jobs.start(dict(REQUEST))
+        with contextlib.suppress(Exception):
+            await job.task
+        return job, jobs
+
+    job, jobs = asyncio.run(scenario())
+    assert job.status == "failed"
+    ((method, job_id, record),) = writes
+    assert method == "put_tune_result" and job_id == job.id and record["status"] == "failed" and "trials" in record
+    views = jobs.views()
+    assert set(views) == {"old", job.id} and "trials" not in views["old"]

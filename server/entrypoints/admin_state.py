@@ -40,6 +40,7 @@ class AdminState:
         self.last_contact = time.time()
         self.problems: dict[str, str] = {}  # pin or adapter name -> why it is not served as stored
         self.pin_specs: dict[str, str] = {}  # pin name -> its canonical spec as applied
+        self.tune_results: dict[str, dict] = {}  # finished tune jobs the store holds, by id
         self._task: asyncio.Task | None = None
         self._apply_lock = asyncio.Lock()
 
@@ -165,6 +166,7 @@ class AdminState:
                 del self.pin_specs[name]  # unpinned by another replica
                 if name in state.pins:
                     await state.unpin(name, persist=False)
+            self.tune_results = snapshot.tune_results
             self.version = max(self.version, snapshot.version)
             state.metrics.store_version.set(snapshot.version)
 
