@@ -55,6 +55,10 @@ PANELS: list[dict] = [
      "targets": [("max by (running_lora_adapters, waiting_lora_adapters, max_lora) (mixserve_lora_requests_info)",
                   "{{running_lora_adapters}}")]},
     {"title": "End-to-end latency", "unit": "s", "targets": _quantiles("mixserve_e2e_request_latency_seconds")},
+    {"title": "Admin state store: replicas reaching it, and version lag between replicas", "unit": "short",
+     "targets": [("sum(mixserve_state_store_up)", "replicas reaching the store"),
+                 ("count(mixserve_state_store_up)", "replicas"),
+                 ("max(mixserve_state_store_version) - min(mixserve_state_store_version)", "version lag")]},
     {"title": "Finished requests by reason", "unit": "reqps",
      "targets": [(f"sum by (finish_reason) (rate(mixserve_requests_total{W}))", "{{finish_reason}}")]},
 ]  # fmt: skip
