@@ -25,7 +25,7 @@ COPY merging ./merging
 COPY server ./server
 # mixserve/: the CLI, mixserve.eval and mixserve.demo (the demo model's files ship as package data)
 COPY mixserve ./mixserve
-RUN pip install . && rm -rf /src
+RUN pip install ".[postgres]" && rm -rf /src
 
 # ---- runtime: the venv only, a non-root user --------------------------------------------------------
 FROM ${BASE_IMAGE}

@@ -19,11 +19,19 @@ def test_compose_file_is_valid_and_wires_prometheus_and_grafana():
     compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
     schema = json.loads((ROOT / "tests" / "data" / "compose-spec.json").read_text())
     jsonschema.Draft7Validator(schema).validate(compose)
-    assert set(compose["services"]) == {"mixserve", "prometheus", "grafana"}
+    assert set(compose["services"]) == {"mixserve", "postgres", "prometheus", "grafana"}
     for service in compose["services"].values():  # every mounted file exists
         for volume in service.get("volumes", []):
             source = volume.split(":")[0]
-            assert (DEPLOY / source).exists(), source
+            assert source in compose.get("volumes", {}) or (DEPLOY / source).exists(), source
+    # The replicas keep their admin state in the compose PostgreSQL, which they wait for.
+    mixserve = compose["services"]["mixserve"]
+    assert (
+        mixserve["environment"]["MIXSERVE_STATE"].startswith("postgresql+psycopg://")
+        and "@postgres:5432/" in mixserve["environment"]["MIXSERVE_STATE"]
+    )
+    assert mixserve["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert "pgdata" in compose["volumes"]
     scrape = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
     assert scrape["scrape_configs"][0]["static_configs"][0]["targets"] == ["mixserve:8000"]
     ds = yaml.safe_load((DEPLOY / "grafana/provisioning/datasources/prometheus.yaml").read_text())
@@ -39,7 +47,7 @@ def test_a_broken_compose_file_is_rejected():
         jsonschema.Draft7Validator(schema).validate(compose)
 
 
-@pytest.mark.parametrize("name", ["deployment.yaml", "service.yaml", "configmap.yaml", "secret.yaml"])
+@pytest.mark.parametrize("name", ["deployment.yaml", "service.yaml", "configmap.yaml", "secret.yaml", "postgres.yaml"])
 def test_kubernetes_manifests_validate(name):
     kv = pytest.importorskip("kubernetes_validate")
     for doc in yaml.safe_load_all((DEPLOY / "k8s" / name).read_text()):
@@ -54,6 +62,9 @@ def test_kubernetes_deployment_probes_pins_token_and_gpu():
     assert c["env"][0] == {"name": "MIXSERVE_ADMIN_TOKEN", "valueFrom": {"secretKeyRef": {"name": "mixserve-admin",
                                                                                           "key": "token"}}}  # fmt: skip
     assert "--pin-file" in c["args"] and "/etc/mixserve/mixes.yaml" in c["args"]
+    state = {e["name"]: e for e in c["env"]}["MIXSERVE_STATE"]["valueFrom"]["secretKeyRef"]
+    secrets = {d["metadata"]["name"]: d for d in yaml.safe_load_all((DEPLOY / "k8s" / "secret.yaml").read_text())}
+    assert secrets[state["name"]]["stringData"][state["key"]].startswith("postgresql+psycopg://")
     drain = float(c["args"][c["args"].index("--drain-seconds") + 1])
     assert dep["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > drain
     pins = yaml.safe_load((DEPLOY / "k8s" / "configmap.yaml").read_text())["data"]["mixes.yaml"]

@@ -118,3 +118,51 @@ def test_which_admin_calls_reach_every_replica(method, path, every):
     from deploy.ray.app import broadcast
 
     assert broadcast(method, path) is every  # pins named like "tuned" are unpinned everywhere, tune jobs are not
+
+
+def test_replicas_on_one_state_store_share_pins_and_a_restarted_replica_has_them(tmp_path):
+    """Admin writes go to one replica (no broadcast); the store carries them to the other, and to the
+    replica Serve starts in place of one that was killed."""
+    from ray import serve
+
+    from deploy.ray.app import MixserveReplica, Router, directory
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})  # fmt: skip
+    try:
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        kwargs = {"max_batch": 4, "admin_token": TOKEN, "state": str(tmp_path / "state.db")}
+        serve.run(Router.bind(MixserveReplica.options(num_replicas=2).bind(kwargs), True, True), name="mixserve",
+                  route_prefix="/")  # fmt: skip
+        url, admin = f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {TOKEN}"}
+        pin = {"name": "stored", "mix": {"method": "ties", "density": 0.5, "children": [{"adapter": "sql"},
+                                                                                       {"adapter": "json"}]}}  # fmt: skip
+        r = httpx.post(url + "/admin/mixes", json=pin, headers=admin, timeout=120)
+        assert r.status_code == 200 and "replicas" not in r.json(), r.text  # one replica took it
+
+        def pinned(u: str) -> bool:
+            try:
+                return "stored" in httpx.get(u + "/ready", timeout=5).json()["pins"]
+            except (httpx.TransportError, ValueError, KeyError):
+                return False
+
+        urls = ray.get(directory("mixserve").all.remote())
+        deadline = time.monotonic() + 2.0
+        while not all(pinned(u) for u in urls):
+            assert time.monotonic() < deadline, "the pin did not reach every replica within 2 s"
+            time.sleep(0.05)
+        # Kill one replica's actor: Serve replaces it, and the new one restores the pin from the store.
+        names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if "MixserveReplica" in a["name"]]
+        ray.kill(ray.get_actor(names[0], namespace="serve"), no_restart=True)
+        deadline = time.monotonic() + 180
+        while True:
+            fresh = [u for u in ray.get(directory("mixserve").all.remote()) if u not in urls and pinned(u)]
+            if fresh:
+                break
+            assert time.monotonic() < deadline, "Serve's replacement replica did not come up with the pin"
+            time.sleep(1)
+        serve.delete("mixserve")
+    finally:
+        serve.shutdown()
+        ray.shutdown()

@@ -11,12 +11,16 @@ to mixes (the comparison the tests measure).
 
     serve run deploy.ray.app:build_app replicas=2            # or: python -m deploy.ray.app --replicas 2
 
-Admin calls that change what a server holds (register an adapter, pin or unpin a mix) go to every
-replica: each replica enters its URL in its application's ``ReplicaDirectory`` actor and the router
-sends the call to all of them at once, answering with the first failing (else the first) replica's
-body, the worst status, and ``replicas`` (how many took it, and which failed). Other admin calls
-(cache, tune jobs) go to one replica. A replica that starts later (autoscaling, a restart) does not
-get earlier broadcasts: give every replica the same pins at start (``serve_kwargs``' ``pin_file``).
+Admin calls that change what a server holds (register an adapter, pin or unpin a mix):
+- with a shared state store (``state=postgresql+psycopg://...``, or a SQLite file when every replica
+  runs on one host), they go to one replica like any call: it writes the store before answering, and
+  every other replica, including one Serve starts later or restarts, follows the store (README,
+  "Operations": within 2 s);
+- without one, they go to every replica: each replica enters its URL in its application's
+  ``ReplicaDirectory`` actor and the router sends the call to all of them at once, answering with the
+  first failing (else the first) replica's body, the worst status, and ``replicas`` (how many took it,
+  and which failed). A replica that starts later does not get earlier broadcasts.
+Other admin calls (cache, tune jobs) go to one replica.
 """
 
 import asyncio
@@ -152,8 +156,9 @@ class MixserveReplica:
 @serve.deployment(ray_actor_options={"num_cpus": 0})
 @serve.ingress(router_app)
 class Router:
-    def __init__(self, replica: DeploymentHandle, affinity: bool = True) -> None:
-        self.replica, self.affinity = replica, affinity
+    def __init__(self, replica: DeploymentHandle, affinity: bool = True, shared_state: bool = False) -> None:
+        """``shared_state``: the replicas share a state store, so admin writes need not be broadcast."""
+        self.replica, self.affinity, self.shared_state = replica, affinity, shared_state
         self.client = httpx.AsyncClient(timeout=None)
         self.directory = directory(serve.get_replica_context().app_name)
 
@@ -186,7 +191,7 @@ class Router:
     @router_app.api_route("/{path:path}", methods=["GET", "POST", "DELETE"])
     async def proxy(self, path: str, request: Request):
         body = await request.body()
-        if broadcast(request.method, path):
+        if not self.shared_state and broadcast(request.method, path):
             return await self._broadcast(path, request, body)
         key = mix_key(body) if self.affinity and path in GENERATION_PATHS else ""
         handle = self.replica.options(multiplexed_model_id=key) if key else self.replica
@@ -213,10 +218,10 @@ class Router:
 
 
 def build_app(args: dict[str, str]) -> Any:
-    """``serve run deploy.ray.app:build_app replicas=2 affinity=true model=DIR adapters=DIR``."""
-    kwargs = {k: args[k] for k in ("model", "adapters") if k in args}
+    """``serve run deploy.ray.app:build_app replicas=2 affinity=true model=DIR adapters=DIR state=URL``."""
+    kwargs = {k: args[k] for k in ("model", "adapters", "state") if k in args}
     replica = MixserveReplica.options(num_replicas=int(args.get("replicas", 2))).bind(kwargs)
-    return Router.bind(replica, str(args.get("affinity", "true")).lower() == "true")
+    return Router.bind(replica, str(args.get("affinity", "true")).lower() == "true", "state" in kwargs)
 
 
 if __name__ == "__main__":
@@ -226,6 +231,8 @@ if __name__ == "__main__":
     ap.add_argument("--replicas", type=int, default=2)
     ap.add_argument("--no-affinity", dest="affinity", action="store_false")
     ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--state", help="the replicas' shared state store (a database URL)")
     a = ap.parse_args()
     serve.start(http_options={"host": "127.0.0.1", "port": a.port})
-    serve.run(build_app({"replicas": str(a.replicas), "affinity": str(a.affinity)}), blocking=True)
+    app_args = {"replicas": str(a.replicas), "affinity": str(a.affinity)} | ({"state": a.state} if a.state else {})
+    serve.run(build_app(app_args), blocking=True)
