@@ -45,15 +45,16 @@ class Expected:
 
     def __init__(self) -> None:
         self.pins: dict[str, dict] = {}
-        self.adapters: set[str] = set()
+        self.adapters: dict[str, str] = {}  # registered name -> the root directory it was read from
         self.tune_jobs: set[str] = set()
         self.pending: list[tuple[str, str, dict | None]] = []  # (kind, name, mix) sent, not acknowledged
 
-    def check(self, ready: dict, mixes: dict, jobs: set[str]) -> tuple[list[str], dict[str, int]]:
-        """Lost acknowledged writes, and how the pending ones came out (``after`` / ``before``)."""
+    def check(self, fingerprints: dict[str, str], mixes: dict, jobs: set[str]) -> tuple[list[str], dict[str, int]]:
+        """Lost acknowledged writes, and how the pending ones came out (``after`` / ``before``).
+        ``fingerprints``: every served adapter's; a registered name must serve its directory's."""
         served = {p["name"]: p["mix"] for p in mixes["pins"]}
         lost = [f"pin {n}" for n, mix in self.pins.items() if served.get(n) != mix]
-        lost += [f"adapter {a}" for a in self.adapters if a not in ready["adapters"]]
+        lost += [f"adapter {a}" for a, d in self.adapters.items() if fingerprints.get(a) != fingerprints[d]]
         lost += [f"tune job {j}" for j in self.tune_jobs if j not in jobs]
         outcome = {"after": 0, "before": 0}
         for kind, name, mix in self.pending:
@@ -68,9 +69,9 @@ class Expected:
                 if took:
                     self.pins.pop(name, None)
             else:
-                took = name in ready["adapters"]
+                took = fingerprints.get(name) == fingerprints[mix]
                 if took:
-                    self.adapters.add(name)
+                    self.adapters[name] = mix
             outcome["after" if took else "before"] += 1
         self.pending = []
         return lost, outcome
@@ -105,12 +106,12 @@ async def admin_writes(client: httpx.AsyncClient, url: str, rng: random.Random, 
         elif roll < 0.85:
             name, mix = rng.choice(sorted(expected.pins)), None
             kind, req = "unpin", client.delete(url + f"/admin/mixes/{name}")
-        else:
-            name, mix = f"a{cycle}-{i}", None
-            kind, req = (
-                "adapter",
-                client.post(url + "/admin/adapters", json={"name": name, "path": rng.choice(ADAPTERS)}),
-            )
+        else:  # a new name, or past MAX_ADAPTERS an earlier one replaced by another directory
+            new = len(expected.adapters) < MAX_ADAPTERS
+            name = f"a{cycle}-{i}" if new else rng.choice(sorted(expected.adapters))
+            mix = rng.choice([a for a in ADAPTERS if a != expected.adapters.get(name)])  # here: the directory
+            body = {"name": name, "path": mix, "replace": not new}
+            kind, req = "adapter", client.post(url + "/admin/adapters", json=body)
         entry = (kind, name, mix)
         expected.pending.append(entry)
         r = await req
@@ -122,7 +123,7 @@ async def admin_writes(client: httpx.AsyncClient, url: str, rng: random.Random, 
         elif kind == "unpin":
             expected.pins.pop(name, None)
         else:
-            expected.adapters.add(name)
+            expected.adapters[name] = mix
         counts[kind] += 1
 
 
@@ -186,7 +187,8 @@ def run(args) -> dict:
                 ready = httpx.get(url + "/ready", timeout=30).json()
                 mixes = httpx.get(url + "/admin/mixes", timeout=30).json()
                 jobs = {j["id"] for j in httpx.get(url + "/admin/mixes/tune", timeout=30).json()["jobs"]}
-                lost, outcome = expected.check(ready, mixes, jobs)
+                served = httpx.get(url + "/admin/adapters", timeout=30).json()["adapters"]
+                lost, outcome = expected.check({a["name"]: a["fingerprint"] for a in served}, mixes, jobs)
                 lost_all += [f"cycle {n}: {x}" for x in lost]
                 for k in outcome:
                     outcomes[k] += outcome[k]
