@@ -74,7 +74,7 @@ def run(model: Path, adapters: Path, mixes: int, threads: int, server_args: str)
         shutil.copytree(adapters / n, root / n)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "mixserve.cli", "serve", "--model", str(model), "--adapters", str(root), "--port", str(port),
+    cmd = [sys.executable, "-m", "mixserve.cli", "serve", "--state", "none", "--model", str(model), "--adapters", str(root), "--port", str(port),
            "--insecure-admin", "--log-level", "warning", "--pin-file", os.devnull, *server_args.split()]  # fmt: skip
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": str(threads)})

@@ -197,7 +197,18 @@ def read_run(out: Path, tasks: dict[str, str]) -> dict[str, Any]:
 
 
 def serve_command(port: int) -> list[str]:
-    return [sys.executable, "-m", "mixserve.cli", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    return [
+        sys.executable,
+        "-m",
+        "mixserve.cli",
+        "serve",
+        "--state",
+        "none",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
 
 
 def start_server(port: int, work: Path) -> subprocess.Popen:

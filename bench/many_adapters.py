@@ -117,7 +117,7 @@ def run_count(args, store: Path, count: int, work: Path) -> dict:
     root = root_of(store, names, work / f"root{count}")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "mixserve.cli", "serve", "--model", str(args.model), "--adapters", str(root),
+    cmd = [sys.executable, "-m", "mixserve.cli", "serve", "--state", "none", "--model", str(args.model), "--adapters", str(root),
            "--port", str(port), "--max-batch", str(max(8, args.concurrency)), "--insecure-admin", "--log-level",
            "warning", "--max-waiting", "4096", *args.server_args.split()]  # fmt: skip
     t0 = time.perf_counter()

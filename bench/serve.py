@@ -143,7 +143,7 @@ class ServerProcess:
         json.dump(MIXES, self._pins)  # JSON is YAML
         self._pins.close()
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-        cmd = [sys.executable, "-m", "mixserve.cli", "serve", "--model", str(model), "--adapters", str(adapters),
+        cmd = [sys.executable, "-m", "mixserve.cli", "serve", "--state", "none", "--model", str(model), "--adapters", str(adapters),
                "--port", str(self.port), "--max-batch", str(max_batch), "--max-waiting", "4096",
                "--pin-file", self._pins.name, "--insecure-admin", "--log-level", "warning", *extra.split()]  # fmt: skip
         self.proc = subprocess.Popen(cmd, env=env)

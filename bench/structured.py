@@ -127,7 +127,7 @@ async def choices(url: str, repeats: int = 5) -> dict:
 def run(args) -> dict:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "mixserve.cli", "serve", "--port", str(port), "--max-batch", "32"]
+    cmd = [sys.executable, "-m", "mixserve.cli", "serve", "--state", "none", "--port", str(port), "--max-batch", "32"]
     proc = subprocess.Popen(cmd, env={**os.environ}, stdout=subprocess.DEVNULL)
     try:
         wait_until_ready(url, timeout=600, proc=proc)

@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     prompts = [e.prompt for t in TASKS for e in make_split(t, "test", 25, seed=5)]
     port = free_port()
     systems = {
-        "mixserve": [sys.executable, "-m", "mixserve.cli", "serve", "--port", str(port), "--max-batch", "32",
+        "mixserve": [sys.executable, "-m", "mixserve.cli", "serve", "--state", "none", "--port", str(port), "--max-batch", "32",
                      "--max-waiting", "4096", "--log-level", "warning"],
         "peft-switching": [sys.executable, "-m", "loadtest.baselines.peft_server", "--port", str(port)],
     }  # fmt: skip

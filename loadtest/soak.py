@@ -83,7 +83,7 @@ class Soak:
         (self.workdir / "pins.yaml").write_text(PIN_FILE)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "mixserve.cli", "serve", "--port", str(self.port), "--adapters", str(root),
+        cmd = [sys.executable, "-m", "mixserve.cli", "serve", "--state", "none", "--port", str(self.port), "--adapters", str(root),
                "--pin-file", str(self.workdir / "pins.yaml"), "--max-batch", "8", "--max-waiting", "512",
                "--cache-mb", "8", "--max-tokens", "64", "--log-level", "warning"]  # fmt: skip
         self.proc = subprocess.Popen(cmd, env={**os.environ, "MIXSERVE_ADMIN_TOKEN": TOKEN})

@@ -53,8 +53,11 @@ class Expected:
         """Lost acknowledged writes, and how the pending ones came out (``after`` / ``before``).
         ``fingerprints``: every served adapter's; a registered name must serve its directory's."""
         served = {p["name"]: p["mix"] for p in mixes["pins"]}
-        lost = [f"pin {n}" for n, mix in self.pins.items() if served.get(n) != mix]
-        lost += [f"adapter {a}" for a, d in self.adapters.items() if fingerprints.get(a) != fingerprints[d]]
+        # A name with a write in flight at the kill is checked below: before or after, either will do.
+        busy = {(kind == "adapter", name) for kind, name, _ in self.pending}
+        lost = [f"pin {n}" for n, mix in self.pins.items() if (False, n) not in busy and served.get(n) != mix]
+        lost += [f"adapter {a}" for a, d in self.adapters.items()
+                 if (True, a) not in busy and fingerprints.get(a) != fingerprints[d]]  # fmt: skip
         lost += [f"tune job {j}" for j in self.tune_jobs if j not in jobs]
         outcome = {"after": 0, "before": 0}
         for kind, name, mix in self.pending:
@@ -66,10 +69,15 @@ class Expected:
                     self.pins[name] = mix
             elif kind == "unpin":
                 took = name not in served
+                if not took and served.get(name) != self.pins.get(name):
+                    lost.append(f"pin {name}: neither before nor after the unpin ({served.get(name)})")
                 if took:
                     self.pins.pop(name, None)
             else:
                 took = fingerprints.get(name) == fingerprints[mix]
+                before = self.adapters.get(name)
+                if not took and fingerprints.get(name) != (fingerprints[before] if before else None):
+                    lost.append(f"adapter {name}: neither before nor after the registration")
                 if took:
                     self.adapters[name] = mix
             outcome["after" if took else "before"] += 1
@@ -190,6 +198,8 @@ def run(args) -> dict:
                 served = httpx.get(url + "/admin/adapters", timeout=30).json()["adapters"]
                 lost, outcome = expected.check({a["name"]: a["fingerprint"] for a in served}, mixes, jobs)
                 lost_all += [f"cycle {n}: {x}" for x in lost]
+                for x in lost:
+                    print(f"LOST in cycle {n}: {x}", file=sys.stderr, flush=True)
                 for k in outcome:
                     outcomes[k] += outcome[k]
                 restored.append(len(mixes["pins"]))

@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from loadtest.postgres import Postgres, pg_bin
 from server.readiness import free_port, wait_until_ready
 from server.store.state_store import SCHEMA_VERSION, StateStore, StoreSchemaError, store_url
 
@@ -215,43 +216,9 @@ def test_two_servers_on_one_store_follow_each_other_and_survive_a_locked_store(t
 
 
 # ------------------------------------------------------------------------------------------ PostgreSQL
-def _pg_bin(name: str) -> str | None:
-    found = shutil.which(name)
-    if found:
-        return found
-    candidates = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))
-    return str(candidates[-1]) if candidates else None
-
-
-class Postgres:
-    """A throwaway PostgreSQL cluster (Debian's binaries, run as the ``postgres`` user) on 127.0.0.1."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.dir, self.port = workdir, free_port()
-        self.data = workdir / "data"
-        workdir.mkdir(parents=True, exist_ok=True)
-        shutil.chown(workdir, "postgres")
-        self._as_postgres(_pg_bin("initdb"), "-D", str(self.data), "--auth=trust", "-U", "postgres")
-        self.start()
-        subprocess.run([_pg_bin("psql") or "psql", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "-c",
-                        "CREATE DATABASE mixserve"], check=True, capture_output=True)  # fmt: skip
-        self.url = f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/mixserve"
-
-    def _as_postgres(self, *cmd: str) -> None:
-        subprocess.run(["runuser", "-u", "postgres", "--", *cmd], check=True, capture_output=True)
-
-    def start(self) -> None:
-        options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1"
-        self._as_postgres(_pg_bin("pg_ctl"), "-D", str(self.data), "-o", options, "-l", str(self.dir / "log"), "-w",
-                          "start")  # fmt: skip
-
-    def stop(self) -> None:
-        self._as_postgres(_pg_bin("pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop")
-
-
 @pytest.fixture
 def postgres():
-    if _pg_bin("initdb") is None or _pg_bin("pg_ctl") is None:
+    if pg_bin("initdb") is None or pg_bin("pg_ctl") is None:
         pytest.skip("needs PostgreSQL's server binaries (Debian: apt-get install postgresql; .ci/run installs it)")
     if os.geteuid() != 0 or shutil.which("runuser") is None:
         pytest.skip("starts PostgreSQL as the 'postgres' user: needs root and runuser")
