@@ -4,6 +4,7 @@ generation while the store is unavailable."""
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import contextlib
 import os
 import shutil
@@ -191,6 +192,20 @@ def test_two_servers_on_one_store_follow_each_other_and_survive_a_locked_store(t
         t0 = time.monotonic()
         while a.complete("shared").status_code != 404:
             assert time.monotonic() - t0 < 2.0
+            time.sleep(0.05)
+        # Two admins pin one name at once, on the two servers: both answered, the later write wins
+        # everywhere (the store's order), and both servers converge on it.
+        specs = [{"method": "linear", "children": [{"adapter": "sql", "weight": w}, {"adapter": "json"}]}
+                 for w in (0.25, 0.75)]  # fmt: skip
+        with cf.ThreadPoolExecutor(2) as pool:
+            answers = list(pool.map(lambda sv: sv[0].post("/admin/mixes", {"name": "raced", "mix": sv[1]}),
+                                    zip((a, b), specs, strict=True)))  # fmt: skip
+        assert [r.status_code for r in answers] == [200, 200]
+        stored = StateStore(store_url(state)).snapshot().pins["raced"].spec
+        t0 = time.monotonic()
+        while not all({p["name"]: p["mix"] for p in s.get("/admin/mixes")["pins"]}.get("raced") == stored
+                      for s in (a, b)):  # fmt: skip
+            assert time.monotonic() - t0 < 2.0, "the servers did not converge on the store's pin"
             time.sleep(0.05)
         # The store locked by another writer past its timeout: admin writes 503 (nothing changed),
         # generation goes on; once released, writes succeed again.

@@ -41,6 +41,10 @@ class AdminState:
         self.problems: dict[str, str] = {}  # pin or adapter name -> why it is not served as stored
         self.pin_specs: dict[str, str] = {}  # pin name -> its canonical spec as applied
         self.tune_results: dict[str, dict] = {}  # finished tune jobs the store holds, by id
+        # The store version of the last write this server made or applied, per pin and per adapter name:
+        # an older snapshot (read before a local write) or a slower local write never undoes a newer one.
+        self.pin_versions: dict[str, int] = {}
+        self.adapter_versions: dict[str, int] = {}
         self._task: asyncio.Task | None = None
         self._apply_lock = asyncio.Lock()
 
@@ -66,23 +70,31 @@ class AdminState:
             self.store.close()
 
     # --------------------------------------------------------------------------------------- writes
-    async def write(self, method: str, *args) -> None:
-        """``store.<method>(*args)`` off the loop; raises :class:`StoreUnavailableError` (a 503) if the
-        store cannot take it, and then nothing was changed."""
-        if self.store is not None:
-            await asyncio.to_thread(self.write_now, method, *args)
+    async def write(self, method: str, *args) -> int:
+        """``store.<method>(*args)`` off the loop: the version it made (0 without a store); raises
+        :class:`StoreUnavailableError` (a 503) if the store cannot take it, and then nothing was changed."""
+        if self.store is None:
+            return 0
+        return await asyncio.to_thread(self.write_now, method, *args)
 
-    def write_now(self, method: str, *args) -> None:
+    def write_now(self, method: str, *args) -> int:
         """:meth:`write` on the calling thread (a worker thread already)."""
         if self.store is None:
-            return
+            return 0
         try:
             version = getattr(self.store, method)(*args)
         except StoreUnavailableError:
             self._mark(False)
             raise
         self._mark(True)
-        self.version = max(self.version, version)
+        return version
+
+    def newest(self, versions: dict[str, int], name: str, version: int) -> bool:
+        """Record that ``name`` was written at ``version``; False if a later write of it is known already."""
+        if self.store is not None and version < versions.get(name, 0):
+            return False
+        versions[name] = version
+        return True
 
     # ------------------------------------------------------------------------------------ following
     async def _read(self) -> Snapshot | None:
@@ -134,9 +146,8 @@ class AdminState:
         async with self._apply_lock:
             state = self._state
             for record in snapshot.adapters.values():
-                current = state.registry[record.name] if record.name in state.registry else None
-                if current is not None and current.fingerprint == record.fingerprint:
-                    continue
+                if record.version <= self.adapter_versions.get(record.name, 0):
+                    continue  # this server wrote or applied it (or something newer) already
                 try:
                     adapter: LoraAdapter = await asyncio.to_thread(state.registry.load, record.name, record.path)
                 except AdapterError as exc:
@@ -147,25 +158,25 @@ class AdminState:
                     self.problems[record.name] = (f"adapter {record.name} changed on disk since it was registered "
                                                   f"(fingerprint {record.fingerprint[:12]} -> {adapter.fingerprint[:12]})")  # fmt: skip
                     log.warning("%s", self.problems[record.name])
-                state.registry.add(adapter)
+                if self.newest(self.adapter_versions, record.name, record.version):
+                    state.registry.add(adapter)
             state.update_adapter_metrics()
             for name, record in snapshot.pins.items():
-                spec = canonical(record.spec)
-                if self.pin_specs.get(name) == spec and name in state.pins:
+                if record.version <= self.pin_versions.get(name, 0):
                     continue
                 try:
-                    await state.pin(name, record.spec, persist=False)
+                    await state.pin(name, record.spec, persist=False, version=record.version)
                 except Exception as exc:  # a pin that cannot come back is reported, never blocks the others
                     reason = getattr(exc, "message", None) or str(exc)
                     self.problems[name] = f"pin not restored: {reason}"
                     log.warning("pin %s not restored: %s", name, reason)
+                    self.pin_versions[name] = record.version  # reported once, not retried every poll
                     continue
-                self.pin_specs[name] = spec
                 self.problems.pop(name, None)
             for name in [n for n in self.pin_specs if n not in snapshot.pins]:
-                del self.pin_specs[name]  # unpinned by another replica
-                if name in state.pins:
-                    await state.unpin(name, persist=False)
+                # Only pins the store gave or took (version > 0); the pin file's stay.
+                if 0 < self.pin_versions.get(name, 0) < snapshot.version and name in state.pins:
+                    await state.unpin(name, persist=False, version=snapshot.version)  # unpinned elsewhere
             self.tune_results = snapshot.tune_results
             self.version = max(self.version, snapshot.version)
             state.metrics.store_version.set(snapshot.version)

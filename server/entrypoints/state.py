@@ -233,8 +233,9 @@ class ServerState:
         member pool loads it when a mix first needs it. Raises ``StoreUnavailableError`` (nothing changed)."""
         with self._register_lock:
             adapter = self.registry.load(name, path, replace=replace)
-            self.admin.write_now("put_adapter", name, self.registry.relative(path), adapter.fingerprint)
-            self.registry.add(adapter)
+            version = self.admin.write_now("put_adapter", name, self.registry.relative(path), adapter.fingerprint)
+            if self.admin.newest(self.admin.adapter_versions, name, version):
+                self.registry.add(adapter)
             return adapter
 
     def update_adapter_metrics(self) -> None:
@@ -247,10 +248,10 @@ class ServerState:
         if name == self.base_name or name in self.registry:
             raise RequestError(409, f"{name!r} is already the name of the base model or an adapter", "name", "conflict")
 
-    async def pin(self, name: str, raw: dict | str, *, persist: bool = True) -> CacheEntry:
+    async def pin(self, name: str, raw: dict | str, *, persist: bool = True, version: int = 0) -> CacheEntry:
         """Merge now and pin under ``name`` (replacing an earlier pin of that name: the later write wins);
         with ``persist``, the state store has it before it is served (``StoreUnavailableError``: nothing
-        changed)."""
+        changed); ``version``: the store version of a pin applied from the store."""
         self.check_pin_name(name)
         spec = self.validate_spec(raw)
         resolved = ResolvedMix(name, mix_key(spec, self.registry.snapshot()), spec)
@@ -258,24 +259,27 @@ class ServerState:
         assert lease is not None
         try:
             if persist:
-                await self.admin.write("put_pin", name, raw)
+                version = await self.admin.write("put_pin", name, raw)
+            # Two writes of one name racing here: the store's order decides, not who gets here last.
+            if self.admin.newest(self.admin.pin_versions, name, version):
                 self.admin.pin_specs[name] = canonical(raw)
-            if name in self.pins:
-                self.cache.unpin(name)
-            self.cache.pin(lease.entry, name)
-            self.pins[name] = PinnedMix(name, spec, resolved.key)
+                if name in self.pins:
+                    self.cache.unpin(name)
+                self.cache.pin(lease.entry, name)
+                self.pins[name] = PinnedMix(name, spec, resolved.key)
         finally:
             lease.release()
         return lease.entry
 
-    async def unpin(self, name: str, *, persist: bool = True) -> None:
+    async def unpin(self, name: str, *, persist: bool = True, version: int = 0) -> None:
         if name not in self.pins:
             raise RequestError(404, f"no pinned mix named {name!r}", "name", "not_found")
         if persist:
-            await self.admin.write("delete_pin", name)
+            version = await self.admin.write("delete_pin", name)
+        if self.admin.newest(self.admin.pin_versions, name, version) and name in self.pins:
             self.admin.pin_specs.pop(name, None)
-        del self.pins[name]
-        self.cache.unpin(name)
+            del self.pins[name]
+            self.cache.unpin(name)
 
 
 def read_pin_file(path: Path) -> dict[str, dict | str]:

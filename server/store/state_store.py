@@ -52,6 +52,7 @@ class PinRecord:
     name: str
     spec: Any  # the MixSpec (JSON) or an adapter / pin name
     updated: float
+    version: int = 0  # the store version of the write that made it
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ class AdapterRecord:
     path: str  # relative to the adapter root
     fingerprint: str
     updated: float
+    version: int = 0
 
 
 @dataclass
@@ -140,10 +142,10 @@ class StateStore:
         """Every pin, registration and tune result, read in one transaction."""
         with self._guard(), self._engine.begin() as conn:
             version = int(conn.execute(sa.text("SELECT version FROM mixserve_version WHERE id = 1")).scalar_one())
-            pins = {r.name: PinRecord(r.name, json.loads(r.spec), r.updated)
-                    for r in conn.execute(sa.text("SELECT name, spec, updated FROM mixserve_pins"))}  # fmt: skip
-            adapters = {r.name: AdapterRecord(r.name, r.path, r.fingerprint, r.updated) for r in
-                        conn.execute(sa.text("SELECT name, path, fingerprint, updated FROM mixserve_adapters"))}  # fmt: skip
+            pins = {r.name: PinRecord(r.name, json.loads(r.spec), r.updated, int(r.version))
+                    for r in conn.execute(sa.text("SELECT name, spec, updated, version FROM mixserve_pins"))}  # fmt: skip
+            adapters = {r.name: AdapterRecord(r.name, r.path, r.fingerprint, r.updated, int(r.version)) for r in
+                        conn.execute(sa.text("SELECT name, path, fingerprint, updated, version FROM mixserve_adapters"))}  # fmt: skip
             tunes = {r.id: json.loads(r.record)
                      for r in conn.execute(sa.text("SELECT id, record FROM mixserve_tune_results"))}  # fmt: skip
         return Snapshot(version, pins, adapters, tunes)
