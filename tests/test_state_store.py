@@ -35,7 +35,7 @@ SQL = ("### task: sql\n### input: CREATE TABLE books (title TEXT, author TEXT, y
 def test_migrations_apply_once_and_a_newer_schema_is_refused(tmp_path):
     url = store_url(str(tmp_path / "a" / "state.db"))
     store = StateStore(url)
-    assert store.schema_version() == SCHEMA_VERSION and store.version() == 0
+    assert store.schema_version() == SCHEMA_VERSION == 2 and store.version() == 0
     assert store.put_pin("p", {"adapter": "sql"}) == 1
     store.close()
     again = StateStore(url)  # reopening migrates nothing and keeps the data
@@ -45,6 +45,31 @@ def test_migrations_apply_once_and_a_newer_schema_is_refused(tmp_path):
         conn.execute("UPDATE mixserve_schema SET version = ?", (SCHEMA_VERSION + 1,))
     with pytest.raises(StoreSchemaError, match="upgrade mixserve"):
         StateStore(url)
+
+
+def test_a_store_of_the_first_schema_is_upgraded_with_its_data(tmp_path):
+    """An upgrade keeps the data: a store written by schema 1 migrates to the current one on open."""
+    import sqlalchemy as sa
+
+    from server.store import state_store
+
+    url = store_url(str(tmp_path / "old.db"))
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:  # what a schema-1 mixserve wrote
+        conn.execute(sa.text("CREATE TABLE mixserve_schema (version INTEGER NOT NULL)"))
+        for statement in state_store.MIGRATIONS[0][1]:
+            conn.execute(sa.text(statement))
+        conn.execute(sa.text("INSERT INTO mixserve_schema (version) VALUES (1)"))
+        conn.execute(sa.text("UPDATE mixserve_version SET version = 3"))
+        conn.execute(
+            sa.text("INSERT INTO mixserve_pins (name, spec, updated, version) VALUES ('old', '\"sql\"', 0, 3)")
+        )
+    engine.dispose()
+    store = StateStore(url)
+    pin = store.snapshot().pins["old"]
+    assert store.schema_version() == SCHEMA_VERSION and pin.spec == "sql" and pin.key is None and store.version() == 3
+    store.put_pin("new", "json", "k" * 64)
+    assert store.snapshot().pins["new"].key == "k" * 64
 
 
 def test_every_write_advances_the_version_and_the_later_pin_wins(tmp_path):
@@ -169,10 +194,13 @@ def test_pins_and_registrations_come_back_after_a_restart_and_sigkill(tmp_path, 
     finally:
         b.stop()
     shutil.rmtree(adapters / "extra")  # an adapter gone: its pin is reported, the others still served
+    for f in (adapters / "json").iterdir():  # an adapter changed: its pins are served and reported
+        shutil.copy(adapters / "pystr" / f.name, f)
     c = Server(state, adapters)
     try:
         problems = c.get("/admin/mixes")["not_restored"]
-        assert "code" in problems and "code-mix" in problems and "ties-mix" in c.get("/ready")["pins"]
+        assert "code" in problems and "not restored" in problems["code-mix"] and "ties-mix" in c.get("/ready")["pins"]
+        assert "changed since it was pinned" in problems["ties-mix"]
         assert c.complete("ties-mix").status_code == 200
     finally:
         c.stop()

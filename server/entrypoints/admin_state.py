@@ -165,7 +165,7 @@ class AdminState:
                 if record.version <= self.pin_versions.get(name, 0):
                     continue
                 try:
-                    await state.pin(name, record.spec, persist=False, version=record.version)
+                    entry = await state.pin(name, record.spec, persist=False, version=record.version)
                 except Exception as exc:  # a pin that cannot come back is reported, never blocks the others
                     reason = getattr(exc, "message", None) or str(exc)
                     self.problems[name] = f"pin not restored: {reason}"
@@ -173,6 +173,10 @@ class AdminState:
                     self.pin_versions[name] = record.version  # reported once, not retried every poll
                     continue
                 self.problems.pop(name, None)
+                if record.key is not None and entry.key != record.key:
+                    self.problems[name] = ("pin restored, but an adapter it merges changed since it was pinned "
+                                           "(another content fingerprint): served with the adapters as they are now")  # fmt: skip
+                    log.warning("pin %s: %s", name, self.problems[name])
             for name in [n for n in self.pin_specs if n not in snapshot.pins]:
                 # Only pins the store gave or took (version > 0); the pin file's stay.
                 if 0 < self.pin_versions.get(name, 0) < snapshot.version and name in state.pins:

@@ -259,7 +259,7 @@ class ServerState:
         assert lease is not None
         try:
             if persist:
-                version = await self.admin.write("put_pin", name, raw)
+                version = await self.admin.write("put_pin", name, raw, resolved.key)
             # Two writes of one name racing here: the store's order decides, not who gets here last.
             if self.admin.newest(self.admin.pin_versions, name, version):
                 self.admin.pin_specs[name] = canonical(raw)

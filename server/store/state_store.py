@@ -35,6 +35,9 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
         "CREATE TABLE mixserve_tune_results (id VARCHAR(64) PRIMARY KEY, record TEXT NOT NULL, "
         "updated DOUBLE PRECISION NOT NULL, version BIGINT NOT NULL)",
     ]),
+    # The mix key a pin was merged under (its adapters' fingerprints): a restore can tell an adapter
+    # changed since. Pins written before it have none.
+    (2, ["ALTER TABLE mixserve_pins ADD COLUMN mix_key VARCHAR(128)"]),
 ]  # fmt: skip
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -53,6 +56,7 @@ class PinRecord:
     spec: Any  # the MixSpec (JSON) or an adapter / pin name
     updated: float
     version: int = 0  # the store version of the write that made it
+    key: str | None = None  # the mix key it was merged under (None: pinned before schema 2)
 
 
 @dataclass(frozen=True)
@@ -142,8 +146,8 @@ class StateStore:
         """Every pin, registration and tune result, read in one transaction."""
         with self._guard(), self._engine.begin() as conn:
             version = int(conn.execute(sa.text("SELECT version FROM mixserve_version WHERE id = 1")).scalar_one())
-            pins = {r.name: PinRecord(r.name, json.loads(r.spec), r.updated, int(r.version))
-                    for r in conn.execute(sa.text("SELECT name, spec, updated, version FROM mixserve_pins"))}  # fmt: skip
+            pins = {r.name: PinRecord(r.name, json.loads(r.spec), r.updated, int(r.version), r.mix_key) for r in
+                    conn.execute(sa.text("SELECT name, spec, updated, version, mix_key FROM mixserve_pins"))}  # fmt: skip
             adapters = {r.name: AdapterRecord(r.name, r.path, r.fingerprint, r.updated, int(r.version)) for r in
                         conn.execute(sa.text("SELECT name, path, fingerprint, updated, version FROM mixserve_adapters"))}  # fmt: skip
             tunes = {r.id: json.loads(r.record)
@@ -151,9 +155,9 @@ class StateStore:
         return Snapshot(version, pins, adapters, tunes)
 
     # ------------------------------------------------------------------------------------ writes
-    def put_pin(self, name: str, spec: Any) -> int:
-        """Pin ``name`` to ``spec`` (the later write wins); returns the new version."""
-        return self._write("mixserve_pins", "name", name, {"spec": json.dumps(spec, sort_keys=True)})
+    def put_pin(self, name: str, spec: Any, key: str | None = None) -> int:
+        """Pin ``name`` to ``spec`` (merged under mix key ``key``; the later write wins); returns the new version."""
+        return self._write("mixserve_pins", "name", name, {"spec": json.dumps(spec, sort_keys=True), "mix_key": key})
 
     def delete_pin(self, name: str) -> int:
         return self._write("mixserve_pins", "name", name, None)
