@@ -306,3 +306,16 @@ def test_a_fleet_on_postgresql_shares_pins_and_rides_out_the_database_going_down
     finally:
         a.stop()
         b.stop()
+
+
+@pytest.mark.slow
+def test_a_short_crash_soak_loses_nothing():
+    """loadtest/state_soak.py for 3 cycles (the committed run has 100): SIGKILL under generation load in
+    the middle of admin writes, every acknowledged write there after each restart."""
+    from types import SimpleNamespace
+
+    from loadtest.state_soak import run
+
+    result = run(SimpleNamespace(cycles=3, seed=7))
+    assert result["lost"] == [] and result["generation"]["ok"] > 0
+    assert result["acknowledged_writes"]["pin"] > 0 and result["acknowledged_writes"]["tune"] == 1
