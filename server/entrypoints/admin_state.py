@@ -98,15 +98,19 @@ class AdminState:
 
     # ------------------------------------------------------------------------------------ following
     async def _read(self) -> Snapshot | None:
+        return await self._ask(self.store.snapshot)
+
+    async def _ask(self, read):
+        """``read()`` off the loop; None (logged once, marked unreachable) while the store is down."""
         try:
-            snapshot = await asyncio.to_thread(self.store.snapshot)
+            value = await asyncio.to_thread(read)
         except StoreUnavailableError as exc:
             if self.reachable:
                 log.warning("%s; serving what is in memory, retrying", exc)
             self._mark(False)
             return None
         self._mark(True)
-        return snapshot
+        return value
 
     def _mark(self, reachable: bool) -> None:
         if reachable and not self.reachable:
@@ -121,16 +125,12 @@ class AdminState:
         while True:
             await asyncio.sleep(self.poll_seconds)
             try:
-                version = await asyncio.to_thread(self.store.version)
-            except StoreUnavailableError as exc:
-                if self.reachable:
-                    log.warning("%s; serving what is in memory, retrying", exc)
-                self._mark(False)
-                continue
+                version = await self._ask(self.store.version)
             except Exception:  # a bug here must not stop the follower
                 log.exception("state store poll failed")
                 continue
-            self._mark(True)
+            if version is None:
+                continue
             self._state.metrics.store_version.set(version)
             if version != self.version:
                 snapshot = await self._read()
