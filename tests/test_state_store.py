@@ -292,8 +292,15 @@ def test_a_fleet_on_postgresql_shares_pins_and_rides_out_the_database_going_down
                 assert server.complete("fleet").status_code == 200
                 r = server.post("/admin/mixes", {"name": "while-down", "mix": "sql"})
                 assert r.status_code == 503 and r.json()["error"]["code"] == "store_unavailable"
+            late = Server(postgres.url, adapters)  # a replica started while the database is down serves
+            assert late.get("/ready")["store"]["reachable"] is False and late.complete("sql").status_code == 200
         finally:
             postgres.start()
+        t0 = time.monotonic()
+        while late.complete("fleet").status_code != 200:  # and catches up once it answers
+            assert time.monotonic() - t0 < 15, "the replica started during the outage did not catch up"
+            time.sleep(0.2)
+        late.stop()
         t0 = time.monotonic()
         while a.post("/admin/mixes", {"name": "back", "mix": "sql"}).status_code != 200:
             assert time.monotonic() - t0 < 15, "admin writes did not recover once the database came back"

@@ -15,6 +15,7 @@ and recorded in ``mixserve_schema``; a store written by a newer mixserve is refu
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,7 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
     (2, ["ALTER TABLE mixserve_pins ADD COLUMN mix_key VARCHAR(128)"]),
 ]  # fmt: skip
 SCHEMA_VERSION = MIGRATIONS[-1][0]
+log = logging.getLogger("mixserve.store")
 
 
 class StoreUnavailableError(RuntimeError):
@@ -105,7 +107,11 @@ class StateStore:
         self._engine = sa.create_engine(url, connect_args=args, pool_pre_ping=not sqlite, future=True)
         if sqlite:
             sa.event.listen(self._engine, "connect", _sqlite_pragmas)
-        self.migrate()
+        self._migrated = False
+        try:
+            self.migrate()
+        except StoreUnavailableError as exc:  # a server may start while its database is down
+            log.warning("%s; the schema is checked once it answers", exc)
 
     @property
     def kind(self) -> str:
@@ -129,7 +135,13 @@ class StateStore:
                         conn.execute(sa.text(statement))
                     conn.execute(sa.text("DELETE FROM mixserve_schema"))
                     conn.execute(sa.text("INSERT INTO mixserve_schema (version) VALUES (:v)"), {"v": version})
+            self._migrated = True
             return self.schema_version()
+
+    def _ready(self) -> None:
+        """Migrate first if the store was unreachable when it was opened."""
+        if not self._migrated:
+            self.migrate()
 
     def schema_version(self) -> int:
         with self._guard(), self._engine.connect() as conn:
@@ -139,11 +151,13 @@ class StateStore:
     # ------------------------------------------------------------------------------------- reads
     def version(self) -> int:
         """The counter every write advances (what followers poll)."""
+        self._ready()
         with self._guard(), self._engine.connect() as conn:
             return int(conn.execute(sa.text("SELECT version FROM mixserve_version WHERE id = 1")).scalar_one())
 
     def snapshot(self) -> Snapshot:
         """Every pin, registration and tune result, read in one transaction."""
+        self._ready()
         with self._guard(), self._engine.begin() as conn:
             version = int(conn.execute(sa.text("SELECT version FROM mixserve_version WHERE id = 1")).scalar_one())
             pins = {r.name: PinRecord(r.name, json.loads(r.spec), r.updated, int(r.version), r.mix_key) for r in
@@ -173,6 +187,7 @@ class StateStore:
 
     def _write(self, table: str, key: str, value: str, columns: dict[str, Any] | None) -> int:
         """Replace (or, ``columns`` None, delete) one row and advance the version, in one transaction."""
+        self._ready()
         with self._guard(), self._engine.begin() as conn:
             conn.execute(sa.text("UPDATE mixserve_version SET version = version + 1 WHERE id = 1"))
             version = int(conn.execute(sa.text("SELECT version FROM mixserve_version WHERE id = 1")).scalar_one())
