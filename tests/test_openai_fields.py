@@ -318,3 +318,16 @@ def test_guidellms_requests_stream_with_usage_in_every_chunk(server):
     r = post(url, {"model": "sql", "messages": [{"role": "assistant", "content": "x", "tool_calls": []}]},
              "/v1/chat/completions")  # fmt: skip
     assert r.status_code == 400 and "tool_calls" in r.json()["error"]["message"]
+
+
+def test_echo_logprobs_of_a_prompt_prefilled_in_chunks_are_the_same(server):
+    """A prompt longer than --max-prefill-tokens goes in chunks: each chunk's positions give their share of
+    the prompt's logprobs, and they join into the one-chunk answer."""
+    config = ServeConfig(model=DEMO / "base", adapters=DEMO / "adapters", max_batch=4, max_prefill_tokens=7)
+    body = {"model": "json", "prompt": JSON, "max_tokens": 2, "echo": True, "logprobs": 2, "temperature": 0}
+    with running_server(config, extensions=[]) as (url, _):
+        chunked = post(url, body).json()["choices"][0]
+    whole = openai.OpenAI(base_url=server[0] + "/v1", api_key="unused").completions.create(**body).choices[0]
+    assert chunked["text"] == whole.text
+    assert chunked["logprobs"]["tokens"] == whole.logprobs.tokens
+    assert chunked["logprobs"]["token_logprobs"] == pytest.approx(whole.logprobs.token_logprobs, abs=1e-5)

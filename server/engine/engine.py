@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from server.engine.sampler import Sampler, SampleRow, prompt_logprobs
+from server.engine.sampler import Sampler, SampleRow
 from server.engine.sampling import make_generator
 from server.engine.sequence import (
     ChoiceGroup,
@@ -263,7 +263,7 @@ class Engine:
         now, done, last = time.perf_counter(), set(), {}
         for c, (seq, n) in enumerate(work):
             if c in full:
-                self._prompt_logprobs(seq, full[c], n)
+                seq.add_prompt_logprobs(full[c], n)
             seq.prefilled += n
             if seq.prefilled < len(seq.req.prompt_ids):
                 continue
@@ -304,17 +304,6 @@ class Engine:
         child.prefilled, child.prompt_logprobs = prompt, parent.prompt_logprobs
         self._running.append(child)
         return child
-
-    def _prompt_logprobs(self, seq: Sequence, logits: torch.Tensor, n: int) -> None:
-        """The logprobs of the prompt tokens a chunk's positions predict (the first token has none)."""
-        ids, start = seq.req.prompt_ids, seq.prefilled
-        if start == 0:
-            seq.prompt_logprobs.append(None)
-        stop = min(start + n, len(ids) - 1)  # the last position predicts a generated token
-        if stop > start:
-            for t, (lp, top) in zip(ids[start + 1 : stop + 1], prompt_logprobs(logits[: stop - start],
-                                    ids[start + 1 : stop + 1], seq.params.prompt_logprobs), strict=True):  # fmt: skip
-                seq.prompt_logprobs.append(TokenLogprob(t, lp, top))
 
     def _decode(self, seqs: list[Sequence]) -> None:
         self.metrics.batch_size.observe(len(seqs))

@@ -18,6 +18,7 @@ import torch
 
 from server.adapters.lora_pool import PreparedLora
 from server.adapters.member_pool import PreparedMembers
+from server.engine.sampler import prompt_logprobs
 from server.engine.sampling import SamplingParams
 
 
@@ -100,6 +101,19 @@ class Sequence:
     @property
     def position(self) -> int:  # tokens already in the KV cache when decoding
         return len(self.req.prompt_ids) + len(self.tokens) - 1
+
+    def add_prompt_logprobs(self, logits: torch.Tensor, n: int) -> None:
+        """The logprobs of the prompt tokens that the ``n`` positions of the chunk now being prefilled
+        predict (``logits [n, vocab]``; the first token has none, the last position predicts a generated one)."""
+        ids, start = self.req.prompt_ids, self.prefilled
+        if start == 0:
+            self.prompt_logprobs.append(None)
+        stop = min(start + n, len(ids) - 1)
+        if stop > start:
+            targets = ids[start + 1 : stop + 1]
+            for t, (lp, top) in zip(targets, prompt_logprobs(logits[: stop - start], targets, self.params.prompt_logprobs),
+                                    strict=True):  # fmt: skip
+                self.prompt_logprobs.append(TokenLogprob(t, lp, top))
 
     def append(self, token: int, logprob: TokenLogprob | None, tokenizer, eos: set[int], max_len: int
                ) -> TokenEvent | None:  # fmt: skip
