@@ -26,30 +26,18 @@ from pathlib import Path
 
 import httpx
 
+from bench.lm_eval_harness import GENERATE_UNTIL, LOCAL_TASK, metric
 from mixserve.eval.tasks import TASKS, make_split
 from server.readiness import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 QUALITY = ROOT / "mixserve" / "eval" / "results" / "quality.json"
-TASK_YAML = """task: mixserve_demo_{task}
-dataset_path: json
-dataset_kwargs:
-  data_files: {{test: {data}}}
-test_split: test
-output_type: generate_until
-doc_to_text: "{{{{prompt}}}}"
-doc_to_target: "{{{{answer}}}}"
-generation_kwargs:
-  until: ["\\n\\n", "### input"]
-  max_gen_toks: 64
-  do_sample: false
-  temperature: 0.0
-process_results: !function utils.process_results
-metric_list:
-  - metric: accuracy
-    aggregation: mean
-    higher_is_better: true
-"""
+TASK_YAML = (
+    LOCAL_TASK.replace("{name}", "mixserve_demo_{task}")
+    + GENERATE_UNTIL
+    + "process_results: !function utils.process_results\n"
+    + metric("accuracy")
+)
 UTILS = """import sys
 sys.path.insert(0, {root!r})
 from mixserve.eval.scorers import score

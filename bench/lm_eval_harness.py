@@ -57,12 +57,15 @@ DEMO = ROOT / "mixserve" / "demo"
 BASE, ADAPTERS, PINS = DEMO / "base", DEMO / "adapters", DEMO / "pins.yaml"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 CHOICES = 4
-GEN_YAML = """task: {name}
+# A local JSON-lines task: its head, a generate_until body (the demo's prompts, lm-eval's stop list),
+# and the metric lines; `bench/lm_eval_demo.py` builds its tasks from the same pieces.
+LOCAL_TASK = """task: {name}
 dataset_path: json
 dataset_kwargs:
   data_files: {{test: {data}}}
 test_split: test
-output_type: generate_until
+"""
+GENERATE_UNTIL = """output_type: generate_until
 doc_to_text: "{{{{prompt}}}}"
 doc_to_target: "{{{{answer}}}}"
 generation_kwargs:
@@ -70,27 +73,24 @@ generation_kwargs:
   max_gen_toks: 64
   do_sample: false
   temperature: 0.0
-process_results: !function utils.exact_match
-metric_list:
-  - metric: exact_match
-    aggregation: mean
-    higher_is_better: true
 """
-MC_YAML = """task: {name}
-dataset_path: json
-dataset_kwargs:
-  data_files: {{test: {data}}}
-test_split: test
-output_type: multiple_choice
+
+
+def metric(name: str) -> str:
+    return f"metric_list:\n  - metric: {name}\n    aggregation: mean\n    higher_is_better: true\n"
+
+
+GEN_YAML = LOCAL_TASK + GENERATE_UNTIL + "process_results: !function utils.exact_match\n" + metric("exact_match")
+MC_YAML = (
+    LOCAL_TASK
+    + """output_type: multiple_choice
 doc_to_text: "{{{{prompt}}}}"
 doc_to_choice: choices
 doc_to_target: target
 target_delimiter: ""
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
 """
+    + metric("acc")
+)
 UTILS = '''def exact_match(doc, results):
     """The generation equals the reference once both are stripped."""
     return {"exact_match": float(results[0].strip() == doc["answer"].strip())}
