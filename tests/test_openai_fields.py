@@ -330,4 +330,7 @@ def test_echo_logprobs_of_a_prompt_prefilled_in_chunks_are_the_same(server):
     whole = openai.OpenAI(base_url=server[0] + "/v1", api_key="unused").completions.create(**body).choices[0]
     assert chunked["text"] == whole.text
     assert chunked["logprobs"]["tokens"] == whole.logprobs.tokens
-    assert chunked["logprobs"]["token_logprobs"] == pytest.approx(whole.logprobs.token_logprobs, abs=1e-5)
+    # Chunks attend in other shapes than one pass, so fp32 sums differ in order: up to 7e-6 here, 1.0e-5
+    # under the second kernel set (MKL SSE4_2, ATen default; measured). A chunk's positions joined out of
+    # place would be off by whole nats.
+    assert chunked["logprobs"]["token_logprobs"] == pytest.approx(whole.logprobs.token_logprobs, abs=1e-4)
